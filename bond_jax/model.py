@@ -1,0 +1,369 @@
+"""A Gemma-architecture decoder in Flax Linen, with an explicit KV cache.
+
+One module covers the families in `ModelConfig`: Gemma 1 (RMSNorm with a
+(1 + w) scale, RoPE, multi-query / grouped-query attention, GeGLU MLP, tied
+embeddings scaled by sqrt(d_model)), Gemma 2 (attention and final-logit
+soft-capping, alternating local / global attention, pre- and post-norms,
+query scaling by `query_pre_attn_scalar`), Gemma 3 text (QK-norm, separate
+RoPE bases for local and global layers) and a Llama-style variant (plain RMSNorm
+scale, SiLU MLP, untied head).
+
+The model is pure: parameters come in through `apply`, the KV cache comes in as
+an argument and goes out as a result. Every call gets
+
+  tokens_BxT     token ids
+  positions_BxT  RoPE position of each token (left padding does not count)
+  mask_BxTxS     which cache slots each query may attend to (causality and
+                 padding already folded in; see `attention_mask`)
+  cache          per-layer {'k', 'v'} arrays of shape [B, S, K, H], or None
+  cache_index    the slot where this call's T tokens are written
+
+Without a cache, S == T and slots are sequence indices. Slots and positions
+differ by a per-row constant (the row's left padding), so a sliding window
+measured in slots equals one measured in positions.
+
+Shape suffixes: B batch, T query length, S key/cache length, D model width,
+N query heads, K key/value heads, G = N // K, H head width, F MLP width,
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Cache = list[dict[str, jax.Array]]
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of the decoder. Presets at the bottom of this module."""
+
+  vocab_size: int
+  num_layers: int
+  embed_dim: int  # D
+  hidden_dim: int  # F, MLP width
+  num_heads: int  # N
+  num_kv_heads: int  # K (1 = multi-query attention)
+  head_dim: int  # H
+  norm_eps: float = 1e-6
+  # Gemma-style RMSNorm multiplies by (1 + w) with w initialised to 0;
+  # Llama-style multiplies by w initialised to 1.
+  norm_plus_one: bool = True
+  scale_embeddings: bool = True  # multiply embeddings by sqrt(D) (Gemma)
+  tie_embeddings: bool = True
+  activation: str = 'gelu_tanh'  # 'gelu_tanh' (GeGLU) or 'silu' (SwiGLU)
+  rope_base: float = 10_000.0  # base of global layers
+  rope_local_base: float | None = None  # base of local layers (Gemma 3); None: rope_base
+  rope_scale: float = 1.0  # linear position scaling of global layers (Gemma 3 4B: 8)
+  query_pre_attn_scalar: float | None = None  # queries scaled by this**-0.5; None: head_dim
+  attn_logit_softcap: float | None = None  # Gemma 2
+  final_logit_softcap: float | None = None  # Gemma 2
+  sliding_window: int | None = None  # width of local attention, in tokens
+  # Per-layer attention type, 'global' or 'local'; empty means all global.
+  layer_types: tuple[str, ...] = ()
+  use_post_norms: bool = False  # Gemma 2/3 norms after attention and MLP
+  use_qk_norm: bool = False  # Gemma 3
+  qkv_bias: bool = False  # Qwen2-style biases on q, k, v
+  dtype: str = 'float32'  # activation dtype
+  param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f'model.num_heads ({self.num_heads}) must be a multiple of '
+          f'model.num_kv_heads ({self.num_kv_heads}).')
+    if self.layer_types and len(self.layer_types) != self.num_layers:
+      raise ValueError(
+          f'model.layer_types has {len(self.layer_types)} entries for '
+          f'{self.num_layers} layers; give one per layer or none.')
+    for t in self.layer_types:
+      if t not in ('global', 'local'):
+        raise ValueError(f"model.layer_types entries must be 'global' or 'local', got {t!r}.")
+    if 'local' in self.layer_types and not self.sliding_window:
+      raise ValueError('model.sliding_window must be set when a layer is local.')
+    if self.activation not in ('gelu_tanh', 'silu'):
+      raise ValueError(f"model.activation must be 'gelu_tanh' or 'silu', got {self.activation!r}.")
+    if self.dtype not in _DTYPES or self.param_dtype not in _DTYPES:
+      raise ValueError(f'model.dtype / param_dtype must be one of {sorted(_DTYPES)}.')
+
+  def layer_type(self, i: int) -> str:
+    return self.layer_types[i] if self.layer_types else 'global'
+
+  @property
+  def jnp_dtype(self) -> Any:
+    return _DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self) -> Any:
+    return _DTYPES[self.param_dtype]
+
+
+# ---------------------------------------------------------------------------
+# Helpers for callers: positions and masks from a padding mask.
+
+
+def positions_from_mask(mask_BxT: jax.Array) -> jax.Array:
+  """RoPE positions: index among the row's real tokens (pads get 0)."""
+  return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_mask(query_slots_T: jax.Array, key_valid_BxS: jax.Array) -> jax.Array:
+  """Causal-and-padding mask [B, T, S]: a query at slot q sees valid keys at slots <= q."""
+  key_slots_S = jnp.arange(key_valid_BxS.shape[-1])
+  causal_TxS = key_slots_S[None, :] <= query_slots_T[:, None]
+  return causal_TxS[None] & key_valid_BxS[:, None, :].astype(bool)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
+  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return [
+      {'k': jnp.zeros(shape, cfg.jnp_dtype), 'v': jnp.zeros(shape, cfg.jnp_dtype)}
+      for _ in range(cfg.num_layers)
+  ]
+
+
+# ---------------------------------------------------------------------------
+# Layers.
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  plus_one: bool
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param('scale', init, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:  # Gemma: scale in float32, then cast
+      return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    return scale.astype(x.dtype) * x32.astype(x.dtype)  # Llama: cast, then scale
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float,
+               scale: float = 1.0) -> jax.Array:
+  """Rotary embedding, half-split convention (as in Gemma and transformers)."""
+  h = x_BxTxNxH.shape[-1]
+  inv_freq = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  angles_BxTxh = (positions_BxT.astype(jnp.float32) / scale)[..., None] * inv_freq
+  sin = jnp.sin(angles_BxTxh)[:, :, None, :]
+  cos = jnp.cos(angles_BxTxh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  local: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index):
+    cfg = self.cfg
+    dense = lambda feats, name, axis=-1, bias=False: nn.DenseGeneral(  # noqa: E731
+        feats, axis=axis, use_bias=bias, dtype=cfg.jnp_dtype,
+        param_dtype=cfg.jnp_param_dtype, name=name)
+    q_BxTxNxH = dense((cfg.num_heads, cfg.head_dim), 'q_proj', bias=cfg.qkv_bias)(x_BxTxD)
+    k_BxTxKxH = dense((cfg.num_kv_heads, cfg.head_dim), 'k_proj', bias=cfg.qkv_bias)(x_BxTxD)
+    v_BxTxKxH = dense((cfg.num_kv_heads, cfg.head_dim), 'v_proj', bias=cfg.qkv_bias)(x_BxTxD)
+    if cfg.use_qk_norm:
+      norm = lambda name: RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.jnp_param_dtype,  # noqa: E731
+                                  name=name)
+      q_BxTxNxH = norm('q_norm')(q_BxTxNxH)
+      k_BxTxKxH = norm('k_norm')(k_BxTxKxH)
+    if self.local and cfg.rope_local_base is not None:
+      base, scale = cfg.rope_local_base, 1.0
+    else:
+      base, scale = cfg.rope_base, cfg.rope_scale
+    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, base, scale)
+    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, base, scale)
+
+    if cache is not None:
+      idx = (0, cache_index, 0, 0)
+      k_BxSxKxH = jax.lax.dynamic_update_slice(cache['k'], k_BxTxKxH.astype(cache['k'].dtype), idx)
+      v_BxSxKxH = jax.lax.dynamic_update_slice(cache['v'], v_BxTxKxH.astype(cache['v'].dtype), idx)
+      new_cache = {'k': k_BxSxKxH, 'v': v_BxSxKxH}
+    else:
+      k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
+
+    if self.local:
+      t, s = mask_BxTxS.shape[-2:]
+      q_slot_T = cache_index + jnp.arange(t)
+      in_window_TxS = q_slot_T[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window
+      mask_BxTxS = mask_BxTxS & in_window_TxS[None]
+
+    b, t, n, h = q_BxTxNxH.shape
+    k_heads = cfg.num_kv_heads
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    q_BxTxKxGxH = (q_BxTxNxH * scalar**-0.5).reshape(b, t, k_heads, n // k_heads, h)
+    logits_BxKxGxTxS = jnp.einsum('btkgh,bskh->bkgts', q_BxTxKxGxH, k_BxSxKxH,
+                                  preferred_element_type=jnp.float32)
+    logits_BxKxGxTxS = _softcap(logits_BxKxGxTxS, cfg.attn_logit_softcap)
+    big_neg = jnp.finfo(jnp.float32).min
+    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, big_neg)
+    probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum('bkgts,bskh->btkgh', probs, v_BxSxKxH)
+    out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, n, h)
+    out_BxTxD = dense(cfg.embed_dim, 'o_proj', axis=(-2, -1))(out_BxTxNxH)
+    return out_BxTxD, new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    dense = lambda feats, name: nn.Dense(feats, use_bias=False, dtype=cfg.jnp_dtype,  # noqa: E731
+                                         param_dtype=cfg.jnp_param_dtype, name=name)
+    gate_BxTxF = dense(cfg.hidden_dim, 'gate_proj')(x_BxTxD)
+    up_BxTxF = dense(cfg.hidden_dim, 'up_proj')(x_BxTxD)
+    if cfg.activation == 'gelu_tanh':
+      act = jax.nn.gelu(gate_BxTxF, approximate=True)
+    else:
+      act = jax.nn.silu(gate_BxTxF)
+    return dense(cfg.embed_dim, 'down_proj')(act * up_BxTxF)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  local: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.jnp_param_dtype,  # noqa: E731
+                                name=name)
+    h = norm('pre_attn_norm')(x_BxTxD)
+    h, new_cache = Attention(cfg, self.local, name='attn')(
+        h, positions_BxT, mask_BxTxS, cache, cache_index)
+    if cfg.use_post_norms:
+      h = norm('post_attn_norm')(h)
+    x_BxTxD = x_BxTxD + h
+    h = norm('pre_ffw_norm')(x_BxTxD)
+    h = MLP(cfg, name='mlp')(h)
+    if cfg.use_post_norms:
+      h = norm('post_ffw_norm')(h)
+    return x_BxTxD + h, new_cache
+
+
+class Decoder(nn.Module):
+  """The decoder. `__call__` returns (logits_BxTxV float32, new cache or None)."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedder = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.jnp_dtype,
+                             param_dtype=cfg.jnp_param_dtype,
+                             # std 1/sqrt(D): after the sqrt(D) input scale, unit-size
+                             # inputs and unit-size tied logits at init.
+                             embedding_init=nn.initializers.normal(stddev=cfg.embed_dim**-0.5))
+    self.blocks = [Block(cfg, cfg.layer_type(i) == 'local', name=f'layer_{i}')
+                   for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.jnp_param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
+                              param_dtype=cfg.jnp_param_dtype)
+
+  def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, cache: Cache | None = None,
+             cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+    """Final-normed hidden states [B, T, D] and the updated cache."""
+    cfg = self.cfg
+    x_BxTxD = self.embedder(tokens_BxT)
+    if cfg.scale_embeddings:
+      x_BxTxD = x_BxTxD * jnp.asarray(cfg.embed_dim**0.5, cfg.jnp_dtype)
+    new_cache = [] if cache is not None else None
+    for i, block in enumerate(self.blocks):
+      layer_cache = cache[i] if cache is not None else None
+      x_BxTxD, c = block(x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index)
+      if new_cache is not None:
+        new_cache.append(c)
+    return self.final_norm(x_BxTxD), new_cache
+
+  def logits(self, h_BxTxD: jax.Array) -> jax.Array:
+    if self.cfg.tie_embeddings:
+      logits = self.embedder.attend(h_BxTxD)
+    else:
+      logits = self.lm_head(h_BxTxD)
+    return _softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+
+  def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache: Cache | None = None,
+               cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+    h_BxTxD, new_cache = self.hidden(tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index)
+    return self.logits(h_BxTxD), new_cache
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+  """Random parameters (a pytree), without running a forward pass on real data."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  mask = jnp.ones((1, 1, 1), bool)
+  return Decoder(cfg).init(rng, tokens, tokens, mask)['params']
+
+
+def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array,
+            valid_BxT: jax.Array) -> jax.Array:
+  """Full-sequence logits [B, T, V] for left- or right-padded rows (no cache)."""
+  positions_BxT = positions_from_mask(valid_BxT)
+  mask_BxTxT = attention_mask(jnp.arange(tokens_BxT.shape[1]), valid_BxT)
+  logits, _ = Decoder(cfg).apply({'params': params}, tokens_BxT, positions_BxT, mask_BxTxT)
+  return logits
+
+
+# ---------------------------------------------------------------------------
+# Presets. Real checkpoints bring their own config.json; these set the shapes
+# for random init and document what each family switches on.
+
+TINY = ModelConfig(vocab_size=32, num_layers=2, embed_dim=64, hidden_dim=256, num_heads=4,
+                   num_kv_heads=1, head_dim=16)
+
+_GEMMA2 = dict(norm_plus_one=True, query_pre_attn_scalar=256, attn_logit_softcap=50.0,
+               final_logit_softcap=30.0, sliding_window=4096, use_post_norms=True)
+_GEMMA3 = dict(query_pre_attn_scalar=256, sliding_window=512, use_post_norms=True,
+               use_qk_norm=True, rope_base=1_000_000.0, rope_local_base=10_000.0)
+
+
+def _alternating(n: int, every: int) -> tuple[str, ...]:
+  """Gemma 2/3 pattern: every `every`-th layer is global, the rest local."""
+  return tuple('global' if (i + 1) % every == 0 else 'local' for i in range(n))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    'tiny': TINY,
+    'gemma_2b': ModelConfig(vocab_size=256_000, num_layers=18, embed_dim=2048, hidden_dim=16_384,
+                            num_heads=8, num_kv_heads=1, head_dim=256),
+    'gemma_7b': ModelConfig(vocab_size=256_000, num_layers=28, embed_dim=3072, hidden_dim=24_576,
+                            num_heads=16, num_kv_heads=16, head_dim=256),
+    'gemma2_2b': ModelConfig(vocab_size=256_000, num_layers=26, embed_dim=2304, hidden_dim=9216,
+                             num_heads=8, num_kv_heads=4, head_dim=256,
+                             layer_types=_alternating(26, 2), **_GEMMA2),
+    'gemma2_9b': ModelConfig(vocab_size=256_000, num_layers=42, embed_dim=3584, hidden_dim=14_336,
+                             num_heads=16, num_kv_heads=8, head_dim=256,
+                             layer_types=_alternating(42, 2), **_GEMMA2),
+    'gemma3_1b': ModelConfig(vocab_size=262_144, num_layers=26, embed_dim=1152, hidden_dim=6912,
+                             num_heads=4, num_kv_heads=1, head_dim=256,
+                             layer_types=_alternating(26, 6), **_GEMMA3),
+    'gemma3_4b': ModelConfig(vocab_size=262_208, num_layers=34, embed_dim=2560, hidden_dim=10_240,
+                             num_heads=8, num_kv_heads=4, head_dim=256, rope_scale=8.0,
+                             layer_types=_alternating(34, 6),
+                             **{**_GEMMA3, 'sliding_window': 1024}),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f'model.preset {name!r} is unknown; choose one of {sorted(PRESETS)}.')
+  return dataclasses.replace(PRESETS[name], **overrides)
