@@ -30,10 +30,12 @@ V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Cache = list[dict[str, jax.Array]]
@@ -62,6 +64,10 @@ class ModelConfig:
   rope_base: float = 10_000.0  # base of global layers
   rope_local_base: float | None = None  # base of local layers (Gemma 3); None: rope_base
   rope_scale: float = 1.0  # linear position scaling of global layers (Gemma 3 4B: 8)
+  # Llama 3.1 frequency-dependent RoPE scaling of global layers, as
+  # (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings);
+  # None: off. Combines with rope_scale (which divides all frequencies).
+  rope_llama3: tuple[float, float, float, int] | None = None
   query_pre_attn_scalar: float | None = None  # queries scaled by this**-0.5; None: head_dim
   attn_logit_softcap: float | None = None  # Gemma 2
   final_logit_softcap: float | None = None  # Gemma 2
@@ -149,12 +155,31 @@ class RMSNorm(nn.Module):
     return scale.astype(x.dtype) * x32.astype(x.dtype)  # Llama: cast, then scale
 
 
+def rope_inv_freq(head_dim: int, base: float, scale: float = 1.0,
+                  llama3: tuple[float, float, float, int] | None = None) -> np.ndarray:
+  """Inverse frequencies [H/2], computed as transformers does (float32, scaling applied to
+  the frequencies rather than the positions), so that fp32 logits agree to ~1e-6."""
+  exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  inv_freq = (1.0 / np.float32(base) ** exponent).astype(np.float32)
+  if llama3 is not None:
+    factor, low_freq_factor, high_freq_factor, old_context_len = llama3
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+  return (inv_freq / np.float32(scale)).astype(np.float32)
+
+
 def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float,
-               scale: float = 1.0) -> jax.Array:
+               scale: float = 1.0,
+               llama3: tuple[float, float, float, int] | None = None) -> jax.Array:
   """Rotary embedding, half-split convention (as in Gemma and transformers)."""
-  h = x_BxTxNxH.shape[-1]
-  inv_freq = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  angles_BxTxh = (positions_BxT.astype(jnp.float32) / scale)[..., None] * inv_freq
+  inv_freq_h = jnp.asarray(rope_inv_freq(x_BxTxNxH.shape[-1], base, scale, llama3))
+  angles_BxTxh = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_h
   sin = jnp.sin(angles_BxTxh)[:, :, None, :]
   cos = jnp.cos(angles_BxTxh)[:, :, None, :]
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
@@ -184,12 +209,14 @@ class Attention(nn.Module):
                                   name=name)
       q_BxTxNxH = norm('q_norm')(q_BxTxNxH)
       k_BxTxKxH = norm('k_norm')(k_BxTxKxH)
+    # Gemma 3 local layers have their own unscaled base; otherwise every layer uses the
+    # global base and scaling (as transformers does for Qwen2 / Llama sliding layers).
     if self.local and cfg.rope_local_base is not None:
-      base, scale = cfg.rope_local_base, 1.0
+      rope = (cfg.rope_local_base, 1.0, None)
     else:
-      base, scale = cfg.rope_base, cfg.rope_scale
-    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, base, scale)
-    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, base, scale)
+      rope = (cfg.rope_base, cfg.rope_scale, cfg.rope_llama3)
+    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, *rope)
+    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, *rope)
 
     if cache is not None:
       idx = (0, cache_index, 0, 0)
@@ -285,7 +312,10 @@ class Decoder(nn.Module):
     cfg = self.cfg
     x_BxTxD = self.embedder(tokens_BxT)
     if cfg.scale_embeddings:
-      x_BxTxD = x_BxTxD * jnp.asarray(cfg.embed_dim**0.5, cfg.jnp_dtype)
+      # sqrt(D) rounded through the weights' dtype, as transformers does (in bf16,
+      # sqrt(3072) = 55.4256 becomes 55.5), then through the activation dtype.
+      scale = jnp.asarray(cfg.embed_dim**0.5, cfg.jnp_param_dtype).astype(cfg.jnp_dtype)
+      x_BxTxD = x_BxTxD * scale
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.blocks):
       layer_cache = cache[i] if cache is not None else None
@@ -324,8 +354,12 @@ def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array,
 
 
 # ---------------------------------------------------------------------------
-# Presets. Real checkpoints bring their own config.json; these set the shapes
-# for random init and document what each family switches on.
+# Presets. Real checkpoints bring their own config.json (see `hf.config_from_hf`);
+# these set the shapes for random init and document what each family switches on.
+# Values are those of the google/* config.json files on the Hugging Face Hub, written
+# from memory (no network here): gemma-2b, gemma-7b, gemma-2-2b, gemma-2-9b, gemma-2-27b,
+# gemma-3-1b-pt and the text part of gemma-3-4b-pt. All use rms_norm_eps 1e-6 and a tanh
+# GeGLU; Gemma 2/3 make layer i global when (i + 1) % pattern == 0 (pattern 2 / 6).
 
 TINY = ModelConfig(vocab_size=32, num_layers=2, embed_dim=64, hidden_dim=256, num_heads=4,
                    num_kv_heads=1, head_dim=16)
@@ -353,9 +387,15 @@ PRESETS: dict[str, ModelConfig] = {
     'gemma2_9b': ModelConfig(vocab_size=256_000, num_layers=42, embed_dim=3584, hidden_dim=14_336,
                              num_heads=16, num_kv_heads=8, head_dim=256,
                              layer_types=_alternating(42, 2), **_GEMMA2),
+    # 27B is the one Gemma 2 whose query_pre_attn_scalar is D / N = 144, not head_dim.
+    'gemma2_27b': ModelConfig(vocab_size=256_000, num_layers=46, embed_dim=4608,
+                              hidden_dim=36_864, num_heads=32, num_kv_heads=16, head_dim=128,
+                              layer_types=_alternating(46, 2),
+                              **{**_GEMMA2, 'query_pre_attn_scalar': 144}),
     'gemma3_1b': ModelConfig(vocab_size=262_144, num_layers=26, embed_dim=1152, hidden_dim=6912,
                              num_heads=4, num_kv_heads=1, head_dim=256,
                              layer_types=_alternating(26, 6), **_GEMMA3),
+    # Text tower of the multimodal 4B: global layers use linear RoPE scaling by 8.
     'gemma3_4b': ModelConfig(vocab_size=262_208, num_layers=34, embed_dim=2560, hidden_dim=10_240,
                              num_heads=8, num_kv_heads=4, head_dim=256, rope_scale=8.0,
                              layer_types=_alternating(34, 6),
