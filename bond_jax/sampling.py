@@ -1,0 +1,185 @@
+"""Autoregressive sampling with a KV cache: prefill once, then a `lax.while_loop` decode.
+
+Prompts are left-padded so that every row writes its next token into the same
+cache slot. Parameters are an argument, never closed over, so the policy, the
+anchor and the reference all run through the same compiled function.
+
+The returned log-probabilities are those of the *model* (temperature 1, no
+truncation) at the sampled tokens, i.e. log pi(y_t | x, y_<t): what the BOND
+objectives and KL estimates need. With temperature 1 and no top-k / top-p they
+are also the log-probabilities of the distribution that was sampled; with any
+other setting, the samples no longer come from pi and the KL estimates built
+from them are biased (the config and the metrics name the setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from bond_jax import model as model_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to sample. Hashable: passed to `jax.jit` as a static argument."""
+
+  max_new_tokens: int  # G, the generation buffer length
+  temperature: float = 1.0  # 0 means greedy
+  top_k: int = 0  # 0 disables
+  top_p: float = 1.0  # 1 disables
+  eos_id: int | None = None  # None: always generate max_new_tokens
+  pad_id: int = 0
+
+  @property
+  def is_exact(self) -> bool:
+    """True when samples come from the model's own distribution."""
+    return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+
+
+@struct.dataclass
+class SampleOutput:
+  tokens_BxG: jax.Array  # sampled tokens; pad_id after EOS
+  mask_BxG: jax.Array  # True at generated positions (EOS included)
+  logprobs_BxG: jax.Array  # log pi(y_t | ...) at temperature 1; 0 where mask is False
+
+
+@struct.dataclass
+class _DecodeState:
+  step: jax.Array  # number of tokens generated so far
+  last_logits_BxV: jax.Array
+  tokens_BxG: jax.Array
+  mask_BxG: jax.Array
+  logprobs_BxG: jax.Array
+  done_B: jax.Array
+  cache: Any
+  rng: jax.Array
+
+
+def _process_logits(logits_BxV: jax.Array, sp: SamplingParams) -> jax.Array:
+  """Logits of the distribution actually sampled (temperature, top-k, top-p)."""
+  logits_BxV = logits_BxV / sp.temperature
+  neg_inf = jnp.finfo(logits_BxV.dtype).min
+  if sp.top_k > 0:
+    kth_BxV = jax.lax.top_k(logits_BxV, sp.top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_BxV, neg_inf, logits_BxV)
+  if sp.top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always).
+    keep_BxV = (cum_BxV - jax.nn.softmax(sorted_BxV, axis=-1)) < sp.top_p
+    cutoff_B1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B1, neg_inf, logits_BxV)
+  return logits_BxV
+
+
+def _choose(logits_BxV: jax.Array, rng: jax.Array, sp: SamplingParams) -> jax.Array:
+  if sp.temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, _process_logits(logits_BxV, sp), axis=-1).astype(jnp.int32)
+
+
+def sample(cfg: model_lib.ModelConfig, params: Any, prompt_BxP: jax.Array,
+           prompt_valid_BxP: jax.Array, rng: jax.Array, sp: SamplingParams,
+           num_samples: int = 1) -> SampleOutput:
+  """Draw `num_samples` generations per prompt.
+
+  The prompt is prefilled once and its cache rows are repeated, so the samples
+  of one prompt share that work. Output rows are prompt-major: row
+  b * num_samples + j is sample j of prompt b. Each prompt needs at least one
+  real token. The loop stops as soon as every row has emitted EOS.
+  """
+  decoder = model_lib.Decoder(cfg)
+  b, p = prompt_BxP.shape
+  g = sp.max_new_tokens
+  prompt_valid_BxP = prompt_valid_BxP.astype(bool)
+
+  # Prefill the prompt into a cache with room for the generation.
+  cache = model_lib.init_cache(cfg, b, p + g)
+  key_valid_BxS = jnp.concatenate([prompt_valid_BxP, jnp.ones((b, g), bool)], axis=1)
+  positions_BxP = model_lib.positions_from_mask(prompt_valid_BxP)
+  mask_BxPxS = model_lib.attention_mask(jnp.arange(p), key_valid_BxS)
+  logits_BxPxV, cache = decoder.apply({'params': params}, prompt_BxP, positions_BxP, mask_BxPxS,
+                                      cache, 0)
+  prompt_len_B = prompt_valid_BxP.sum(axis=-1).astype(jnp.int32)
+
+  if num_samples > 1:
+    rep = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
+    cache = jax.tree.map(rep, cache)
+    logits_BxPxV, key_valid_BxS, prompt_len_B = map(rep, (logits_BxPxV, key_valid_BxS,
+                                                           prompt_len_B))
+    b = b * num_samples
+
+  init = _DecodeState(
+      step=jnp.zeros((), jnp.int32),
+      last_logits_BxV=logits_BxPxV[:, -1],
+      tokens_BxG=jnp.full((b, g), sp.pad_id, jnp.int32),
+      mask_BxG=jnp.zeros((b, g), bool),
+      logprobs_BxG=jnp.zeros((b, g), jnp.float32),
+      done_B=jnp.zeros((b,), bool),
+      cache=cache,
+      rng=rng,
+  )
+
+  def cond(s: _DecodeState) -> jax.Array:
+    return (s.step < g) & ~jnp.all(s.done_B)
+
+  def body(s: _DecodeState) -> _DecodeState:
+    rng, sub = jax.random.split(s.rng)
+    token_B = _choose(s.last_logits_BxV, sub, sp)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(s.last_logits_BxV, axis=-1),
+                                 token_B[:, None], axis=-1)[:, 0]
+    live_B = ~s.done_B
+    token_B = jnp.where(live_B, token_B, sp.pad_id)
+    done_B = s.done_B if sp.eos_id is None else s.done_B | (token_B == sp.eos_id)
+    t = s.step
+    tokens_BxG = jax.lax.dynamic_update_slice(s.tokens_BxG, token_B[:, None], (0, t))
+    mask_BxG = jax.lax.dynamic_update_slice(s.mask_BxG, live_B[:, None], (0, t))
+    logprobs_BxG = jax.lax.dynamic_update_slice(
+        s.logprobs_BxG, jnp.where(live_B, logp_B, 0.0)[:, None], (0, t))
+    # Feed the token at cache slot p + t; its position is the row's prompt length + t.
+    mask_Bx1xS = model_lib.attention_mask(p + t + jnp.arange(1), key_valid_BxS)
+    logits_Bx1xV, cache = decoder.apply({'params': params}, token_B[:, None],
+                                        (prompt_len_B + t)[:, None], mask_Bx1xS, s.cache, p + t)
+    return _DecodeState(step=t + 1, last_logits_BxV=logits_Bx1xV[:, 0], tokens_BxG=tokens_BxG,
+                        mask_BxG=mask_BxG, logprobs_BxG=logprobs_BxG, done_B=done_B,
+                        cache=cache, rng=rng)
+
+  final = jax.lax.while_loop(cond, body, init)
+  return SampleOutput(tokens_BxG=final.tokens_BxG, mask_BxG=final.mask_BxG,
+                      logprobs_BxG=final.logprobs_BxG)
+
+
+# One compiled sampler per (model, sampling settings, shapes), shared by every
+# set of parameters: policy, anchor and reference.
+sample_jit = jax.jit(sample, static_argnames=('cfg', 'sp', 'num_samples'))
+
+
+def sequence_logprobs(cfg: model_lib.ModelConfig, params: Any, prompt_BxP: jax.Array,
+                      prompt_valid_BxP: jax.Array, response_BxG: jax.Array,
+                      response_mask_BxG: jax.Array) -> jax.Array:
+  """Teacher-forced per-token log pi(y_t | x, y_<t) [B, G]; 0 where the mask is False.
+
+  Summing over G gives the sequence log-likelihood over generated tokens only:
+  prompt and padding never contribute.
+  """
+  p = prompt_BxP.shape[1]
+  tokens_BxL = jnp.concatenate([prompt_BxP, response_BxG], axis=1)
+  valid_BxL = jnp.concatenate([prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)],
+                              axis=1)
+  positions_BxL = model_lib.positions_from_mask(valid_BxL)
+  mask_BxLxL = model_lib.attention_mask(jnp.arange(tokens_BxL.shape[1]), valid_BxL)
+
+  def response_logits(decoder: model_lib.Decoder) -> jax.Array:
+    h_BxLxD, _ = decoder.hidden(tokens_BxL, positions_BxL, mask_BxLxL)
+    # Position p - 1 + t predicts response token t; the prompt's own logits are never built.
+    return decoder.logits(h_BxLxD[:, p - 1:-1])
+
+  logits_BxGxV = model_lib.Decoder(cfg).apply({'params': params}, method=response_logits)
+  logp_BxGxV = jax.nn.log_softmax(logits_BxGxV.astype(jnp.float32), axis=-1)
+  logp_BxG = jnp.take_along_axis(logp_BxGxV, response_BxG[..., None], axis=-1)[..., 0]
+  return jnp.where(response_mask_BxG, logp_BxG, 0.0)
