@@ -1,0 +1,415 @@
+"""Hugging Face checkpoints: config mapping, tensor-by-tensor loading, export.
+
+Supported model types: gemma, gemma2, gemma3_text (and gemma3, whose text part is
+read from its nested text_config), llama, qwen2. The config.json is read through
+transformers' own config classes, so legacy fields (`rope_scaling`, `rope_theta`,
+`rope_local_base_freq`, `sliding_window_pattern`) are normalised the same way
+transformers normalises them.
+
+Loading walks our parameter tree (an abstract `jax.eval_shape` of init, so nothing
+is allocated up front), reads each tensor alone from its safetensors file,
+converts it to our layout and puts it straight onto its sharding: the host never
+holds more than one tensor.
+
+Layouts (HF nn.Linear weights are [out, in]): q/k/v [N*H, D] -> [D, N, H];
+o_proj [D, N*H] -> [N, H, D]; MLP and heads [out, in] -> [in, out]; q/k/v biases
+[N*H] -> [N, H]; embeddings and norm scales as they are. Gemma 1 / Llama / Qwen2
+name their pre-MLP norm `post_attention_layernorm`; Gemma 2/3 use that name for
+the norm after attention and `pre_feedforward_layernorm` for the pre-MLP one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from bond_jax import model as model_lib
+from bond_jax import sharding as sharding_lib
+from bond_jax.model import ModelConfig
+
+SUPPORTED_MODEL_TYPES = ('gemma', 'gemma2', 'gemma3', 'gemma3_text', 'llama', 'qwen2')
+_CAUSAL_LM = {'gemma': 'GemmaForCausalLM', 'gemma2': 'Gemma2ForCausalLM',
+              'gemma3_text': 'Gemma3ForCausalLM', 'llama': 'LlamaForCausalLM',
+              'qwen2': 'Qwen2ForCausalLM'}
+_ACTIVATIONS = {'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh', 'silu': 'silu',
+                'swish': 'silu'}
+_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model',
+                    'special_tokens_map.json', 'added_tokens.json', 'vocab.json', 'merges.txt',
+                    'chat_template.jinja', 'generation_config.json')
+_LAYER_TYPES = {'sliding_attention': 'local', 'full_attention': 'global'}
+
+
+# ---------------------------------------------------------------------------
+# Configs.
+
+
+def _rope(params: dict[str, Any], where: str) -> dict[str, Any]:
+  """ModelConfig RoPE fields from one transformers `rope_parameters` dict."""
+  kind = params.get('rope_type', 'default')
+  out: dict[str, Any] = {'rope_base': float(params['rope_theta'])}
+  if kind == 'linear':
+    out['rope_scale'] = float(params['factor'])
+  elif kind == 'llama3':
+    out['rope_llama3'] = (float(params['factor']), float(params['low_freq_factor']),
+                          float(params['high_freq_factor']),
+                          int(params['original_max_position_embeddings']))
+  elif kind != 'default':
+    raise ValueError(f'{where}: rope_type {kind!r} is not supported '
+                     "(supported: 'default', 'linear', 'llama3').")
+  return out
+
+
+def config_from_hf(hf_config: dict[str, Any], dtype: str = 'float32') -> ModelConfig:
+  """Our ModelConfig for a transformers config.json dict (activations and params in `dtype`)."""
+  import transformers  # configs only; no torch needed
+
+  model_type = hf_config.get('model_type')
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f'Unsupported architecture: model_type {model_type!r}; supported: '
+                     f'{", ".join(SUPPORTED_MODEL_TYPES)}.')
+  fields = {k: v for k, v in hf_config.items() if k != 'model_type'}
+  c = transformers.AutoConfig.for_model(model_type, **fields)
+  if model_type == 'gemma3':
+    c = c.get_text_config()
+    model_type = c.model_type
+  where = f'model_type {model_type!r}'
+  act = getattr(c, 'hidden_activation', None) or c.hidden_act
+  if act not in _ACTIVATIONS:
+    raise ValueError(f'{where}: activation {act!r} is not supported ({sorted(_ACTIVATIONS)}).')
+  for flag in ('attention_bias', 'mlp_bias', 'use_bidirectional_attention'):
+    if getattr(c, flag, False):
+      raise ValueError(f'{where}: {flag}=True is not supported.')
+  layer_types = tuple(_LAYER_TYPES[t] for t in getattr(c, 'layer_types', None) or ())
+  if 'local' not in layer_types:
+    layer_types = ()
+  kw: dict[str, Any] = dict(
+      vocab_size=c.vocab_size, num_layers=c.num_hidden_layers, embed_dim=c.hidden_size,
+      hidden_dim=c.intermediate_size, num_heads=c.num_attention_heads,
+      num_kv_heads=c.num_key_value_heads,
+      head_dim=getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads,
+      norm_eps=c.rms_norm_eps, tie_embeddings=bool(c.tie_word_embeddings),
+      activation=_ACTIVATIONS[act], layer_types=layer_types,
+      sliding_window=c.sliding_window if layer_types else None, dtype=dtype, param_dtype=dtype)
+  if model_type.startswith('gemma'):
+    kw.update(norm_plus_one=True, scale_embeddings=True)
+  else:
+    kw.update(norm_plus_one=False, scale_embeddings=False, qkv_bias=model_type == 'qwen2')
+  if model_type in ('gemma2', 'gemma3_text'):
+    kw.update(query_pre_attn_scalar=c.query_pre_attn_scalar, use_post_norms=True,
+              attn_logit_softcap=c.attn_logit_softcapping,
+              final_logit_softcap=c.final_logit_softcapping)
+  if model_type == 'gemma3_text':
+    rope = c.rope_parameters
+    kw.update(use_qk_norm=True, **_rope(rope['full_attention'], where))
+    local = rope.get('sliding_attention') or {'rope_theta': kw['rope_base']}
+    if _rope(local, where).keys() != {'rope_base'}:
+      raise ValueError(f'{where}: scaled RoPE on sliding layers is not supported.')
+    kw['rope_local_base'] = float(local['rope_theta'])
+  else:
+    kw.update(_rope(c.rope_parameters, where))
+  return ModelConfig(**kw)
+
+
+def _canonical(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with fields that do not change the function written one way."""
+  local = 'local' in cfg.layer_types
+  qpas = cfg.query_pre_attn_scalar
+  return dataclasses.replace(
+      cfg, layer_types=cfg.layer_types if local else (),
+      sliding_window=cfg.sliding_window if local else None,
+      query_pre_attn_scalar=None if qpas in (None, cfg.head_dim) else float(qpas),
+      rope_local_base=None if not local or (cfg.rope_local_base in (None, cfg.rope_base)
+                                            and cfg.rope_scale == 1 and not cfg.rope_llama3)
+      else float(cfg.rope_local_base))
+
+
+def _family(cfg: ModelConfig) -> str:
+  if cfg.use_qk_norm:
+    return 'gemma3_text'
+  if cfg.use_post_norms:
+    return 'gemma2'
+  if cfg.norm_plus_one:
+    return 'gemma'
+  return 'qwen2' if cfg.qkv_bias else 'llama'
+
+
+def hf_config_dict(cfg: ModelConfig, architecture: str | None = None,
+                   **overrides: Any) -> dict[str, Any]:
+  """The transformers config.json for `cfg` (raises if no supported family expresses it)."""
+  import transformers
+
+  model_type = _family(cfg)
+  rope: dict[str, Any] = {'rope_type': 'default', 'rope_theta': cfg.rope_base}
+  if cfg.rope_llama3 is not None:
+    f, lo, hi, orig = cfg.rope_llama3
+    rope = {'rope_type': 'llama3', 'rope_theta': cfg.rope_base, 'factor': f,
+            'low_freq_factor': lo, 'high_freq_factor': hi,
+            'original_max_position_embeddings': orig}
+  elif cfg.rope_scale != 1.0:
+    rope = {'rope_type': 'linear', 'rope_theta': cfg.rope_base, 'factor': cfg.rope_scale}
+  fields: dict[str, Any] = dict(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.hidden_dim,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+      tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, dtype=cfg.param_dtype)
+  act = 'gelu_pytorch_tanh' if cfg.activation == 'gelu_tanh' else 'silu'
+  fields['hidden_activation' if model_type in ('gemma2', 'gemma3_text') else 'hidden_act'] = act
+  hf_types = {'global': 'full_attention', 'local': 'sliding_attention'}
+  layer_types = [hf_types[cfg.layer_type(i)] for i in range(cfg.num_layers)]
+  if model_type in ('gemma2', 'gemma3_text'):
+    fields.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+                  attn_logit_softcapping=cfg.attn_logit_softcap,
+                  final_logit_softcapping=cfg.final_logit_softcap,
+                  sliding_window=cfg.sliding_window, layer_types=layer_types)
+  if model_type == 'gemma3_text':
+    local = {'rope_type': 'default', 'rope_theta': cfg.rope_local_base or cfg.rope_base}
+    fields['rope_parameters'] = {'full_attention': rope, 'sliding_attention': local}
+  if model_type == 'qwen2' and cfg.sliding_window:
+    fields.update(use_sliding_window=True, sliding_window=cfg.sliding_window,
+                  layer_types=layer_types)
+  fields.update(overrides)
+  c = transformers.AutoConfig.for_model(model_type, **fields)
+  c.architectures = [architecture or _CAUSAL_LM[model_type]]
+  out = c.to_dict()
+  want = _canonical(cfg)
+  back = _canonical(dataclasses.replace(config_from_hf(out, cfg.dtype),
+                                        param_dtype=cfg.param_dtype))
+  diff = [f.name for f in dataclasses.fields(cfg)
+          if getattr(want, f.name) != getattr(back, f.name)]
+  if diff:
+    raise ValueError(f'ModelConfig cannot be written as HF model_type {model_type!r}: fields '
+                     f'{diff} would not survive (ours {[getattr(want, n) for n in diff]}, '
+                     f'HF {[getattr(back, n) for n in diff]}).')
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Tensor names and layouts.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  hf_name: str
+  hf_shape: tuple[int, ...]
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _layout(kind: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], Callable, Callable]:
+  """(HF shape, HF->ours, ours->HF) for a leaf of our shape. kind: 'same', 'flat' or
+  'T<k>' (our first k dims are the HF input dims: transpose + reshape)."""
+  if kind == 'same':
+    return shape, lambda w: w, lambda x: x
+  if kind == 'flat':
+    return (math.prod(shape),), lambda w: w.reshape(shape), lambda x: x.reshape(-1)
+  k = int(kind[1:])
+  n_in, n_out = math.prod(shape[:k]), math.prod(shape[k:])
+  return ((n_out, n_in), lambda w: np.ascontiguousarray(w.T).reshape(shape),
+          lambda x: np.ascontiguousarray(x.reshape(n_in, n_out).T))
+
+
+_LAYER_RULES = (  # (our path inside layer_i, HF name inside layers.i, kind)
+    (r'pre_attn_norm/scale', 'input_layernorm.weight', 'same'),
+    (r'attn/([qkv])_proj/kernel', r'self_attn.\1_proj.weight', 'T1'),
+    (r'attn/([qkv])_proj/bias', r'self_attn.\1_proj.bias', 'flat'),
+    (r'attn/o_proj/kernel', 'self_attn.o_proj.weight', 'T2'),
+    (r'attn/([qk])_norm/scale', r'self_attn.\1_norm.weight', 'same'),
+    (r'mlp/(gate|up|down)_proj/kernel', r'mlp.\1_proj.weight', 'T1'),
+)
+
+
+def _hf_tensor(name: str, shape: tuple[int, ...], cfg: ModelConfig, prefix: str,
+               head_prefix: str) -> _Tensor:
+  """The HF tensor behind our parameter `name` ('layer_0/attn/q_proj/kernel')."""
+  post = cfg.use_post_norms
+  norms = {'post_attn_norm': 'post_attention_layernorm', 'post_ffw_norm':
+           'post_feedforward_layernorm',
+           'pre_ffw_norm': 'pre_feedforward_layernorm' if post else 'post_attention_layernorm'}
+  rules = _LAYER_RULES + tuple((rf'{k}/scale', f'{v}.weight', 'same') for k, v in norms.items())
+  hf, kind = None, None
+  if name == 'embedder/embedding':
+    hf, kind = f'{prefix}embed_tokens.weight', 'same'
+  elif name == 'final_norm/scale':
+    hf, kind = f'{prefix}norm.weight', 'same'
+  elif name == 'lm_head/kernel':
+    hf, kind = f'{head_prefix}lm_head.weight', 'T1'
+  elif name == 'score/kernel':
+    hf, kind = f'{head_prefix}score.weight', 'T1'
+  elif m := re.fullmatch(r'layer_(\d+)/(.+)', name):
+    for pattern, hf_pattern, k in rules:
+      if sub := re.fullmatch(pattern, m.group(2)):
+        hf, kind = f'{prefix}layers.{m.group(1)}.{sub.expand(hf_pattern)}', k
+        break
+  if hf is None:
+    raise ValueError(f'No Hugging Face tensor is known for our parameter {name!r}.')
+  return _Tensor(hf, *_layout(kind, shape))
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+  path = Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f'Checkpoint directory {str(path)!r} does not exist.')
+  if not (path / 'config.json').is_file():
+    raise FileNotFoundError(f'No config.json in checkpoint directory {str(path)!r}.')
+  return json.loads((path / 'config.json').read_text())
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+  """Tensor name -> the safetensors file holding it (single file or sharded index)."""
+  index = path / 'model.safetensors.index.json'
+  if index.is_file():
+    weight_map = json.loads(index.read_text())['weight_map']
+    return {name: path / file for name, file in weight_map.items()}
+  files = [path / 'model.safetensors'] if (path / 'model.safetensors').is_file() else []
+  if not files:
+    raise FileNotFoundError(f'No safetensors weights in {str(path)!r} (expected '
+                            'model.safetensors or model.safetensors.index.json).')
+  out = {}
+  for file in files:
+    with safe_open(file, framework='numpy') as f:
+      out.update(dict.fromkeys(f.keys(), file))
+  return out
+
+
+def _load_tree(path: str | Path, cfg: ModelConfig, abstract: Any, strip: str,
+               shardings: Any) -> Any:
+  path = Path(path)
+  weight_map = _weight_map(path)
+  prefixes = ('model.', 'model.language_model.', 'language_model.model.', '')
+  prefix = next((p for p in prefixes if f'{p}embed_tokens.weight' in weight_map), 'model.')
+  head_prefix = 'language_model.' if prefix == 'language_model.model.' else ''
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  names = [sharding_lib.path_name(p).removeprefix(strip) for p, _ in leaves]
+  tensors = [_hf_tensor(n, tuple(x.shape), cfg, prefix, head_prefix)
+             for n, (_, x) in zip(names, leaves, strict=True)]
+  missing = [t.hf_name for t in tensors if t.hf_name not in weight_map]
+  if missing:
+    raise KeyError(f'Checkpoint {str(path)!r} is missing tensor(s) {missing[:5]}'
+                   f'{" and more" if len(missing) > 5 else ""}.')
+  if shardings is None:
+    shard_leaves = [None] * len(leaves)
+  else:
+    if isinstance(shardings, jax.sharding.Mesh):
+      shardings = sharding_lib.param_shardings(abstract, shardings)
+    shard_leaves = treedef.flatten_up_to(shardings)
+  by_file: dict[Path, list[int]] = {}
+  for i, t in enumerate(tensors):
+    by_file.setdefault(weight_map[t.hf_name], []).append(i)
+  out: list[Any] = [None] * len(leaves)
+  for file, indices in by_file.items():
+    with safe_open(file, framework='numpy') as f:
+      for i in indices:
+        t, (_, spec) = tensors[i], leaves[i]
+        found = tuple(f.get_slice(t.hf_name).get_shape())
+        if found != t.hf_shape:
+          raise ValueError(f'Tensor {t.hf_name!r} in {file.name} has shape {found}, '
+                           f'expected {t.hf_shape} (our {names[i]} {tuple(spec.shape)}).')
+        w = t.to_ours(f.get_tensor(t.hf_name)).astype(spec.dtype)
+        out[i] = jax.device_put(w, shard_leaves[i])
+        del w
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _resolve_cfg(path: str | Path, cfg: ModelConfig | None, dtype: str | None) -> ModelConfig:
+  hf_config = read_hf_config(path)
+  if cfg is None:
+    return config_from_hf(hf_config, dtype or 'float32')
+  return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype) if dtype else cfg
+
+
+def load_params(path: str | Path, cfg: ModelConfig | None = None, dtype: str | None = None,
+                shardings: Any = None) -> tuple[ModelConfig, Any]:
+  """(cfg, params) of a *ForCausalLM checkpoint directory.
+
+  cfg: None reads it from config.json; dtype: activation and parameter dtype (None:
+  cfg's own, or float32); shardings: None (default device), a Mesh (use
+  `sharding.param_shardings`) or a pytree of shardings like the params.
+  """
+  cfg = _resolve_cfg(path, cfg, dtype)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  return cfg, _load_tree(path, cfg, abstract, '', shardings)
+
+
+def load_reward_params(path: str | Path, cfg: ModelConfig | None = None,
+                       dtype: str | None = None, shardings: Any = None
+                       ) -> tuple[ModelConfig, Any]:
+  """(cfg, {'decoder': ..., 'score': {'kernel': [D, 1]}}) of a *ForSequenceClassification
+  checkpoint with one label (its `score.weight` is [1, D])."""
+  from bond_jax import reward_model
+
+  cfg = _resolve_cfg(path, cfg, dtype)
+  abstract = jax.eval_shape(lambda: reward_model.init_params(cfg, jax.random.key(0)))
+  return cfg, _load_tree(path, cfg, abstract, 'decoder/', shardings)
+
+
+# ---------------------------------------------------------------------------
+# Export.
+
+
+def export_hf(cfg: ModelConfig, params: Any, out_dir: str | Path,
+              tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 2**30,
+              **hf_overrides: Any) -> Path:
+  """Write config.json + safetensors that `AutoModelForCausalLM.from_pretrained` loads.
+
+  Reward-model params ({'decoder', 'score'}) are written as *ForSequenceClassification
+  with num_labels=1. Weights go one shard at a time (model.safetensors, or
+  model-0000i-of-0000n.safetensors + index past max_shard_bytes), so the host holds at
+  most one shard. hf_overrides set config fields (e.g. pad_token_id=0).
+  """
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  reward = 'score' in params
+  arch = None
+  if reward:
+    arch = _CAUSAL_LM[_family(cfg)].replace('ForCausalLM', 'ForSequenceClassification')
+    hf_overrides = {'num_labels': 1, **hf_overrides}
+  hf_config = hf_config_dict(cfg, arch, **hf_overrides)
+  (out_dir / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  tensors = [_hf_tensor(sharding_lib.path_name(p).removeprefix('decoder/'), tuple(x.shape),
+                        cfg, 'model.', '') for p, x in leaves]
+  shards: list[list[int]] = [[]]
+  size = 0
+  for i, (_, x) in enumerate(leaves):
+    nbytes = x.size * x.dtype.itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(i)
+    size += nbytes
+  n = len(shards)
+  weight_map = {}
+  for s, indices in enumerate(shards):
+    file = 'model.safetensors' if n == 1 else f'model-{s + 1:05d}-of-{n:05d}.safetensors'
+    arrays = {tensors[i].hf_name: tensors[i].to_hf(np.asarray(jax.device_get(leaves[i][1])))
+              for i in indices}
+    save_file(arrays, str(out_dir / file), metadata={'format': 'pt'})
+    weight_map.update(dict.fromkeys(arrays, file))
+    del arrays
+  if n > 1:
+    total = sum(x.size * x.dtype.itemsize for _, x in leaves)
+    index = {'metadata': {'total_size': total}, 'weight_map': weight_map}
+    (out_dir / 'model.safetensors.index.json').write_text(json.dumps(index, indent=2))
+  if tokenizer_dir is not None:
+    found = [f for f in _TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
+    if not found:
+      raise FileNotFoundError(f'No tokenizer files {_TOKENIZER_FILES} in {str(tokenizer_dir)!r}.')
+    for f in found:
+      shutil.copy(Path(tokenizer_dir) / f, out_dir / f)
+  return out_dir
