@@ -1,5 +1,10 @@
 """Train state and the pure train step (sampling, reward, losses, update, anchor).
 
+Algorithms (config `bond.algorithm`): 'jbond' (Algorithm 2), 'bond' (BOND with
+Best-of-N of the anchor and MC quantiles, Section 4; with a periodic anchor it
+is iterative BOND, Algorithm 1) and 'reinforce' (the KL-regularised baseline
+of Section 6).
+
 `train_step` is one module-level pure function: sample the policy and the
 anchor, score the samples, build the loss of the chosen algorithm, take an
 optax step, move the anchor. Tests call it un-jitted; `make_train_step` jits it
@@ -59,6 +64,11 @@ class StepConfig:
   anchor: str = 'ema'  # 'ema' | 'periodic' | 'fixed'
   eta: float = 0.02  # EMA rate of the anchor
   anchor_period: int = 0  # steps between hard anchor updates (periodic)
+  quantile: str = 'mc'  # BOND: how log p_le(y) is estimated ('mc'; 'learned' not yet)
+  num_quantile_samples: int = 16  # BOND: k anchor samples for the MC quantile (Eq. 10)
+  bon_correction: bool = False  # BOND: keep the (B) term of r_BOND (Eq. 8)
+  beta_rl: float = 0.01  # REINFORCE: KL weight beta_RL (Eq. 1)
+  num_policy_samples: int = 2  # REINFORCE: samples per prompt (leave-one-out baseline)
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, b1: float = 0.9, b2: float = 0.999,
@@ -95,78 +105,134 @@ def _update_anchor(cfg: StepConfig, anchor: Any, params: Any, new_step: jax.Arra
   raise ValueError(f'bond.anchor must be ema, periodic or fixed, got {cfg.anchor!r}.')
 
 
+def _repeat(x: jax.Array, n: int) -> jax.Array:
+  return x if n == 1 else jnp.repeat(x, n, axis=0)
+
+
+def _best_rows(tokens_BnxG: jax.Array, mask_BnxG: jax.Array, rewards_BxN: jax.Array,
+               n: int) -> tuple[jax.Array, jax.Array]:
+  """Best of the first n samples of each prompt (ties: lowest index)."""
+  b, total = rewards_BxN.shape
+  best_B = obj.best_of(rewards_BxN[:, :n])
+  pick = lambda x: x.reshape(b, total, -1)[jnp.arange(b), best_B]  # noqa: E731
+  return pick(tokens_BnxG), pick(mask_BnxG)
+
+
+def _num_anchor_samples(cfg: StepConfig) -> int:
+  if cfg.algorithm == 'jbond':
+    return cfg.n
+  if cfg.algorithm == 'bond':  # N for Best-of-N, k for the quantile: the first ones are shared
+    return max(cfg.n, cfg.num_quantile_samples)
+  return 0
+
+
+def _r_bond(cfg: StepConfig, reward_B: jax.Array, anchor_reward_BxA: jax.Array) -> jax.Array:
+  """MC estimate of r_BOND (Eq. 8) from k anchor samples (Eq. 10)."""
+  ref_BxK = anchor_reward_BxA[:, :cfg.num_quantile_samples]
+  log_p_le_B = bon.mc_log_quantile(reward_B, ref_BxK)
+  if not cfg.bon_correction:
+    return log_p_le_B
+  # Same estimator with strict <: equal to p_le when no sample ties y, so (B) -> N.
+  k = ref_BxK.shape[-1]
+  log_p_lt_B = jnp.log1p(jnp.sum(ref_BxK < reward_B[:, None], -1).astype(jnp.float32))
+  log_p_lt_B = log_p_lt_B - jnp.log(k + 1.0)
+  return log_p_le_B + bon.log_correction_b(log_p_lt_B, log_p_le_B, cfg.n) / (cfg.n - 1)
+
+
 def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, *,
                cfg: StepConfig, tx: optax.GradientTransformation,
                schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One J-BOND update. Returns the new state and scalar metrics."""
-  if cfg.algorithm != 'jbond':
-    raise ValueError(f'bond.algorithm {cfg.algorithm!r} is not implemented; use jbond.')
-  b, n = prompt_BxP.shape[0], cfg.n
+  """One update of the configured algorithm. Returns the new state and scalar metrics."""
+  if cfg.algorithm not in ('jbond', 'bond', 'reinforce'):
+    raise ValueError(f'bond.algorithm {cfg.algorithm!r} is unknown; use jbond, bond or reinforce.')
+  if cfg.quantile != 'mc':
+    raise ValueError(f'bond.quantile {cfg.quantile!r} is not implemented yet; use mc.')
+  b = prompt_BxP.shape[0]
+  m = cfg.num_policy_samples if cfg.algorithm == 'reinforce' else 1
+  a = _num_anchor_samples(cfg)
   rng, k_policy, k_anchor = jax.random.split(state.rng, 3)
+  metrics = {}
 
   with jax.named_scope('sample'):
     pol = sampling.sample(cfg.model, state.params, prompt_BxP, prompt_valid_BxP, k_policy,
-                          cfg.sampling)
-    anc = sampling.sample(cfg.model, state.anchor_params, prompt_BxP, prompt_valid_BxP,
-                          k_anchor, cfg.sampling, num_samples=n)
+                          cfg.sampling, num_samples=m)
+    if a:
+      anc = sampling.sample(cfg.model, state.anchor_params, prompt_BxP, prompt_valid_BxP,
+                            k_anchor, cfg.sampling, num_samples=a)
 
+  pol_prompt, pol_valid = _repeat(prompt_BxP, m), _repeat(prompt_valid_BxP, m)
   with jax.named_scope('reward'):
-    reward_B = cfg.reward_fn(prompt_BxP, prompt_valid_BxP, pol.tokens_BxG, pol.mask_BxG)
-    rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
-    anchor_reward_BxN = cfg.reward_fn(rep(prompt_BxP), rep(prompt_valid_BxP), anc.tokens_BxG,
-                                      anc.mask_BxG).reshape(b, n)
-    best_B = obj.best_of(anchor_reward_BxN)
-    pick = lambda x: x.reshape(b, n, -1)[jnp.arange(b), best_B]  # noqa: E731
-    bon_tokens_BxG, bon_mask_BxG = pick(anc.tokens_BxG), pick(anc.mask_BxG)
-    r_j_B = bon.jbond_reward(reward_B, anchor_reward_BxN, n)
+    reward_Bm = cfg.reward_fn(pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
+    if a:
+      anchor_reward_BxA = cfg.reward_fn(_repeat(prompt_BxP, a), _repeat(prompt_valid_BxP, a),
+                                        anc.tokens_BxG, anc.mask_BxG).reshape(b, a)
+      bon_tokens, bon_mask = _best_rows(anc.tokens_BxG, anc.mask_BxG, anchor_reward_BxA, cfg.n)
+      metrics['reward_anchor'] = jnp.mean(anchor_reward_BxA)
+      metrics['reward_anchor_best'] = jnp.mean(jnp.max(anchor_reward_BxA[:, :cfg.n], -1))
 
   with jax.named_scope('reference_logprobs'):
-    logp_anchor_B = _logp(cfg, state.anchor_params, prompt_BxP, prompt_valid_BxP,
-                          pol.tokens_BxG, pol.mask_BxG)
-    logp_ref_B = _logp(cfg, state.ref_params, prompt_BxP, prompt_valid_BxP, pol.tokens_BxG,
-                       pol.mask_BxG)
+    logp_ref_Bm = _logp(cfg, state.ref_params, pol_prompt, pol_valid, pol.tokens_BxG,
+                        pol.mask_BxG)
+    # REINFORCE has no anchor: its KL is to pi_ref.
+    logp_anchor_Bm = logp_ref_Bm if not a else _logp(
+        cfg, state.anchor_params, pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
 
-  # The policy sample and the best anchor sample go through one batched forward.
-  both_prompt = jnp.concatenate([prompt_BxP, prompt_BxP])
-  both_valid = jnp.concatenate([prompt_valid_BxP, prompt_valid_BxP])
-  both_tokens = jnp.concatenate([pol.tokens_BxG, bon_tokens_BxG])
-  both_mask = jnp.concatenate([pol.mask_BxG, bon_mask_BxG])
+  if cfg.algorithm == 'jbond':
+    r_B = bon.jbond_reward(reward_Bm, anchor_reward_BxA, cfg.n)  # Eq. 17
+    reward_scale = 1.0
+    metrics['frac_penalized'] = jnp.mean(r_B < 0)
+  elif cfg.algorithm == 'bond':
+    r_B = _r_bond(cfg, reward_Bm, anchor_reward_BxA)  # Eq. 8
+    reward_scale = cfg.n - 1.0  # (N - 1) r_BOND: the backward KL in nats (Eq. 15)
+    metrics['log_quantile'] = jnp.mean(bon.mc_log_quantile(
+        reward_Bm, anchor_reward_BxA[:, :cfg.num_quantile_samples]))
+
+  # Rows that carry the gradient: policy samples, then (BOND family) Best-of-n samples.
+  if a:
+    rows = [(pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG),
+            (prompt_BxP, prompt_valid_BxP, bon_tokens, bon_mask)]
+    rows = [jnp.concatenate(parts) for parts in zip(*rows, strict=True)]
+  else:
+    rows = [pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG]
 
   def loss_fn(params):
-    logp_2B = _logp(cfg, params, both_prompt, both_valid, both_tokens, both_mask)
-    logp_B, logp_bon_B = logp_2B[:b], logp_2B[b:]
-    advantage_B = obj.backward_kl_advantage(r_j_B, logp_B, logp_anchor_B,
+    logp_rows = _logp(cfg, params, *rows)
+    logp_Bm = logp_rows[:b * m]
+    if cfg.algorithm == 'reinforce':
+      advantage = obj.reinforce_advantage(reward_Bm.reshape(b, m), logp_Bm.reshape(b, m),
+                                          logp_ref_Bm.reshape(b, m), cfg.beta_rl)
+      terms = {'loss_pg': obj.policy_gradient_loss(logp_Bm, advantage.reshape(-1))}
+      return terms['loss_pg'], (terms, logp_Bm)
+    advantage_B = obj.backward_kl_advantage(r_B, logp_Bm, logp_anchor_Bm, reward_scale,
                                             use_baseline=cfg.use_baseline)
     terms = {
-        'loss_fwd': obj.forward_kl_loss(logp_bon_B),
-        'loss_bwd': obj.policy_gradient_loss(logp_B, advantage_B),
-        'loss_reg': obj.kl_regularizer_loss(logp_B, logp_anchor_B),
+        'loss_fwd': obj.forward_kl_loss(logp_rows[b:]),
+        'loss_bwd': obj.policy_gradient_loss(logp_Bm, advantage_B),
+        'loss_reg': obj.kl_regularizer_loss(logp_Bm, logp_anchor_Bm),
     }
     total = ((1.0 - cfg.beta) * terms['loss_fwd'] + cfg.beta * terms['loss_bwd']
              + cfg.gamma * terms['loss_reg'])
-    return total, (terms, logp_B)
+    return total, (terms, logp_Bm)
 
   with jax.named_scope('update'):
-    (loss, (terms, logp_B)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (terms, logp_Bm)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_step = state.step + 1
     anchor_params = _update_anchor(cfg, state.anchor_params, params, new_step)
 
-  metrics = {
+  generated = jnp.sum(pol.mask_BxG) + (jnp.sum(anc.mask_BxG) if a else 0)
+  metrics.update({
       'loss': loss,
       **terms,
-      'reward_policy': jnp.mean(reward_B),
-      'reward_anchor': jnp.mean(anchor_reward_BxN),
-      'reward_anchor_best': jnp.mean(jnp.max(anchor_reward_BxN, axis=-1)),
-      'kl_ref': jnp.mean(logp_B - logp_ref_B),
-      'kl_anchor': jnp.mean(logp_B - logp_anchor_B),
-      'frac_penalized': jnp.mean(r_j_B < 0),
+      'reward_policy': jnp.mean(reward_Bm),
+      'kl_ref': jnp.mean(logp_Bm - logp_ref_Bm),
+      'kl_anchor': jnp.mean(logp_Bm - logp_anchor_Bm),
       'grad_norm': optax.global_norm(grads),
       'learning_rate': schedule(state.step),
       'policy_length': jnp.mean(jnp.sum(pol.mask_BxG, axis=-1)),
-      'generated_tokens': jnp.sum(pol.mask_BxG) + jnp.sum(anc.mask_BxG),
-  }
+      'generated_tokens': generated,
+  })
   new_state = TrainState(step=new_step, params=params, anchor_params=anchor_params,
                          ref_params=state.ref_params, opt_state=opt_state, rng=rng)
   return new_state, metrics

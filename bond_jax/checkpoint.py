@@ -1,0 +1,52 @@
+"""Orbax checkpoints of the whole TrainState: policy, anchor, reference, optimizer, step, RNG.
+
+Orbax writes each step to a temporary directory and renames it when complete,
+so a crash mid-save leaves the previous checkpoint as the latest one: a
+checkpoint is whole or it is not listed.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+from orbax.checkpoint import v1 as ocp
+
+
+class Checkpoints:
+  """Saves every `every` steps (and when forced), keeps the latest `keep`."""
+
+  def __init__(self, directory: str | pathlib.Path, every: int, keep: int):
+    self._ckpt = ocp.training.Checkpointer(
+        pathlib.Path(directory).absolute(),
+        save_decision_policy=ocp.training.save_decision_policies.FixedIntervalPolicy(every),
+        preservation_policy=ocp.training.preservation_policies.LatestN(keep),
+    )
+
+  @property
+  def latest_step(self) -> int | None:
+    latest = self._ckpt.latest
+    return None if latest is None else int(latest.step)
+
+  def restore_latest(self, abstract_state: Any) -> Any | None:
+    """The latest checkpoint loaded into `abstract_state`'s structure, or None if none."""
+    if self._ckpt.latest is None:
+      return None
+    return self._ckpt.load(self._ckpt.latest, abstract_state)
+
+  def save(self, step: int, state: Any, *, force: bool = False,
+           metrics: dict[str, float] | None = None) -> bool:
+    if force and self.latest_step == step:
+      return False  # already on disk
+    return self._ckpt.save(step, state, force=force, metrics=metrics)
+
+  def close(self) -> None:
+    self._ckpt.close()
+
+
+def abstract(state: Any) -> Any:
+  """Shape/dtype/sharding skeleton of a state, to restore into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                     sharding=getattr(x, 'sharding', None)),
+                      state)

@@ -1,0 +1,107 @@
+"""Config checking and the static objects built from a config.
+
+`validate` runs before anything is compiled and raises a one-line
+`ConfigError` naming the field, the value and what is allowed. The config files
+in `configs/` define every field (configs are locked, so a misspelt override is
+an error); this module only reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from bond_jax import model as model_lib
+from bond_jax import sampling, tasks, train
+
+ALGORITHMS = ('jbond', 'bond', 'reinforce')
+ANCHORS = ('ema', 'periodic', 'fixed')
+QUANTILES = ('mc', 'learned')
+
+
+class ConfigError(ValueError):
+  """A config value is out of range or inconsistent."""
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r} is invalid: {allowed}.')
+
+
+def _positive_int(c: ml_collections.ConfigDict, field: str) -> None:
+  value = c
+  for part in field.split('.'):
+    value = value[part]
+  _check(isinstance(value, int) and value > 0, field, value, 'must be an integer > 0')
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Reject every bad value at start-up, with a message that names the field."""
+  b = c.bond
+  _check(b.algorithm in ALGORITHMS, 'bond.algorithm', b.algorithm, f'one of {ALGORITHMS}')
+  _check(0.0 <= b.beta <= 1.0, 'bond.beta', b.beta, 'Jeffreys weight beta must be in [0, 1]')
+  _check(0.0 <= b.eta <= 1.0, 'bond.eta', b.eta, 'EMA rate eta must be in [0, 1]')
+  _check(b.gamma >= 0.0, 'bond.gamma', b.gamma, 'KL weight gamma must be >= 0')
+  _check(isinstance(b.n, int) and b.n >= 2, 'bond.n', b.n, 'n (anchor samples / N) must be >= 2')
+  _check(b.anchor in ANCHORS, 'bond.anchor', b.anchor, f'one of {ANCHORS}')
+  if b.anchor == 'periodic':
+    _positive_int(c, 'bond.anchor_period')
+  _check(b.quantile in QUANTILES, 'bond.quantile', b.quantile, f'one of {QUANTILES}')
+  _positive_int(c, 'bond.num_quantile_samples')
+  _check(b.beta_rl >= 0.0, 'bond.beta_rl', b.beta_rl, 'beta_RL must be >= 0')
+  _check(isinstance(b.num_policy_samples, int) and b.num_policy_samples >= 2,
+         'bond.num_policy_samples', b.num_policy_samples, 'REINFORCE needs >= 2 samples per prompt')
+
+  for field in ('train.num_steps', 'train.batch_size', 'sampling.max_new_tokens',
+                'optim.warmup_steps', 'ckpt.every', 'ckpt.keep', 'eval.num_prompts',
+                'eval.samples_per_prompt', 'eval.policy_samples_per_prompt', 'task.prompt_len',
+                'reference.sft_steps', 'reference.sft_batch_size', 'mesh.data'):
+    if field == 'optim.warmup_steps':
+      _check(isinstance(c.optim.warmup_steps, int) and c.optim.warmup_steps >= 0, field,
+             c.optim.warmup_steps, 'must be an integer >= 0')
+      continue
+    _positive_int(c, field)
+  if b.use_baseline:
+    _check(c.train.batch_size >= 2, 'train.batch_size', c.train.batch_size,
+           'the leave-one-out baseline needs >= 2 prompts per batch')
+  _check(c.train.batch_size % c.mesh.data == 0, 'train.batch_size', c.train.batch_size,
+         f'must be divisible by mesh.data={c.mesh.data} (prompts are split across devices)')
+  _check(c.optim.learning_rate > 0, 'optim.learning_rate', c.optim.learning_rate, 'must be > 0')
+  _check(c.optim.grad_clip_norm >= 0, 'optim.grad_clip_norm', c.optim.grad_clip_norm,
+         'must be >= 0 (0 disables clipping)')
+  s = c.sampling
+  _check(s.temperature > 0, 'sampling.temperature', s.temperature,
+         'training samples must come from a temperature > 0')
+  _check(isinstance(s.top_k, int) and s.top_k >= 0, 'sampling.top_k', s.top_k, 'must be >= 0')
+  _check(0.0 < s.top_p <= 1.0, 'sampling.top_p', s.top_p, 'must be in (0, 1]')
+  _check(0.0 < c.task.keep_prob <= 1.0, 'task.keep_prob', c.task.keep_prob, 'must be in (0, 1]')
+  _check(c.model.preset in model_lib.PRESETS, 'model.preset', c.model.preset,
+         f'one of {sorted(model_lib.PRESETS)}')
+  ns = tuple(c.eval.bon_ns)
+  _check(all(isinstance(n, int) and 1 <= n <= c.eval.samples_per_prompt for n in ns),
+         'eval.bon_ns', ns, 'each N must be in [1, eval.samples_per_prompt]')
+
+
+def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
+  return model_lib.preset(c.model.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+
+
+def task(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> tasks.NoisyCopy:
+  return tasks.NoisyCopy(vocab_size=cfg.vocab_size, prompt_len=c.task.prompt_len,
+                         keep_prob=c.task.keep_prob)
+
+
+def sampling_params(c: ml_collections.ConfigDict) -> sampling.SamplingParams:
+  s = c.sampling
+  return sampling.SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                 top_k=s.top_k, top_p=s.top_p, eos_id=tasks.EOS,
+                                 pad_id=tasks.PAD)
+
+
+def step_config(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
+                reward_fn: train.RewardFn) -> train.StepConfig:
+  b = c.bond
+  fields = {f.name for f in dataclasses.fields(train.StepConfig)}
+  knobs = {k: b[k] for k in b if k in fields}
+  return train.StepConfig(model=cfg, sampling=sampling_params(c), reward_fn=reward_fn, **knobs)

@@ -1,0 +1,86 @@
+"""The BOND table: reward of pi_ref, of Best-of-N of pi_ref, and of the trained policy.
+
+All on the same held-out prompts and the same reward. Samples are drawn at
+temperature 1 with no truncation (the models' own distributions), whatever the
+training sampler used. Best-of-N rewards use the unbiased order-statistics
+estimator over K >= N samples per prompt (`bon.bon_expected_max`), not one
+noisy draw of N.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bond_jax import bon, sampling
+from bond_jax import model as model_lib
+from bond_jax.train import RewardFn
+
+
+def _rewards_and_logps(cfg: model_lib.ModelConfig, params: Any, ref_params: Any,
+                       prompt_BxP: jax.Array, valid_BxP: jax.Array, rng: jax.Array,
+                       sp: sampling.SamplingParams, k: int, reward_fn: RewardFn,
+                       with_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
+  out = sampling.sample_jit(cfg, params, prompt_BxP, valid_BxP, rng, sp, num_samples=k)
+  prompt = jnp.repeat(prompt_BxP, k, axis=0)
+  valid = jnp.repeat(valid_BxP, k, axis=0)
+  reward = jax.jit(reward_fn)(prompt, valid, out.tokens_BxG, out.mask_BxG)
+  kl = None
+  if with_kl:
+    logp = jax.jit(sampling.sequence_logprobs, static_argnums=0)
+    logp_pi = logp(cfg, params, prompt, valid, out.tokens_BxG, out.mask_BxG).sum(-1)
+    logp_ref = logp(cfg, ref_params, prompt, valid, out.tokens_BxG, out.mask_BxG).sum(-1)
+    kl = np.asarray(logp_pi - logp_ref)
+  return np.asarray(reward).reshape(-1, k), kl
+
+
+def bon_table(cfg: model_lib.ModelConfig, ref_params: Any, policy_params: Any,
+              prompt_BxP: jax.Array, valid_BxP: jax.Array, reward_fn: RewardFn,
+              rng: jax.Array, *, max_new_tokens: int, eos_id: int | None, pad_id: int,
+              samples_per_prompt: int, bon_ns: tuple[int, ...],
+              policy_samples_per_prompt: int) -> dict[str, Any]:
+  """Mean rewards of pi_ref, Best-of-N(pi_ref) and the policy, and the policy's KL."""
+  sp = sampling.SamplingParams(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+  k_ref, k_pol = jax.random.split(rng)
+  ref_r, _ = _rewards_and_logps(cfg, ref_params, ref_params, prompt_BxP, valid_BxP, k_ref, sp,
+                                samples_per_prompt, reward_fn, with_kl=False)
+  pol_r, pol_kl = _rewards_and_logps(cfg, policy_params, ref_params, prompt_BxP, valid_BxP,
+                                     k_pol, sp, policy_samples_per_prompt, reward_fn,
+                                     with_kl=True)
+  table = {
+      'num_prompts': int(prompt_BxP.shape[0]),
+      'reward_ref': float(ref_r.mean()),
+      'reward_bon': {str(n): float(np.mean(bon.bon_expected_max(jnp.asarray(ref_r), n)))
+                     for n in bon_ns},
+      # KL(BoN_N || pi_ref) <= log N - (N - 1) / N, with equality for continuous rewards.
+      'kl_bon_bound': {str(n): math.log(n) - (n - 1) / n for n in bon_ns},
+      'reward_policy': float(pol_r.mean()),
+      'reward_policy_stderr': float(pol_r.mean(axis=1).std() / math.sqrt(pol_r.shape[0])),
+      'kl_policy_ref': float(pol_kl.mean()),
+  }
+  beaten = [n for n in bon_ns if table['reward_policy'] >= table['reward_bon'][str(n)]]
+  table['matches_bon_n'] = max(beaten) if beaten else 1
+  return table
+
+
+def format_table(table: dict[str, Any]) -> str:
+  lines = [f'{"sampler":<22}{"mean reward":>12}{"KL to pi_ref":>16}',
+           f'{"pi_ref":<22}{table["reward_ref"]:>12.3f}{0.0:>16.3f}']
+  for n, r in table['reward_bon'].items():
+    lines.append(f'{"Best-of-" + n + " of pi_ref":<22}{r:>12.3f}'
+                 f'{"<= " + format(table["kl_bon_bound"][n], ".3f"):>16}')
+  lines.append(f'{"trained policy":<22}{table["reward_policy"]:>12.3f}'
+               f'{table["kl_policy_ref"]:>16.3f}')
+  n = table['matches_bon_n']
+  top = max(int(k) for k in table['reward_bon'])
+  if n == top and table['reward_policy'] > table['reward_bon'][str(top)]:
+    verdict = f'One sample of the trained policy beats Best-of-{n} of pi_ref.'
+  elif n > 1:
+    verdict = f'One sample of the trained policy matches Best-of-{n} of pi_ref.'
+  else:
+    verdict = 'The trained policy does not reach Best-of-2 of pi_ref.'
+  return '\n'.join(lines + [verdict])
