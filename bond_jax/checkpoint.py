@@ -45,8 +45,10 @@ class Checkpoints:
     self._ckpt.close()
 
 
-def abstract(state: Any) -> Any:
-  """Shape/dtype/sharding skeleton of a state, to restore into."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                     sharding=getattr(x, 'sharding', None)),
-                      state)
+def with_sharding(abstract_state: Any, sharding: Any) -> Any:
+  """Attach a sharding (one for all leaves, or a matching pytree) to an abstract state."""
+  if not isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_state, sharding)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      abstract_state)

@@ -68,9 +68,10 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
          'so the KL metrics are estimates under that sampler.')
 
   ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep)
-  abstract_state = jax.eval_shape(
+  abstract_state = checkpoint.with_sharding(jax.eval_shape(
       lambda: train.init_state(*(2 * [model_lib.init_params(cfg, jax.random.PRNGKey(0))]), tx,
-                               jax.random.PRNGKey(0)))
+                               jax.random.PRNGKey(0))),
+      jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   state = ckpts.restore_latest(abstract_state)
   if state is None:
     state = initial_state(c, cfg, task, tx)

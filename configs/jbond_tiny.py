@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.bond.use_baseline = True  # leave-one-out baseline b in the backward-KL return
   c.bond.anchor = 'ema'  # 'ema' (J-BOND) | 'periodic' (iterative BOND) | 'fixed' (BOND)
   c.bond.anchor_period = 0  # T: steps between anchor <- policy when periodic
-  c.bond.quantile = 'mc'  # 'bond' only: how p_le is estimated ('mc')
+  c.bond.quantile = 'mc'  # 'bond' only: how p_le is estimated: 'mc' (Eq. 10) | 'learned' (App. B.1)
+  c.bond.quantile_learning_rate = 1e-4  # Adam step size of the learned quantile model
   c.bond.num_quantile_samples = 16  # k: anchor samples for the MC quantile (Eq. 10)
   c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8)
   c.bond.beta_rl = 0.01  # beta_RL: KL weight of the REINFORCE baseline (Eq. 1)
