@@ -175,6 +175,50 @@ def test_config_mapping_switches_features(tmp_path):
   assert hf.config_from_hf(nested) == hf.config_from_hf(_hf_config('gemma3_text').to_dict())
 
 
+# The Hub's config.json files (written from memory: no network here), legacy fields and all.
+_G1 = dict(model_type='gemma', hidden_act='gelu', head_dim=256, rope_theta=10000.0,
+           vocab_size=256000, rms_norm_eps=1e-6, torch_dtype='bfloat16')
+_G2 = dict(model_type='gemma2', hidden_act='gelu_pytorch_tanh', attn_logit_softcapping=50.0,
+           hidden_activation='gelu_pytorch_tanh', final_logit_softcapping=30.0, head_dim=256,
+           query_pre_attn_scalar=256, rope_theta=10000.0, sliding_window=4096,
+           cache_implementation='hybrid', vocab_size=256000, torch_dtype='float32')
+HUB_CONFIGS = {
+    'gemma_2b': dict(_G1, hidden_size=2048, intermediate_size=16384, num_attention_heads=8,
+                     num_hidden_layers=18, num_key_value_heads=1),
+    'gemma_7b': dict(_G1, hidden_size=3072, intermediate_size=24576, num_attention_heads=16,
+                     num_hidden_layers=28, num_key_value_heads=16),
+    'gemma2_2b': dict(_G2, hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+                      num_hidden_layers=26, num_key_value_heads=4),
+    'gemma2_9b': dict(_G2, hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
+                      num_hidden_layers=42, num_key_value_heads=8),
+    'gemma2_27b': dict(_G2, hidden_size=4608, intermediate_size=36864, num_attention_heads=32,
+                       num_hidden_layers=46, num_key_value_heads=16, head_dim=128,
+                       query_pre_attn_scalar=144),
+    'gemma3_1b': dict(model_type='gemma3_text', attn_logit_softcapping=None,
+                      final_logit_softcapping=None, head_dim=256,
+                      hidden_activation='gelu_pytorch_tanh', hidden_size=1152,
+                      intermediate_size=6912, max_position_embeddings=32768,
+                      num_attention_heads=4, num_hidden_layers=26, num_key_value_heads=1,
+                      query_pre_attn_scalar=256, rms_norm_eps=1e-6, rope_local_base_freq=10000,
+                      rope_scaling=None, rope_theta=1000000, sliding_window=512,
+                      sliding_window_pattern=6, vocab_size=262144),
+    'gemma3_4b': dict(model_type='gemma3', mm_tokens_per_image=256, torch_dtype='bfloat16',
+                      text_config=dict(hidden_size=2560, intermediate_size=10240,
+                                       model_type='gemma3_text', num_hidden_layers=34,
+                                       rope_scaling={'factor': 8.0, 'rope_type': 'linear'},
+                                       sliding_window=1024),
+                      vision_config=dict(hidden_size=1152, image_size=896,
+                                         intermediate_size=4304, model_type='siglip_vision_model',
+                                         num_attention_heads=16, num_hidden_layers=27,
+                                         patch_size=14, vision_use_head=False)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(HUB_CONFIGS))
+def test_presets_match_hub_configs(name):
+  assert hf.config_from_hf(HUB_CONFIGS[name]) == model.PRESETS[name]
+
+
 @pytest.mark.parametrize('family,cls_name', [('gemma', 'GemmaForSequenceClassification'),
                                              ('llama', 'LlamaForSequenceClassification')])
 def test_reward_scores_match_transformers(tmp_path, family, cls_name):
@@ -238,6 +282,37 @@ def test_export_of_our_random_init_loads_in_transformers(tmp_path):
   params32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
   ours = model.forward(cfg32, params32, jnp.asarray(tokens), jnp.asarray(valid))
   assert _rel_err(ours, _torch_run(reloaded, tokens, valid, True), valid) <= RTOL
+  # bf16 on disk: loads bitwise as bf16, and exactly as its fp32 widening by default.
+  cfg_bf16, loaded = hf.load_params(out, dtype='bfloat16')
+  assert cfg_bf16 == dataclasses.replace(cfg, dtype='bfloat16')
+  cfg_f32, loaded32 = hf.load_params(out)
+  assert cfg_f32 == dataclasses.replace(cfg32, dtype='float32')
+  for a, b, c in zip(*map(jax.tree_util.tree_leaves, (params, loaded, loaded32)), strict=True):
+    assert b.dtype == jnp.bfloat16 and c.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c))
+
+
+@pytest.mark.parametrize('prefix', ['language_model.model.', 'model.language_model.'])
+def test_multimodal_gemma3_checkpoint_layout(tmp_path, prefix):
+  """gemma3 (image-text) checkpoints: nested text_config, language-model tensor prefixes
+  (Hub files use 'language_model.model.', transformers 5 saves 'model.language_model.')."""
+  _, path = _save(tmp_path, 'gemma3_text')
+  cfg, params = hf.load_params(path)
+  weights = load_file(path / 'model.safetensors')
+  renamed = {prefix + k.removeprefix('model.'): v for k, v in weights.items()}
+  renamed['vision_tower.vision_model.post_layernorm.weight'] = np.ones(4, np.float32)
+  mm = tmp_path / 'mm'
+  mm.mkdir()
+  save_file(renamed, mm / 'model.safetensors', metadata={'format': 'pt'})
+  text = json.loads((path / 'config.json').read_text())
+  nested = transformers.Gemma3Config(text_config=text).to_dict()
+  (mm / 'config.json').write_text(json.dumps(nested))
+  cfg2, params2 = hf.load_params(mm)
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---------------------------------------------------------------------------
