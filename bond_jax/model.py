@@ -5,8 +5,11 @@ One module covers the families in `ModelConfig`: Gemma 1 (RMSNorm with a
 embeddings scaled by sqrt(d_model)), Gemma 2 (attention and final-logit
 soft-capping, alternating local / global attention, pre- and post-norms,
 query scaling by `query_pre_attn_scalar`), Gemma 3 text (QK-norm, separate
-RoPE bases for local and global layers) and a Llama-style variant (plain RMSNorm
-scale, SiLU MLP, untied head).
+RoPE bases for local and global layers, linear RoPE scaling) and a Llama-style
+variant (plain RMSNorm scale, SiLU MLP, untied head, Llama 3.1 RoPE scaling,
+Qwen2 q/k/v biases). In fp32 it matches transformers' Gemma, Gemma2, Gemma3 text,
+Llama and Qwen2 models to ~1e-6 relative (tests/test_hf_parity.py); `bond_jax.hf`
+maps their checkpoints onto this module.
 
 The model is pure: parameters come in through `apply`, the KV cache comes in as
 an argument and goes out as a result. Every call gets
@@ -226,7 +229,7 @@ class Attention(nn.Module):
     else:
       k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
 
-    if self.local:
+    if self.local:  # a query sees keys less than `sliding_window` slots back (as transformers)
       t, s = mask_BxTxS.shape[-2:]
       q_slot_T = cache_index + jnp.arange(t)
       in_window_TxS = q_slot_T[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window
