@@ -46,6 +46,7 @@ class SampleOutput:
   tokens_BxG: jax.Array  # sampled tokens; pad_id after EOS
   mask_BxG: jax.Array  # True at generated positions (EOS included)
   logprobs_BxG: jax.Array  # log pi(y_t | ...) at temperature 1; 0 where mask is False
+  num_steps: jax.Array  # decode iterations run (< max_new_tokens when all rows hit EOS)
 
 
 @struct.dataclass
@@ -151,7 +152,7 @@ def sample(cfg: model_lib.ModelConfig, params: Any, prompt_BxP: jax.Array,
 
   final = jax.lax.while_loop(cond, body, init)
   return SampleOutput(tokens_BxG=final.tokens_BxG, mask_BxG=final.mask_BxG,
-                      logprobs_BxG=final.logprobs_BxG)
+                      logprobs_BxG=final.logprobs_BxG, num_steps=final.step)
 
 
 # One compiled sampler per (model, sampling settings, shapes), shared by every
