@@ -9,6 +9,8 @@ an error); this module only reads them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 
 import ml_collections
 
@@ -18,6 +20,18 @@ from bond_jax import sampling, tasks, train
 ALGORITHMS = ('jbond', 'bond', 'reinforce')
 ANCHORS = ('ema', 'periodic', 'fixed')
 QUANTILES = ('mc', 'learned')
+
+
+def load_config_file(path: str | pathlib.Path, arg: str | None = None
+                     ) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(arg)`) of a config file, as the train script would."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f'config file {path} does not exist.')
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 class ConfigError(ValueError):

@@ -55,6 +55,14 @@ def initial_state(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig, task
   return train.init_state(ref_params, ref_params, tx, _key(c.seed, _STATE))
 
 
+def initial_state_shape(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig, tx
+                        ) -> train.TrainState:
+  """A state of the right structure (for `jax.eval_shape`): what checkpoints restore into."""
+  del c
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  return train.init_state(params, params, tx, jax.random.PRNGKey(0))
+
+
 def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Train (or resume) and evaluate. Returns the summary written to summary.json."""
   config_lib.validate(c)  # before anything compiles
@@ -68,9 +76,8 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
          'so the KL metrics are estimates under that sampler.')
 
   ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep)
-  abstract_state = checkpoint.with_sharding(jax.eval_shape(
-      lambda: train.init_state(*(2 * [model_lib.init_params(cfg, jax.random.PRNGKey(0))]), tx,
-                               jax.random.PRNGKey(0))),
+  abstract_state = checkpoint.with_sharding(
+      jax.eval_shape(lambda: initial_state_shape(c, cfg, tx)),
       jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   state = ckpts.restore_latest(abstract_state)
   if state is None:
