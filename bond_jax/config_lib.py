@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import pathlib
 
+import jax
 import ml_collections
 
 from bond_jax import model as model_lib
@@ -70,7 +71,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in ('train.num_steps', 'train.batch_size', 'sampling.max_new_tokens',
                 'optim.warmup_steps', 'ckpt.every', 'ckpt.keep', 'eval.num_prompts',
                 'eval.samples_per_prompt', 'eval.policy_samples_per_prompt', 'task.prompt_len',
-                'reference.sft_steps', 'reference.sft_batch_size', 'mesh.data'):
+                'reference.sft_steps', 'reference.sft_batch_size', 'mesh.data', 'mesh.model'):
     if field == 'optim.warmup_steps':
       _check(isinstance(c.optim.warmup_steps, int) and c.optim.warmup_steps >= 0, field,
              c.optim.warmup_steps, 'must be an integer >= 0')
@@ -81,6 +82,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
            'the leave-one-out baseline needs >= 2 prompts per batch')
   _check(c.train.batch_size % c.mesh.data == 0, 'train.batch_size', c.train.batch_size,
          f'must be divisible by mesh.data={c.mesh.data} (prompts are split across devices)')
+  n_dev = jax.device_count()
+  _check(c.mesh.data * c.mesh.model <= n_dev, 'mesh.data', c.mesh.data,
+         f'mesh.data * mesh.model = {c.mesh.data * c.mesh.model} exceeds the {n_dev} devices')
+  _check(c.train.batch_size % jax.process_count() == 0, 'train.batch_size', c.train.batch_size,
+         f'must split evenly over the {jax.process_count()} processes')
   _check(c.optim.learning_rate > 0, 'optim.learning_rate', c.optim.learning_rate, 'must be > 0')
   _check(c.optim.grad_clip_norm >= 0, 'optim.grad_clip_norm', c.optim.grad_clip_norm,
          'must be >= 0 (0 disables clipping)')

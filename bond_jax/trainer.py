@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import time
@@ -16,8 +17,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
-from bond_jax import checkpoint, config_lib, evaluate, metrics, sft, train
+from bond_jax import checkpoint, config_lib, evaluate, metrics, sft, sharding, train
 from bond_jax import model as model_lib
 
 # Independent streams derived from config.seed.
@@ -55,6 +57,18 @@ def initial_state(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig, task
   return train.init_state(ref_params, ref_params, tx, _key(c.seed, _STATE))
 
 
+def _to_global(batch_sharding: jax.sharding.NamedSharding, *arrays: jax.Array
+               ) -> list[jax.Array]:
+  """Global batch arrays from this process's rows (every process computes the same global
+  batch here, and contributes its contiguous slice of it)."""
+  out = []
+  for x in arrays:
+    n, i = jax.process_count(), jax.process_index()
+    local = np.asarray(x)[i * x.shape[0] // n:(i + 1) * x.shape[0] // n]
+    out.append(jax.make_array_from_process_local_data(batch_sharding, local, x.shape))
+  return out
+
+
 def initial_state_shape(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig, tx
                         ) -> train.TrainState:
   """A state of the right structure (for `jax.eval_shape`): what checkpoints restore into."""
@@ -75,17 +89,24 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
          f'top_k={c.sampling.top_k}, top_p={c.sampling.top_p}; they are not draws from pi, '
          'so the KL metrics are estimates under that sampler.')
 
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.model,
+                            devices=jax.devices()[:c.mesh.data * c.mesh.model])
+  abstract_state = jax.eval_shape(lambda: initial_state_shape(c, cfg, tx))
+  state_sharding = sharding.param_shardings(abstract_state, mesh)
+  batch_sharding = sharding.data_sharding(mesh)
+
   ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep)
-  abstract_state = checkpoint.with_sharding(
-      jax.eval_shape(lambda: initial_state_shape(c, cfg, tx)),
-      jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  state = ckpts.restore_latest(abstract_state)
+  state = ckpts.restore_latest(checkpoint.with_sharding(abstract_state, state_sharding))
   if state is None:
-    state = initial_state(c, cfg, task, tx)
+    state = jax.device_put(initial_state(c, cfg, task, tx), state_sharding)
   else:
     _log(f'resumed from {workdir / "checkpoints"} at step {int(state.step)}')
+  sharding.assert_big_tensors_sharded(state.params, mesh)
 
-  step_fn = train.make_train_step(step_cfg, tx, schedule)
+  step_fn = jax.jit(
+      functools.partial(train.train_step, cfg=step_cfg, tx=tx, schedule=schedule),
+      in_shardings=(state_sharding, batch_sharding, batch_sharding),
+      out_shardings=(state_sharding, None), donate_argnames='state')
   start = int(state.step)
   writer = metrics.MetricWriter(workdir, c.train.num_steps, start, c.log.tensorboard,
                                 c.log.progress)
@@ -94,7 +115,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
     for step in range(start, c.train.num_steps):
       prompt, valid = task.prompts(jax.random.fold_in(_key(c.seed, _DATA), step),
                                    c.train.batch_size)
-      state, m = step_fn(state, prompt, valid)
+      state, m = step_fn(state, *_to_global(batch_sharding, prompt, valid))
       m = jax.device_get(m)
       now = time.time()
       m['tokens_per_s'] = float(m['generated_tokens']) / max(now - t_last, 1e-9)

@@ -70,7 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 128  # prompts per update
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1  # devices the batch is split over
+  c.mesh.data = 1  # devices the batch is split over (data parallel)
+  c.mesh.model = 1  # devices each parameter is split over (tensor parallel)
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every = 50  # save the whole TrainState every K steps (and at the end)
