@@ -128,6 +128,13 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
   ckpts.save(int(state.step), state, force=True)
   ckpts.close()
 
+  return evaluate_state(c, cfg, task, step_cfg, state, workdir)
+
+
+def evaluate_state(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig, task,
+                   step_cfg: train.StepConfig, state: train.TrainState,
+                   workdir: pathlib.Path) -> dict[str, Any]:
+  """The BOND table for `state`, printed and written to workdir/summary.json."""
   prompt, valid = task.prompts(_key(c.seed, _EVAL), c.eval.num_prompts)
   table = evaluate.bon_table(
       cfg, state.ref_params, state.params, prompt, valid, task.reward,
@@ -139,3 +146,22 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
   (workdir / 'summary.json').write_text(json.dumps(table, indent=2))
   print(evaluate.format_table(table), flush=True)
   return table
+
+
+def evaluate_workdir(workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Read a run's config and latest checkpoint back, and evaluate it."""
+  workdir = pathlib.Path(workdir)
+  config_path = workdir / 'config.json'
+  if not config_path.is_file():
+    raise FileNotFoundError(f'{config_path} not found: is {workdir} a bond_jax workdir?')
+  c = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  config_lib.validate(c)
+  cfg, task, step_cfg, tx, _ = build(c)
+  abstract_state = jax.eval_shape(lambda: initial_state_shape(c, cfg, tx))
+  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep)
+  single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = ckpts.restore_latest(checkpoint.with_sharding(abstract_state, single))
+  ckpts.close()
+  if state is None:
+    raise FileNotFoundError(f'no checkpoint under {workdir / "checkpoints"}')
+  return evaluate_state(c, cfg, task, step_cfg, state, workdir)

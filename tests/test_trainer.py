@@ -70,5 +70,9 @@ def test_resume_continues_at_the_right_step_with_the_same_anchor(tmp_path):
 
   on_disk = json.loads((straight / 'summary.json').read_text())
   assert on_disk == json.loads(json.dumps(summary))
+  # Reading the run back from its workdir (config.json + latest checkpoint) gives the same table.
+  again = trainer.evaluate_workdir(straight)
+  for k in ('reward_ref', 'reward_policy', 'kl_policy_ref'):
+    np.testing.assert_allclose(again[k], summary[k], rtol=1e-5, atol=1e-6)
   assert set(on_disk['reward_bon']) == {'2', '4'}
   assert on_disk['reward_bon']['4'] >= on_disk['reward_bon']['2'] >= 0.0
