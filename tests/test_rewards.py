@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bond_jax import data, hf, reward_model, rewards, sharding
+from bond_jax import data, hf, real_config, reward_model, rewards, sharding
 from bond_jax import tokenizer as tokenizer_lib
-from bond_jax.config_lib import ConfigError
+from bond_jax.config_lib import ConfigError, load_config_file
 from tests import hf_fixtures as hx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -225,3 +225,37 @@ def test_missing_or_inconsistent_reward_fields(dirs, tmp_path):
     rewards.make_reward(_reward_cfg(checkpoint=str(dirs['rm_b'])), policy)  # B's vocab is smaller
   with pytest.raises(ConfigError, match=r"config\.reward\.source='human' is invalid"):
     rewards.make_reward(_reward_cfg(source='human'), policy)
+
+
+@pytest.mark.parametrize('name', ['jbond_gemma2b', 'jbond_gemma7b', 'bond_xsum'])
+def test_validate_real_names_missing_fields(dirs, tmp_path, name):
+  c = load_config_file(ROOT / 'configs' / f'{name}.py')
+  with pytest.raises(ConfigError, match=r"config\.model\.hf_checkpoint='' is invalid"):
+    real_config.validate_real(c)
+  c.model.hf_checkpoint = str(dirs['rm_a'])  # any directory with a config.json
+  if c.data.source == 'jsonl':
+    with pytest.raises(ConfigError, match=r"config\.data\.jsonl_path='' is invalid"):
+      real_config.validate_real(c)
+    c.data.jsonl_path = str(hx.write_jsonl(tmp_path / 'p.jsonl', DOCS))
+  with pytest.raises(ConfigError, match=r"config\.reward\.checkpoint='' is invalid"):
+    real_config.validate_real(c)
+  c.reward.checkpoint = str(tmp_path)
+  with pytest.raises(ConfigError, match=r'config\.reward\.checkpoint=.* no config\.json'):
+    real_config.validate_real(c)
+  c.reward.checkpoint = str(dirs['rm_a'])
+  real_config.validate_real(c)
+  assert real_config.tokenizer_path(c) == c.model.hf_checkpoint  # '' falls back
+  c.reward.source, c.reward.fn = 'programmatic', 'nope'
+  with pytest.raises(ConfigError, match=r"config\.reward\.fn='nope' is invalid"):
+    real_config.validate_real(c)
+
+
+def test_xsum_config_takes_beta_from_its_argument():
+  path = ROOT / 'configs' / 'bond_xsum.py'
+  assert [load_config_file(path, b).bond.beta for b in ('0', '0.5', '1')] == [0.0, 0.5, 1.0]
+  c = load_config_file(path)
+  assert (c.bond.algorithm, c.bond.n, c.bond.num_quantile_samples, c.bond.anchor) == (
+      'bond', 8, 16, 'fixed')
+  assert (c.data.tfds_name, c.data.text_field) == ('xsum', 'document')
+  with pytest.raises(ValueError, match='beta must be in'):
+    load_config_file(path, '2')
