@@ -163,6 +163,23 @@ def mc_quantile_expectation(p_le: Array, k: int) -> Array:
     return (1.0 + k * jnp.asarray(p_le)) / (k + 1)
 
 
+def mc_log_quantile_expectation(p_le: Array, k: int) -> Array:
+    """E[mc_log_quantile] when the count C ~ Binomial(k, p_le) (no ties with other outcomes).
+
+    ``sum_c C(k, c) p^c (1-p)^(k-c) log((1 + c) / (k + 1))``. This, not log p_le, is
+    the r_BOND that BOND with MC quantiles follows in expectation (Eq. 10 inside
+    Eq. 15): its policy gradient is exactly that of KL(pi || pi_ref exp((N-1) E[log p_hat]) / Z).
+    It is finite at p_le = 0 (log 1/(k+1)) and 0 at p_le = 1.
+    """
+    p = jnp.asarray(p_le, jnp.float32)[..., None]
+    c = jnp.arange(k + 1, dtype=jnp.float32)
+    log_comb = jnp.asarray([math.lgamma(k + 1) - math.lgamma(j + 1) - math.lgamma(k - j + 1)
+                            for j in range(k + 1)], jnp.float32)
+    # xlogy keeps 0 * log 0 = 0 at p in {0, 1}.
+    log_pmf = log_comb + jax.scipy.special.xlogy(c, p) + jax.scipy.special.xlog1py(k - c, -p)
+    return jnp.sum(jnp.exp(log_pmf) * (jnp.log1p(c) - math.log(k + 1)), axis=-1)
+
+
 def jbond_alpha(n_anchor: int) -> float:
     """Penalty alpha_n = -2^n log 2 (alpha_2 = -log 16, Eq. 17).
 

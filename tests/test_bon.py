@@ -225,6 +225,23 @@ def test_mc_log_quantile_finite_and_exact_expectation():
         assert expect == pytest.approx(p + (1 - p) / (k + 1), rel=1e-6)
 
 
+def test_mc_log_quantile_expectation_brute_force():
+    # E[log p_hat] over C ~ Binomial(k, p), evaluating the estimator itself for each count.
+    for k in (1, 4, 16):
+        for p in (0.0, 0.13, 0.5, 0.97, 1.0):
+            expect = 0.0
+            for c in range(k + 1):
+                anchors = jnp.array([[0.0] * c + [2.0] * (k - c)])
+                log_p_hat = float(bon.mc_log_quantile(jnp.array([1.0]), anchors)[0])
+                expect += math.comb(k, c) * p**c * (1 - p) ** (k - c) * log_p_hat
+            got = float(bon.mc_log_quantile_expectation(p, k))
+            assert got == pytest.approx(expect, rel=1e-5, abs=1e-6)
+    # Jensen: the estimator's log is biased *down* from log E[p_hat] = log(p + (1-p)/(k+1)).
+    p = jnp.linspace(0.05, 0.95, 7)
+    log_mean = np.log(bon.mc_quantile_expectation(p, 16))
+    assert np.all(bon.mc_log_quantile_expectation(p, 16) < log_mean)
+
+
 def test_mc_log_quantile_simulated_mean():
     rng = np.random.default_rng(0)
     k, rows = 4, 20000
