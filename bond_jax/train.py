@@ -74,8 +74,12 @@ class StepConfig:
 def make_optimizer(learning_rate: float, warmup_steps: int, b1: float = 0.9, b2: float = 0.999,
                    grad_clip_norm: float = 0.0
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Adam with a linear warm-up from 0, then constant (the paper's J-BOND setting)."""
-  schedule = optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
+  """Adam with a linear warm-up from 0, then constant (the paper's J-BOND setting).
+
+  With warmup_steps = 0 the first step already takes the full learning rate.
+  """
+  schedule = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0
+              else optax.constant_schedule(learning_rate))
   parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
   parts.append(optax.adam(schedule, b1=b1, b2=b2))
   return optax.chain(*parts), schedule
