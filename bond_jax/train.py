@@ -1,9 +1,10 @@
 """Train state and the pure train step (sampling, reward, losses, update, anchor).
 
 Algorithms (config `bond.algorithm`): 'jbond' (Algorithm 2), 'bond' (BOND with
-Best-of-N of the anchor and MC quantiles, Section 4; with a periodic anchor it
-is iterative BOND, Algorithm 1) and 'reinforce' (the KL-regularised baseline
-of Section 6).
+Best-of-N of the anchor, Section 4, with MC quantiles (Eq. 10) or the learned
+quantile model of Appendix B.1; with a fixed anchor it is plain BOND, with a
+periodic one iterative BOND, Algorithm 1) and 'reinforce' (the KL-regularised
+baseline of Section 6).
 
 `train_step` is one module-level pure function: sample the policy and the
 anchor, score the samples, build the loss of the chosen algorithm, take an
@@ -34,6 +35,7 @@ from flax import struct
 from bond_jax import bon, sampling
 from bond_jax import model as model_lib
 from bond_jax import objectives as obj
+from bond_jax import quantile_model as qm
 
 # (prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG) -> reward_B
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -47,6 +49,10 @@ class TrainState:
   ref_params: Any  # pi_ref, frozen; used for KL(pi || pi_ref) metrics
   opt_state: Any
   rng: jax.Array  # raw uint32[2] key, split every step
+  # The learned quantile model p_theta (App. B.1) and its Adam state: a sibling
+  # tree trained by its own loss (Eq. 25); None when the state was built without it.
+  quantile_params: Any = None
+  quantile_opt_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +70,9 @@ class StepConfig:
   anchor: str = 'ema'  # 'ema' | 'periodic' | 'fixed'
   eta: float = 0.02  # EMA rate of the anchor
   anchor_period: int = 0  # steps between hard anchor updates (periodic)
-  quantile: str = 'mc'  # BOND: how log p_le(y) is estimated ('mc'; 'learned' not yet)
-  num_quantile_samples: int = 16  # BOND: k anchor samples for the MC quantile (Eq. 10)
+  quantile: str = 'mc'  # BOND: how log p_le(y) is estimated: 'mc' (Eq. 10) | 'learned' (App. B.1)
+  quantile_learning_rate: float = 1e-4  # BOND, learned quantiles: Adam step size of p_theta
+  num_quantile_samples: int = 16  # BOND, MC quantiles: k anchor samples (Eq. 10)
   bon_correction: bool = False  # BOND: keep the (B) term of r_BOND (Eq. 8)
   beta_rl: float = 0.01  # REINFORCE: KL weight beta_RL (Eq. 1)
   num_policy_samples: int = 2  # REINFORCE: samples per prompt (leave-one-out baseline)
@@ -86,12 +93,22 @@ def make_optimizer(learning_rate: float, warmup_steps: int, b1: float = 0.9, b2:
 
 
 def init_state(params: Any, ref_params: Any, tx: optax.GradientTransformation,
-               rng: jax.Array) -> TrainState:
-  """Policy and anchor start as copies of pi_ref (Algorithm 2, line 1)."""
-  copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731  (distinct buffers: params get donated)
+               rng: jax.Array, *, quantile_model: bool = True) -> TrainState:
+  """Policy and anchor start as copies of `params` (pi_ref; Algorithm 2, line 1).
+
+  With `quantile_model` (the default, so that any config can select
+  bond.quantile='learned') the state also holds the learned quantile model,
+  initialised from pi_ref (App. B.1), and its Adam state: a second copy of the
+  network and its moments. Pass False to leave them out when no run of this
+  state uses learned quantiles.
+  """
+  copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731  (distinct buffers: the state is donated)
+  quantile_params = qm.init_params(ref_params) if quantile_model else None
+  quantile_opt_state = (qm.optimizer(0.0).init(quantile_params) if quantile_model else None)
   return TrainState(step=jnp.zeros((), jnp.int32), params=copy(params),
-                    anchor_params=copy(params), ref_params=ref_params,
-                    opt_state=tx.init(params), rng=rng)
+                    anchor_params=copy(params), ref_params=copy(ref_params),
+                    opt_state=tx.init(params), rng=rng, quantile_params=quantile_params,
+                    quantile_opt_state=quantile_opt_state)
 
 
 def _logp(cfg: StepConfig, params: Any, prompt, valid, tokens, mask) -> jax.Array:
@@ -125,6 +142,8 @@ def _best_rows(tokens_BnxG: jax.Array, mask_BnxG: jax.Array, rewards_BxN: jax.Ar
 def _num_anchor_samples(cfg: StepConfig) -> int:
   if cfg.algorithm == 'jbond':
     return cfg.n
+  if cfg.algorithm == 'bond' and cfg.quantile == 'learned':  # N for Best-of-N and Eq. 25's y'
+    return cfg.n
   if cfg.algorithm == 'bond':  # N for Best-of-N, k for the quantile: the first ones are shared
     return max(cfg.n, cfg.num_quantile_samples)
   return 0
@@ -143,14 +162,47 @@ def _r_bond(cfg: StepConfig, reward_B: jax.Array, anchor_reward_BxA: jax.Array) 
   return log_p_le_B + bon.log_correction_b(log_p_lt_B, log_p_le_B, cfg.n) / (cfg.n - 1)
 
 
+def _learned_r_bond(cfg: StepConfig, state: TrainState, rows: tuple[jax.Array, ...],
+                    reward_B: jax.Array, anchor_reward_BxA: jax.Array
+                    ) -> tuple[jax.Array, Any, Any, dict[str, jax.Array]]:
+  """r_BOND ~ log p_theta(y) (App. B.1), and one Adam step of p_theta on Eq. 25.
+
+  The estimate comes from the parameters *before* this step's update, so it
+  does not depend on this step's targets Z (which come from the same anchor
+  samples as the Best-of-N sample).
+  """
+  z_B = qm.targets(reward_B, anchor_reward_BxA)
+
+  def loss_fn(quantile_params):
+    logit_B = qm.logits(cfg.model, quantile_params, *rows)
+    return qm.bce_loss(logit_B, z_B), logit_B
+
+  (bce, logit_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.quantile_params)
+  updates, opt_state = qm.optimizer(cfg.quantile_learning_rate).update(
+      grads, state.quantile_opt_state, state.quantile_params)
+  params = optax.apply_updates(state.quantile_params, updates)
+  return qm.log_quantile(obj.sg(logit_B)), params, opt_state, {'quantile_bce': bce}
+
+
+def _check(cfg: StepConfig, state: TrainState) -> None:
+  if cfg.algorithm not in ('jbond', 'bond', 'reinforce'):
+    raise ValueError(f'bond.algorithm {cfg.algorithm!r} is unknown; use jbond, bond or reinforce.')
+  if cfg.quantile not in ('mc', 'learned'):
+    raise ValueError(f'bond.quantile {cfg.quantile!r} is unknown; use mc or learned.')
+  if cfg.algorithm == 'bond' and cfg.quantile == 'learned':
+    if state.quantile_params is None:
+      raise ValueError("bond.quantile='learned' needs a state built with "
+                       'init_state(..., quantile_model=True).')
+    if cfg.bon_correction:
+      raise ValueError("bond.bon_correction needs p_lt, which bond.quantile='learned' does "
+                       "not estimate; use bond.quantile='mc' or bon_correction=False.")
+
+
 def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, *,
                cfg: StepConfig, tx: optax.GradientTransformation,
                schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update of the configured algorithm. Returns the new state and scalar metrics."""
-  if cfg.algorithm not in ('jbond', 'bond', 'reinforce'):
-    raise ValueError(f'bond.algorithm {cfg.algorithm!r} is unknown; use jbond, bond or reinforce.')
-  if cfg.quantile != 'mc':
-    raise ValueError(f'bond.quantile {cfg.quantile!r} is not implemented yet; use mc.')
+  _check(cfg, state)
   b = prompt_BxP.shape[0]
   m = cfg.num_policy_samples if cfg.algorithm == 'reinforce' else 1
   a = _num_anchor_samples(cfg)
@@ -181,15 +233,22 @@ def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.A
     logp_anchor_Bm = logp_ref_Bm if not a else _logp(
         cfg, state.anchor_params, pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
 
+  quantile_params, quantile_opt_state = state.quantile_params, state.quantile_opt_state
   if cfg.algorithm == 'jbond':
     r_B = bon.jbond_reward(reward_Bm, anchor_reward_BxA, cfg.n)  # Eq. 17
     reward_scale = 1.0
     metrics['frac_penalized'] = jnp.mean(r_B < 0)
   elif cfg.algorithm == 'bond':
-    r_B = _r_bond(cfg, reward_Bm, anchor_reward_BxA)  # Eq. 8
     reward_scale = cfg.n - 1.0  # (N - 1) r_BOND: the backward KL in nats (Eq. 15)
-    metrics['log_quantile'] = jnp.mean(bon.mc_log_quantile(
-        reward_Bm, anchor_reward_BxA[:, :cfg.num_quantile_samples]))
+    if cfg.quantile == 'mc':
+      r_B = _r_bond(cfg, reward_Bm, anchor_reward_BxA)  # Eq. 8 with Eq. 10
+      metrics['log_quantile'] = jnp.mean(bon.mc_log_quantile(
+          reward_Bm, anchor_reward_BxA[:, :cfg.num_quantile_samples]))
+    else:
+      r_B, quantile_params, quantile_opt_state, q_metrics = _learned_r_bond(
+          cfg, state, (pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG), reward_Bm,
+          anchor_reward_BxA)
+      metrics.update(q_metrics, log_quantile=jnp.mean(r_B))
 
   # Rows that carry the gradient: policy samples, then (BOND family) Best-of-n samples.
   if a:
@@ -238,7 +297,8 @@ def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.A
       'generated_tokens': generated,
   })
   new_state = TrainState(step=new_step, params=params, anchor_params=anchor_params,
-                         ref_params=state.ref_params, opt_state=opt_state, rng=rng)
+                         ref_params=state.ref_params, opt_state=opt_state, rng=rng,
+                         quantile_params=quantile_params, quantile_opt_state=quantile_opt_state)
   return new_state, metrics
 
 
