@@ -1,0 +1,240 @@
+"""The loss terms have the gradients ALGORITHMS.md (sections 4, 6, 7) says, checked exactly.
+
+On the testbed (bond_jax/testbed.py: a real decoder over all 4^4 sequences of
+2 prompts) every expectation is a sum. A surrogate's exact expected loss is
+E_{y ~ sg(p)}[loss(y)] = sum_y sg(p(y)) loss(y), with p the distribution the
+term samples from (the policy, or pi_BoN of the anchor); the tests call the
+objectives' own functions on every y and compare jax.grad of that sum with
+jax.grad of the exact divergence it stands for: float tolerance, no sampling.
+
+The last tests run the *real* `train.train_step` (SGD with step size 1, so the
+update is minus the gradient estimate) on 4096 samples and compare with the
+exact gradient of what that step optimises in expectation: statistical, with
+tolerances set from the observed noise (cosine 0.992-0.9998 over seeds).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bond_jax import bon, testbed, train
+from bond_jax import objectives as obj
+
+sg = jax.lax.stop_gradient
+TB, REF = testbed.make(seed=0, num_prompts=2)
+
+
+def _perturb(params, scale, seed):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [x + scale * jnp.std(x) * jax.random.normal(k, x.shape)
+                                      for x, k in zip(leaves, keys, strict=True)])
+
+
+# A policy and an anchor that differ from pi_ref and from each other (KL ~ 0.3 nats).
+THETA = _perturb(REF, 0.3, seed=5)
+ANCHOR = _perturb(REF, 0.3, seed=6)
+LOG_REF = TB.log_probs(REF)
+LOG_ANCHOR = TB.log_probs(ANCHOR)
+
+
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def _assert_same_grad(f_surrogate, f_exact, params=THETA):
+  g_s, g_e = _flat(jax.grad(f_surrogate)(params)), _flat(jax.grad(f_exact)(params))
+  assert np.linalg.norm(g_e) > 1e-2  # the test compares something non-trivial
+  np.testing.assert_allclose(g_s, g_e, rtol=1e-4, atol=1e-5 * np.abs(g_e).max())
+
+
+def _expect(p_PxY, loss_fn, *args_PxY):
+  """sum_y sg(p(y)) loss(y), loss called on one row at a time, averaged over prompts."""
+  per_row = jax.vmap(lambda *a: loss_fn(*(x[None] for x in a)))
+  losses = per_row(*(x.reshape(-1) for x in args_PxY)).reshape(p_PxY.shape)
+  return jnp.mean(jnp.sum(sg(p_PxY) * losses, axis=-1))
+
+
+def _anchor_log_probs(kind, log_pi):
+  """The anchor's log-probs: fixed pi_ref, or the policy itself under stop_gradient."""
+  return LOG_REF if kind == 'ref' else sg(log_pi)
+
+
+@pytest.mark.parametrize('anchor', ['ref', 'self'])
+@pytest.mark.parametrize('n', [2, 8])
+def test_forward_kl_surrogate_is_grad_of_kl_bon_to_pi(anchor, n):
+  """Eq. 13: grad E_{y ~ pi_BoN}[-log pi(y)] = grad KL(pi_BoN || pi)."""
+
+  def surrogate(params):
+    log_pi = TB.log_probs(params)
+    log_bon = TB.log_pi_bon(_anchor_log_probs(anchor, log_pi), n)
+    return _expect(jnp.exp(log_bon), obj.forward_kl_loss, log_pi)
+
+  def exact(params):
+    log_pi = TB.log_probs(params)
+    log_bon = sg(TB.log_pi_bon(_anchor_log_probs(anchor, log_pi), n))
+    return jnp.mean(testbed.kl(log_bon, log_pi))
+
+  _assert_same_grad(surrogate, exact)
+
+
+@pytest.mark.parametrize('anchor', ['ref', 'self'])
+@pytest.mark.parametrize('n', [2, 4, 8])
+def test_backward_kl_surrogate_is_grad_of_kl_pi_to_bon(anchor, n):
+  """Eq. 15: advantage (N-1) r_BOND - (log pi - log pi_anchor), r_BOND with the (B) term.
+
+  No baseline here: the identity is exact only for the plain advantage (the
+  baseline's contribution is zero in expectation, see the pair test below).
+  """
+
+  def surrogate(params):
+    log_pi = TB.log_probs(params)
+    log_anchor = _anchor_log_probs(anchor, log_pi)
+    r_bond = bon.r_bond(*TB.log_quantiles(log_anchor), n, with_correction=True)
+    adv = obj.backward_kl_advantage(r_bond.reshape(-1), log_pi.reshape(-1),
+                                    log_anchor.reshape(-1), n - 1.0, use_baseline=False)
+    return _expect(jnp.exp(log_pi), obj.policy_gradient_loss, log_pi, adv.reshape(log_pi.shape))
+
+  def exact(params):
+    log_pi = TB.log_probs(params)
+    return jnp.mean(testbed.kl(log_pi, sg(TB.log_pi_bon(_anchor_log_probs(anchor, log_pi), n))))
+
+  _assert_same_grad(surrogate, exact)
+
+
+def test_backward_kl_batch_baseline_is_unbiased_over_pairs():
+  """With B = 2 rows, each baseline is the other row's return: exact over all (y1, y2) pairs."""
+  n = 4
+  log_p_lt, log_p_le = TB.log_quantiles(LOG_REF)
+  r_bond_PxY = bon.r_bond(log_p_lt, log_p_le, n, with_correction=True)
+
+  def surrogate(params):
+    log_pi = TB.log_probs(params)
+    pair = lambda a: jnp.stack(jnp.broadcast_arrays(a[:, :, None], a[:, None, :]), -1)  # noqa: E731
+    lp, lr, r = pair(log_pi), pair(LOG_REF), pair(r_bond_PxY)  # [P, Y, Y, 2]
+    weight = sg(jnp.exp(lp.sum(-1)))
+
+    def loss(lp_2, lr_2, r_2):
+      adv_2 = obj.backward_kl_advantage(r_2, lp_2, lr_2, n - 1.0, use_baseline=True)
+      return obj.policy_gradient_loss(lp_2, adv_2)
+
+    losses = jax.vmap(loss)(lp.reshape(-1, 2), lr.reshape(-1, 2), r.reshape(-1, 2))
+    return jnp.mean(jnp.sum(weight * losses.reshape(weight.shape), axis=(1, 2)))
+
+  def exact(params):
+    return jnp.mean(testbed.kl(TB.log_probs(params), TB.log_pi_bon(LOG_REF, n)))
+
+  _assert_same_grad(surrogate, exact)
+
+
+def test_kl_regularizer_surrogate_is_grad_of_kl_pi_to_anchor():
+  """Eq. 19 (section 6 step 4): grad E_pi[sg(log pi - log pi_anchor) log pi]
+  = grad KL(pi || pi_anchor)."""
+
+  def surrogate(params):
+    log_pi = TB.log_probs(params)
+    return _expect(jnp.exp(log_pi), obj.kl_regularizer_loss, log_pi, LOG_ANCHOR)
+
+  _assert_same_grad(surrogate,
+                    lambda params: jnp.mean(testbed.kl(TB.log_probs(params), LOG_ANCHOR)))
+
+
+@pytest.mark.parametrize('n_anchor', [2, 3])
+def test_jbond_backward_surrogate_is_grad_of_tilted_kl(n_anchor):
+  """Section 6 step 3: with E[r_J] = alpha_n (1 - p_le)^n over the anchors, the J-BOND
+  backward surrogate is grad KL(pi || pi_anchor exp(E[r_J]) / Z): the normaliser Z
+  does not depend on pi, so it drops out."""
+  _, log_p_le = TB.log_quantiles(LOG_ANCHOR)
+  r_j = bon.expected_jbond_reward(jnp.exp(log_p_le), n_anchor)
+
+  def surrogate(params):
+    log_pi = TB.log_probs(params)
+    adv = obj.backward_kl_advantage(r_j.reshape(-1), log_pi.reshape(-1), LOG_ANCHOR.reshape(-1),
+                                    1.0, use_baseline=False)
+    return _expect(jnp.exp(log_pi), obj.policy_gradient_loss, log_pi, adv.reshape(log_pi.shape))
+
+  def exact(params):
+    tilted = LOG_ANCHOR + r_j
+    tilted = tilted - jax.nn.logsumexp(tilted, axis=-1, keepdims=True)
+    return jnp.mean(testbed.kl(TB.log_probs(params), tilted))
+
+  _assert_same_grad(surrogate, exact)
+
+
+def test_reinforce_surrogate_is_grad_of_kl_regularised_reward():
+  """Eq. 1 with two samples and the leave-one-out baseline, exact over all pairs:
+  the gradient of -(E_pi[r] - beta_RL KL(pi || pi_ref))."""
+  beta_rl = 0.1
+  reward_PxY = jnp.asarray(TB.reward_PxY)
+
+  def surrogate(params):
+    log_pi = TB.log_probs(params)
+    pair = lambda a: jnp.stack(jnp.broadcast_arrays(a[:, :, None], a[:, None, :]), -1)  # noqa: E731
+    lp, lr, r = pair(log_pi), pair(LOG_REF), pair(reward_PxY)  # [P, Y, Y, 2]
+    weight = sg(jnp.exp(lp.sum(-1)))
+
+    def loss(r_2, lp_2, lr_2):
+      adv = obj.reinforce_advantage(r_2[None], lp_2[None], lr_2[None], beta_rl)
+      return obj.policy_gradient_loss(lp_2, adv[0])
+
+    losses = jax.vmap(loss)(r.reshape(-1, 2), lp.reshape(-1, 2), lr.reshape(-1, 2))
+    return jnp.mean(jnp.sum(weight * losses.reshape(weight.shape), axis=(1, 2)))
+
+  def exact(params):
+    log_pi = TB.log_probs(params)
+    reward = jnp.sum(jnp.exp(log_pi) * reward_PxY, axis=-1)
+    return -jnp.mean(reward - beta_rl * testbed.kl(log_pi, LOG_REF))
+
+  _assert_same_grad(surrogate, exact)
+
+
+# ---------------------------------------------------------------------------
+# The real train step: its update is an unbiased estimate of the exact gradient.
+
+
+def _expected_objective(cfg: train.StepConfig):
+  """What train_step descends in expectation, with the anchor fixed at pi_ref."""
+  log_p_lt, log_p_le = TB.log_quantiles(LOG_REF)
+  p_le = jnp.exp(log_p_le)
+  reward_PxY = jnp.asarray(TB.reward_PxY)
+
+  def objective(params):
+    log_pi = TB.log_probs(params)
+    kl_ref = testbed.kl(log_pi, LOG_REF)
+    if cfg.algorithm == 'reinforce':
+      return -jnp.mean(jnp.sum(jnp.exp(log_pi) * reward_PxY, -1) - cfg.beta_rl * kl_ref)
+    if cfg.algorithm == 'bond':  # MC quantiles: E[log p_hat] is the reward actually followed
+      r = (cfg.n - 1) * bon.mc_log_quantile_expectation(p_le, cfg.num_quantile_samples)
+    else:
+      r = bon.expected_jbond_reward(p_le, cfg.n)
+    bwd = kl_ref - jnp.sum(jnp.exp(log_pi) * r, -1)
+    fwd = testbed.kl(TB.log_pi_bon(LOG_REF, cfg.n), log_pi)
+    return jnp.mean((1 - cfg.beta) * fwd + cfg.beta * bwd + cfg.gamma * kl_ref)
+
+  return objective
+
+
+@pytest.mark.parametrize('knobs', [
+    dict(algorithm='bond', n=4, beta=0.0),  # forward KL only: SFT on Best-of-4 of the anchor
+    dict(algorithm='bond', n=4, beta=1.0, num_quantile_samples=16),  # backward, MC r_BOND
+    dict(algorithm='jbond', n=2, beta=0.5, gamma=1.0),
+    dict(algorithm='reinforce', beta_rl=0.1),
+], ids=lambda k: '-'.join(f'{v}' for v in k.values()))
+def test_train_step_update_is_unbiased(knobs):
+  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=TB.reward_fn,
+                         anchor='fixed', **knobs)
+  tx = optax.sgd(1.0)  # update = -gradient estimate
+  state = train.init_state(THETA, REF, tx, jax.random.PRNGKey(0), quantile_model=False)
+  state = state.replace(anchor_params=jax.tree.map(jnp.array, REF))
+  new_state, _ = train.make_train_step(cfg, tx, optax.constant_schedule(1.0))(
+      state, *TB.prompts(4096))
+  g_hat = _flat(THETA) - _flat(new_state.params)
+  g = _flat(jax.grad(_expected_objective(cfg))(THETA))
+  cos = g @ g_hat / np.linalg.norm(g) / np.linalg.norm(g_hat)
+  proj = g @ g_hat / (g @ g)
+  # Observed over seeds at 4096 samples: cos >= 0.992, proj within 1 +- 0.05. A wrong
+  # sign, scale (e.g. dropping N - 1) or estimator moves these far outside.
+  assert cos > 0.98, f'cosine {cos:.4f} between the step and the exact gradient'
+  assert 0.9 < proj < 1.1, f'projection {proj:.4f} of the step on the exact gradient'
