@@ -1,5 +1,6 @@
 """Orbax checkpoints of the whole TrainState: policy, anchor, reference, optimizer, step, RNG.
 
+The prompt stream's position rides along as the checkpoint's JSON metadata.
 Orbax writes each step to a temporary directory and renames it when complete,
 so a crash mid-save leaves the previous checkpoint as the latest one: a
 checkpoint is whole or it is not listed.
@@ -29,17 +30,26 @@ class Checkpoints:
     latest = self._ckpt.latest
     return None if latest is None else int(latest.step)
 
-  def restore_latest(self, abstract_state: Any) -> Any | None:
-    """The latest checkpoint loaded into `abstract_state`'s structure, or None if none."""
-    if self._ckpt.latest is None:
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    """(state, data position) of the latest checkpoint, or None if there is none.
+
+    The state is loaded into `abstract_state`'s structure, dtypes and shardings.
+    """
+    latest = self._ckpt.latest
+    if latest is None:
       return None
-    return self._ckpt.load(self._ckpt.latest, abstract_state)
+    state = self._ckpt.load(latest, abstract_state)
+    custom = self._ckpt.metadata(latest).custom_metadata or {}
+    return state, custom.get('data_position', {})
 
   def save(self, step: int, state: Any, *, force: bool = False,
-           metrics: dict[str, float] | None = None) -> bool:
+           data_position: dict[str, Any] | None = None) -> bool:
+    """Save if the policy says so (or `force`). `data_position` (JSON) is stored in the
+    same checkpoint's metadata, so state and prompt position are saved together."""
     if force and self.latest_step == step:
       return False  # already on disk
-    return self._ckpt.save(step, state, force=force, metrics=metrics)
+    return self._ckpt.save(step, state, force=force,
+                           custom_metadata={'data_position': data_position or {}})
 
   def close(self) -> None:
     self._ckpt.close()

@@ -18,6 +18,7 @@ import ml_collections
 from bond_jax import model as model_lib
 from bond_jax import sampling, tasks, train
 
+TASKS = ('noisy_copy', 'hf')
 ALGORITHMS = ('jbond', 'bond', 'reinforce')
 ANCHORS = ('ema', 'periodic', 'fixed')
 QUANTILES = ('mc', 'learned')
@@ -70,8 +71,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   for field in ('train.num_steps', 'train.batch_size', 'sampling.max_new_tokens',
                 'optim.warmup_steps', 'ckpt.every', 'ckpt.keep', 'eval.num_prompts',
-                'eval.samples_per_prompt', 'eval.policy_samples_per_prompt', 'task.prompt_len',
-                'reference.sft_steps', 'reference.sft_batch_size', 'mesh.data', 'mesh.model'):
+                'eval.samples_per_prompt', 'eval.policy_samples_per_prompt', 'mesh.data',
+                'mesh.model'):
     if field == 'optim.warmup_steps':
       _check(isinstance(c.optim.warmup_steps, int) and c.optim.warmup_steps >= 0, field,
              c.optim.warmup_steps, 'must be an integer >= 0')
@@ -95,12 +96,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
          'training samples must come from a temperature > 0')
   _check(isinstance(s.top_k, int) and s.top_k >= 0, 'sampling.top_k', s.top_k, 'must be >= 0')
   _check(0.0 < s.top_p <= 1.0, 'sampling.top_p', s.top_p, 'must be in (0, 1]')
-  _check(0.0 < c.task.keep_prob <= 1.0, 'task.keep_prob', c.task.keep_prob, 'must be in (0, 1]')
-  _check(c.model.preset in model_lib.PRESETS, 'model.preset', c.model.preset,
-         f'one of {sorted(model_lib.PRESETS)}')
   ns = tuple(c.eval.bon_ns)
   _check(all(isinstance(n, int) and 1 <= n <= c.eval.samples_per_prompt for n in ns),
          'eval.bon_ns', ns, 'each N must be in [1, eval.samples_per_prompt]')
+  _check(c.task.name in TASKS, 'task.name', c.task.name, f'one of {TASKS}')
+  if c.task.name == 'hf':
+    from bond_jax import real_config  # imports tokenizers and data only for real-model runs
+    real_config.validate_real(c)
+    return
+  # The embedded task.
+  for field in ('task.prompt_len', 'reference.sft_steps', 'reference.sft_batch_size'):
+    _positive_int(c, field)
+  _check(0.0 < c.task.keep_prob <= 1.0, 'task.keep_prob', c.task.keep_prob, 'must be in (0, 1]')
+  _check(c.model.preset in model_lib.PRESETS, 'model.preset', c.model.preset,
+         f'one of {sorted(model_lib.PRESETS)}')
 
 
 def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
@@ -120,8 +129,8 @@ def sampling_params(c: ml_collections.ConfigDict) -> sampling.SamplingParams:
 
 
 def step_config(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
-                reward_fn: train.RewardFn) -> train.StepConfig:
+                reward_fn: train.RewardFn, sp: sampling.SamplingParams) -> train.StepConfig:
   b = c.bond
   fields = {f.name for f in dataclasses.fields(train.StepConfig)}
   knobs = {k: b[k] for k in b if k in fields}
-  return train.StepConfig(model=cfg, sampling=sampling_params(c), reward_fn=reward_fn, **knobs)
+  return train.StepConfig(model=cfg, sampling=sp, reward_fn=reward_fn, **knobs)

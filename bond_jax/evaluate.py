@@ -1,10 +1,10 @@
 """The BOND table: reward of pi_ref, of Best-of-N of pi_ref, and of the trained policy.
 
-All on the same held-out prompts and the same reward. Samples are drawn at
+All on the same held-out prompts and the same reward. The trainer samples at
 temperature 1 with no truncation (the models' own distributions), whatever the
 training sampler used. Best-of-N rewards use the unbiased order-statistics
-estimator over K >= N samples per prompt (`bon.bon_expected_max`), not one
-noisy draw of N.
+estimator over K >= N samples per prompt (`bon.bon_expected_max`), not one noisy
+draw of N.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from bond_jax.train import RewardFn
 def _rewards_and_logps(cfg: model_lib.ModelConfig, params: Any, ref_params: Any,
                        prompt_BxP: jax.Array, valid_BxP: jax.Array, rng: jax.Array,
                        sp: sampling.SamplingParams, k: int, reward_fn: RewardFn,
-                       with_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                       reward_params: Any, with_kl: bool
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
   out = sampling.sample_jit(cfg, params, prompt_BxP, valid_BxP, rng, sp, num_samples=k)
   prompt = jnp.repeat(prompt_BxP, k, axis=0)
   valid = jnp.repeat(valid_BxP, k, axis=0)
-  reward = jax.jit(reward_fn)(prompt, valid, out.tokens_BxG, out.mask_BxG)
+  reward = jax.jit(reward_fn)(reward_params, prompt, valid, out.tokens_BxG, out.mask_BxG)
   kl = None
   if with_kl:
     logp = jax.jit(sampling.sequence_logprobs, static_argnums=0)
@@ -40,17 +41,16 @@ def _rewards_and_logps(cfg: model_lib.ModelConfig, params: Any, ref_params: Any,
 
 def bon_table(cfg: model_lib.ModelConfig, ref_params: Any, policy_params: Any,
               prompt_BxP: jax.Array, valid_BxP: jax.Array, reward_fn: RewardFn,
-              rng: jax.Array, *, max_new_tokens: int, eos_id: int | None, pad_id: int,
+              reward_params: Any, rng: jax.Array, sp: sampling.SamplingParams, *,
               samples_per_prompt: int, bon_ns: tuple[int, ...],
               policy_samples_per_prompt: int) -> dict[str, Any]:
   """Mean rewards of pi_ref, Best-of-N(pi_ref) and the policy, and the policy's KL."""
-  sp = sampling.SamplingParams(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
   k_ref, k_pol = jax.random.split(rng)
   ref_r, _ = _rewards_and_logps(cfg, ref_params, ref_params, prompt_BxP, valid_BxP, k_ref, sp,
-                                samples_per_prompt, reward_fn, with_kl=False)
+                                samples_per_prompt, reward_fn, reward_params, with_kl=False)
   pol_r, pol_kl = _rewards_and_logps(cfg, policy_params, ref_params, prompt_BxP, valid_BxP,
                                      k_pol, sp, policy_samples_per_prompt, reward_fn,
-                                     with_kl=True)
+                                     reward_params, with_kl=True)
   table = {
       'num_prompts': int(prompt_BxP.shape[0]),
       'reward_ref': float(ref_r.mean()),

@@ -1,0 +1,151 @@
+"""What a config builds before the loop starts: model, prompts, reward, pi_ref, optimizer.
+
+Two kinds of run share one loop (`trainer.py`):
+
+  task.name = 'noisy_copy'  the embedded task: prompts and reward from `tasks.py`, pi_ref
+                            trained here by supervised learning (`sft.py`).
+  task.name = 'hf'          a Hugging Face policy (pi_ref = model.hf_checkpoint), its
+                            tokenizer, prompts from TFDS or JSONL (`data.py`), a reward model
+                            or programmatic reward (`rewards.py`).
+
+Either way the loop sees the same `RunSetup`: static step config, a prompt stream with
+a saveable position, evaluation prompts, reward parameters (passed to the step as an
+argument, never closed over) and a function that produces pi_ref's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from bond_jax import config_lib, sft, tasks, train
+from bond_jax import model as model_lib
+from bond_jax import sampling as sampling_lib
+
+# Independent random streams derived from config.seed.
+SFT_STREAM, STATE_STREAM, DATA_STREAM, EVAL_STREAM = range(4)
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.PRNGKey(seed), stream)
+
+
+def log(msg: str) -> None:
+  print(f'[bond_jax] {msg}', flush=True)
+
+
+class TaskPrompts:
+  """Prompts of the embedded task: batch i is a pure function of (seed, i).
+
+  Like `data.PromptStream`, it returns this process's rows of the global batch and
+  has a JSON position (`state` / `restore`) that checkpoints carry.
+  """
+
+  def __init__(self, task: tasks.NoisyCopy, key: jax.Array, global_batch: int):
+    self._task, self._key, self._batch, self._index = task, key, global_batch, 0
+
+  def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+    prompt, valid = self._task.prompts(jax.random.fold_in(self._key, self._index), self._batch)
+    self._index += 1
+    n, i = jax.process_count(), jax.process_index()
+    rows = slice(i * self._batch // n, (i + 1) * self._batch // n)
+    return np.asarray(prompt)[rows], np.asarray(valid)[rows]
+
+  def state(self) -> dict[str, int]:
+    return {'index': self._index}
+
+  def restore(self, state: dict[str, int]) -> None:
+    self._index = int(state['index'])
+
+
+@dataclasses.dataclass
+class RunSetup:
+  cfg: model_lib.ModelConfig
+  step_cfg: train.StepConfig
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  reward_params: Any  # frozen reward-model parameters, or None
+  prompts: Any  # next_batch() -> (prompt_BxP, valid_BxP) of this process; state(); restore()
+  eval_prompts: tuple[np.ndarray, np.ndarray]  # (prompt_BxP, valid_BxP), all processes
+  reference: Callable[[Any], Any]  # shardings -> pi_ref's parameters, placed on them
+  uses_learned_quantiles: bool
+
+
+def _optimizer(c: ml_collections.ConfigDict):
+  return train.make_optimizer(c.optim.learning_rate, c.optim.warmup_steps, c.optim.b1,
+                              c.optim.b2, c.optim.grad_clip_norm)
+
+
+def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
+  cfg = config_lib.model_config(c)
+  task = config_lib.task(c, cfg)
+  reward_fn = lambda params, *batch: task.reward(*batch)  # noqa: E731  (no parameters)
+  step_cfg = config_lib.step_config(c, cfg, reward_fn, config_lib.sampling_params(c))
+  tx, schedule = _optimizer(c)
+
+  def reference(shardings: Any) -> Any:
+    t0 = time.time()
+    params, loss = sft.train(
+        cfg, task.demonstrations, stream_key(c.seed, SFT_STREAM), steps=c.reference.sft_steps,
+        batch_size=c.reference.sft_batch_size, learning_rate=c.reference.sft_learning_rate,
+        log=lambda i, loss: log(f'pi_ref supervised step {i}/{c.reference.sft_steps}: '
+                                f'nll {loss:.3f}'))
+    log(f'pi_ref trained in {time.time() - t0:.0f}s (final nll per token {loss:.3f})')
+    return jax.device_put(params, shardings)
+
+  return RunSetup(
+      cfg=cfg, step_cfg=step_cfg, tx=tx, schedule=schedule, reward_params=None,
+      prompts=TaskPrompts(task, stream_key(c.seed, DATA_STREAM), c.train.batch_size),
+      eval_prompts=tuple(np.asarray(x) for x in task.prompts(stream_key(c.seed, EVAL_STREAM),
+                                                             c.eval.num_prompts)),
+      reference=reference, uses_learned_quantiles=c.bond.quantile == 'learned')
+
+
+def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunSetup:
+  from bond_jax import data, hf, real_config, rewards  # only real-model runs need these
+  from bond_jax import tokenizer as tokenizer_lib
+
+  tok = tokenizer_lib.load(real_config.tokenizer_path(c), chat_template=c.tokenizer.chat_template,
+                           eos_token=c.tokenizer.eos_token)
+  # Read the architecture from config.json; keep float32 master weights if asked (Adam
+  # steps of lr 3e-6 vanish in bfloat16), compute in model.dtype.
+  cfg = dataclasses.replace(hf.config_from_hf(hf.read_hf_config(c.model.hf_checkpoint)),
+                            dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+  tokenizer_lib.check_vocab(tok, cfg.vocab_size, 'model.hf_checkpoint')
+  reward_fn, reward_params = rewards.make_reward(c.reward, tok, mesh=mesh)
+  sp = dataclasses.replace(config_lib.sampling_params(c), eos_id=tok.ids.eos_id,
+                           pad_id=tok.ids.pad_id)
+  step_cfg = config_lib.step_config(c, cfg, reward_fn, sp)
+  tx, schedule = _optimizer(c)
+
+  def reference(shardings: Any) -> Any:
+    log(f'loading pi_ref from {c.model.hf_checkpoint}')
+    return hf.load_params(c.model.hf_checkpoint, cfg=cfg, shardings=shardings)[1]
+
+  stream = data.from_config(c.data, tok, jax.process_index(), jax.process_count(),
+                            c.train.batch_size)
+  return RunSetup(cfg=cfg, step_cfg=step_cfg, tx=tx, schedule=schedule,
+                  reward_params=reward_params, prompts=stream,
+                  eval_prompts=data.eval_prompts(c.data, tok, c.eval.num_prompts),
+                  reference=reference, uses_learned_quantiles=c.bond.quantile == 'learned')
+
+
+def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunSetup:
+  """The run's static pieces, from a validated config."""
+  if c.task.name == 'hf':
+    return _hugging_face(c, mesh)
+  return _noisy_copy(c)
+
+
+def eval_sampling(setup: RunSetup) -> sampling_lib.SamplingParams:
+  """Evaluation samples come from the models' own distributions (temperature 1, untruncated)."""
+  sp = setup.step_cfg.sampling
+  return sampling_lib.SamplingParams(max_new_tokens=sp.max_new_tokens, eos_id=sp.eos_id,
+                                     pad_id=sp.pad_id)
