@@ -24,6 +24,7 @@ J-BOND (ALGORITHMS.md section 6, Algorithm 2), per prompt x:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +38,19 @@ from bond_jax import model as model_lib
 from bond_jax import objectives as obj
 from bond_jax import quantile_model as qm
 
-# (prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG) -> reward_B
-RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# (prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG) -> reward_B, or, when the
+# step is given reward parameters, (reward_params, prompt_BxP, ...) -> reward_B (rewards.py).
+RewardFn = Callable[..., jax.Array]
+
+
+class _NoRewardParams:
+  """Default of train_step's `reward_params`: the reward takes none (a static marker)."""
+
+  def __repr__(self) -> str:
+    return 'NO_REWARD_PARAMS'
+
+
+NO_REWARD_PARAMS = _NoRewardParams()
 
 
 @struct.dataclass
@@ -198,11 +210,20 @@ def _check(cfg: StepConfig, state: TrainState) -> None:
                        "not estimate; use bond.quantile='mc' or bon_correction=False.")
 
 
-def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, *,
-               cfg: StepConfig, tx: optax.GradientTransformation,
+def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array,
+               reward_params: Any = NO_REWARD_PARAMS, *, cfg: StepConfig,
+               tx: optax.GradientTransformation,
                schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One update of the configured algorithm. Returns the new state and scalar metrics."""
+  """One update of the configured algorithm. Returns the new state and scalar metrics.
+
+  With `reward_params` (e.g. a reward model's frozen parameters: a step argument, so
+  they are never baked into the compiled step) the reward is called as
+  `cfg.reward_fn(reward_params, prompt, valid, response, mask)`; without, as
+  `cfg.reward_fn(prompt, valid, response, mask)`.
+  """
   _check(cfg, state)
+  reward_fn = (cfg.reward_fn if reward_params is NO_REWARD_PARAMS
+               else functools.partial(cfg.reward_fn, reward_params))
   b = prompt_BxP.shape[0]
   m = cfg.num_policy_samples if cfg.algorithm == 'reinforce' else 1
   a = _num_anchor_samples(cfg)
@@ -218,10 +239,10 @@ def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.A
 
   pol_prompt, pol_valid = _repeat(prompt_BxP, m), _repeat(prompt_valid_BxP, m)
   with jax.named_scope('reward'):
-    reward_Bm = cfg.reward_fn(pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
+    reward_Bm = reward_fn(pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
     if a:
-      anchor_reward_BxA = cfg.reward_fn(_repeat(prompt_BxP, a), _repeat(prompt_valid_BxP, a),
-                                        anc.tokens_BxG, anc.mask_BxG).reshape(b, a)
+      anchor_reward_BxA = reward_fn(_repeat(prompt_BxP, a), _repeat(prompt_valid_BxP, a),
+                                    anc.tokens_BxG, anc.mask_BxG).reshape(b, a)
       bon_tokens, bon_mask = _best_rows(anc.tokens_BxG, anc.mask_BxG, anchor_reward_BxA, cfg.n)
       metrics['reward_anchor'] = jnp.mean(anchor_reward_BxA)
       metrics['reward_anchor_best'] = jnp.mean(jnp.max(anchor_reward_BxA[:, :cfg.n], -1))
@@ -303,11 +324,11 @@ def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.A
 
 
 def make_train_step(cfg: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule
-                    ) -> Callable[[TrainState, jax.Array, jax.Array],
-                                  tuple[TrainState, dict[str, jax.Array]]]:
-  """The jitted step, with the train state donated."""
+                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """The jitted step(state, prompt_BxP, prompt_valid_BxP[, reward_params]), state donated."""
 
-  def step(state, prompt_BxP, prompt_valid_BxP):
-    return train_step(state, prompt_BxP, prompt_valid_BxP, cfg=cfg, tx=tx, schedule=schedule)
+  def step(state, prompt_BxP, prompt_valid_BxP, reward_params=NO_REWARD_PARAMS):
+    return train_step(state, prompt_BxP, prompt_valid_BxP, reward_params, cfg=cfg, tx=tx,
+                      schedule=schedule)
 
   return jax.jit(step, donate_argnames='state')
