@@ -31,14 +31,17 @@ from bond_jax import bon, sampling
 from bond_jax import model as model_lib
 
 
-def tiny_model(vocab: int = 4) -> model_lib.ModelConfig:
-  """A one-layer decoder that fits Best-of-4 of its own init over 4^4 sequences to J_0.5 ~ 0.01.
+def tiny_model(vocab: int = 4, tied: bool = False) -> model_lib.ModelConfig:
+  """A one-layer decoder; `tied` chooses its capacity on 4^4 sequences.
 
-  Untied embeddings matter: with a 4-token vocabulary, tied ones leave the
-  exact-gradient optimum of J_0.5(pi || pi_BoN) at ~0.18 nats (for 2 layers, ~0.08).
+  Untied (default): fits Best-of-4 of its own init to J_0.5 ~ 0.01 nats by exact
+  gradient descent, so training can approach pi_BoN. Tied embeddings (with a
+  4-token vocabulary) leave that optimum at ~0.18 nats: a policy that cannot
+  represent pi_BoN, like an LLM, where the choice of divergence matters (Fig. 2).
   """
   return model_lib.ModelConfig(vocab_size=vocab, num_layers=1, embed_dim=32, hidden_dim=64,
-                               num_heads=4, num_kv_heads=1, head_dim=16, tie_embeddings=False)
+                               num_heads=2 if tied else 4, num_kv_heads=1, head_dim=16,
+                               tie_embeddings=tied)
 
 
 def all_sequences(vocab: int, length: int) -> np.ndarray:
@@ -162,14 +165,18 @@ def kl(log_p_PxY: jax.Array, log_q_PxY: jax.Array) -> jax.Array:
 
 
 def make(seed: int = 0, num_prompts: int = 2, vocab: int = 4, length: int = 4,
-         structure: float = 1.0) -> tuple[Testbed, Any]:
+         structure: float = 1.0, tied: bool = False) -> tuple[Testbed, Any]:
   """A testbed and pi_ref's parameters (a randomly initialised decoder), from one seed.
 
-  pi_ref is the decoder at init: entropy ~3.8-4.1 nats of log 256 = 5.5, its most
-  likely sequence at 0.1-0.2, so Best-of-N changes it everywhere.
+  pi_ref is the decoder at init: entropy ~3.8-4.5 nats of log 256 = 5.5, its most
+  likely sequence at 0.1-0.2, so Best-of-N changes it everywhere. (Tied
+  embeddings alone would repeat the input token with probability ~0.9, so the
+  tied model's table is scaled by 1/2.)
   """
-  cfg = tiny_model(vocab)
+  cfg = tiny_model(vocab, tied)
   table = random_reward_table(np.random.default_rng(seed), num_prompts, vocab**length, vocab,
                               length, structure)
-  return (Testbed(cfg=cfg, length=length, reward_PxY=table),
-          model_lib.init_params(cfg, jax.random.PRNGKey(seed)))
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+  if tied:
+    params['embedder']['embedding'] = params['embedder']['embedding'] * 0.5
+  return Testbed(cfg=cfg, length=length, reward_PxY=table), params
