@@ -194,6 +194,29 @@ def test_reinforce_surrogate_is_grad_of_kl_regularised_reward():
 # The real train step: its update is an unbiased estimate of the exact gradient.
 
 
+def _expected_mc_r_bond(cfg: train.StepConfig, p_lt, p_le):
+  """E[the step's MC r_BOND estimate] of every y, exactly: the k anchor samples fall below
+  y, on y itself, or above it with probabilities (p_lt, pi_ref(y), 1 - p_le), so the
+  counts are multinomial; the step's own estimator is evaluated on every count pattern."""
+  k = cfg.num_quantile_samples
+  below_C, equal_C = map(np.array, zip(*[(a, e) for a in range(k + 1)
+                                         for e in range(k + 1 - a)], strict=True))
+  j_K = np.arange(k)
+  anchors_CxK = np.where(j_K < below_C[:, None], -1.0,
+                         np.where(j_K < (below_C + equal_C)[:, None], 0.0, 1.0))
+  r_C = train._r_bond(cfg, jnp.zeros(len(below_C)), jnp.asarray(anchors_CxK, jnp.float32))
+  above_C = k - below_C - equal_C
+  log_multinomial_C = jnp.asarray([
+      jax.scipy.special.gammaln(k + 1.0) - sum(jax.scipy.special.gammaln(x + 1.0)
+                                                for x in (a, e, k - a - e))
+      for a, e in zip(below_C, equal_C, strict=True)])
+  xlogy = jax.scipy.special.xlogy
+  log_pmf_PxYxC = (log_multinomial_C + xlogy(below_C, p_lt[..., None])
+                   + xlogy(equal_C, (p_le - p_lt)[..., None])
+                   + xlogy(above_C, (1.0 - p_le)[..., None]))
+  return jnp.sum(jnp.exp(log_pmf_PxYxC) * r_C, axis=-1)
+
+
 def _expected_objective(cfg: train.StepConfig):
   """What train_step descends in expectation, with the anchor fixed at pi_ref."""
   log_p_lt, log_p_le = TB.log_quantiles(LOG_REF)
@@ -205,7 +228,9 @@ def _expected_objective(cfg: train.StepConfig):
     kl_ref = testbed.kl(log_pi, LOG_REF)
     if cfg.algorithm == 'reinforce':
       return -jnp.mean(jnp.sum(jnp.exp(log_pi) * reward_PxY, -1) - cfg.beta_rl * kl_ref)
-    if cfg.algorithm == 'bond':  # MC quantiles: E[log p_hat] is the reward actually followed
+    if cfg.algorithm == 'bond' and cfg.bon_correction:
+      r = (cfg.n - 1) * _expected_mc_r_bond(cfg, jnp.exp(log_p_lt), p_le)
+    elif cfg.algorithm == 'bond':  # MC quantiles: E[log p_hat] is the reward actually followed
       r = (cfg.n - 1) * bon.mc_log_quantile_expectation(p_le, cfg.num_quantile_samples)
     else:
       r = bon.expected_jbond_reward(p_le, cfg.n)
@@ -216,9 +241,26 @@ def _expected_objective(cfg: train.StepConfig):
   return objective
 
 
+def test_mc_r_bond_with_correction_pins_the_estimator():
+  """r_BOND = log p_le + log (B) / (N-1) (Eq. 8) from p_le = (1 + #<=)/(k+1) and
+  p_lt = (1 + #<)/(k+1): y counts among the samples for both, so a level that no sample
+  ties has p_lt = p_le and (B) = N (the continuous limit)."""
+  n, k = 4, 4
+  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=TB.reward_fn,
+                         algorithm='bond', n=n, num_quantile_samples=k, bon_correction=True)
+  anchors = jnp.array([[-1.0, 0.0, 0.0, 1.0], [-1.0, -2.0, 1.0, 1.0]])
+  got = train._r_bond(cfg, jnp.zeros(2), anchors)
+  for row, (p_le, p_lt) in enumerate([(4 / 5, 2 / 5), (3 / 5, 3 / 5)]):
+    b = sum((p_lt / p_le) ** i for i in range(n))
+    assert float(got[row]) == pytest.approx(np.log(p_le) + np.log(b) / (n - 1), rel=1e-5)
+
+
 @pytest.mark.parametrize('knobs', [
     dict(algorithm='bond', n=4, beta=0.0),  # forward KL only: SFT on Best-of-4 of the anchor
     dict(algorithm='bond', n=4, beta=1.0, num_quantile_samples=16),  # backward, MC r_BOND
+    # With (B): unbiased too. (Here (B) is nearly constant across y, so its expected
+    # gradient is within 2% of the uncorrected one; the estimator is pinned above.)
+    dict(algorithm='bond', n=4, beta=1.0, num_quantile_samples=8, bon_correction=True),
     dict(algorithm='jbond', n=2, beta=0.5, gamma=1.0),
     dict(algorithm='reinforce', beta_rl=0.1),
 ], ids=lambda k: '-'.join(f'{v}' for v in k.values()))

@@ -72,20 +72,26 @@ def test_exact_pi_bon_is_best_of_n_of_samples(n):
   assert float(metrics['reward_bon']) > float(metrics['reward'])
 
 
-def _run(knobs, steps, batch, learning_rate=3e-3, seed=0, watch=None):
-  """`steps` real train steps from pi_ref; `watch(state)` is called after each one."""
-  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=TB.reward_fn,
+def _run(knobs, steps, batch, learning_rate=3e-3, seed=0, watch=None, reward_scale=None):
+  """`steps` real train steps from pi_ref; `watch(state)` is called after each one.
+
+  With `reward_scale` the reward takes parameters, passed as the step's 4th argument.
+  """
+  reward_fn = TB.reward_fn if reward_scale is None else (
+      lambda scale, *batch: scale * TB.reward_fn(*batch))
+  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=reward_fn,
                          **knobs)
   tx, schedule = train.make_optimizer(learning_rate, warmup_steps=0)
   state = train.init_state(REF, REF, tx, jax.random.PRNGKey(seed), quantile_model=False)
   step_fn = train.make_train_step(cfg, tx, schedule)
   prompt, valid = TB.prompts(batch)
+  extra = () if reward_scale is None else (jnp.float32(reward_scale),)
   metrics = None
   for _ in range(steps):
     anchor_before = state.anchor_params
     if watch is not None:  # the step donates the state: keep a copy of what watch needs
       anchor_before = jax.tree.map(jnp.array, anchor_before)
-    state, metrics = step_fn(state, prompt, valid)
+    state, metrics = step_fn(state, prompt, valid, *extra)
     if watch is not None:
       watch(state, anchor_before)
   return state, metrics
@@ -118,10 +124,16 @@ def test_moving_anchor_modes():
 
 def test_jbond_with_three_anchor_samples_penalises_at_the_exact_rate():
   """J-BOND with n = 3 (ours): y is penalised iff worse than all 3 anchor samples, which for
-  distinct rewards happens with probability E_pi[(1 - p_le(y))^3] (policy = anchor = pi_ref)."""
+  distinct rewards happens with probability E_pi[(1 - p_le(y))^3] (policy = anchor = pi_ref).
+
+  The reward here takes parameters (a scale of 2, the step's 4th argument): J-BOND only
+  sees ranks, so the rate is unchanged while the reported rewards double.
+  """
   state, metrics = _run(dict(algorithm='jbond', n=3, anchor='fixed'), 2, 8192,
-                        learning_rate=1e-9)
+                        learning_rate=1e-9, reward_scale=2.0)
   assert _same(state.anchor_params, REF)  # a fixed anchor stays pi_ref (plain BOND)
+  expect_reward = 2.0 * float(jnp.mean(jnp.sum(jnp.exp(LOG_REF) * TB.reward_PxY, -1)))
+  assert float(metrics['reward_anchor']) == pytest.approx(expect_reward, abs=0.1)
   _, log_p_le = TB.log_quantiles(LOG_REF)
   expect = float(jnp.mean(jnp.sum(jnp.exp(LOG_REF) * (1 - jnp.exp(log_p_le)) ** 3, -1)))
   # Binomial std at 8192 rows: sqrt(p (1 - p) / 8192) ~ 0.003.
@@ -144,3 +156,4 @@ def test_bond_jeffreys_half_converges_to_pi_bon():
   assert float(start['jeffreys']) > 1.0
   assert float(end['jeffreys']) < 0.15, {k: float(v) for k, v in end.items()}
   assert float(end['kl_fwd']) < 0.2 and float(end['kl_bwd']) < 0.2
+
