@@ -143,3 +143,16 @@ def evaluate_workdir(workdir: str | pathlib.Path) -> dict[str, Any]:
   """Read a run's config and latest checkpoint back, and evaluate it."""
   c, setup, state = load_workdir(workdir)
   return evaluate_state(c, setup, state, pathlib.Path(workdir))
+
+
+def export_policy(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
+  """The latest checkpoint's policy as a Hugging Face checkpoint directory."""
+  from bond_jax import hf  # only export needs it
+
+  c, setup, state = load_workdir(workdir)
+  tokenizer_dir = None
+  if c.task.name == 'hf':
+    from bond_jax import real_config
+    tokenizer_dir = real_config.tokenizer_path(c)
+  return pathlib.Path(hf.export_hf(setup.cfg, jax.device_get(state.params), out_dir,
+                                   tokenizer_dir=tokenizer_dir))

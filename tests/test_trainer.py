@@ -5,8 +5,11 @@ import pathlib
 
 import jax
 import numpy as np
+import torch
+import transformers
 
 from bond_jax import config_lib, trainer
+from bond_jax import model as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,6 +63,16 @@ def test_resume_continues_at_the_right_step_with_the_same_anchor(tmp_path):
   for k in ('reward_policy', 'reward_anchor', 'kl_ref', 'kl_anchor', 'frac_penalized',
             'loss_fwd', 'loss_bwd', 'loss_reg', 'grad_norm', 'learning_rate', 'tokens_per_s'):
     assert k in rows[0], k
+
+  # The trained policy exports as a Hugging Face checkpoint with the same logits.
+  exported = trainer.export_policy(straight, tmp_path / 'hf_policy')
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+  c, setup, state = trainer.load_workdir(straight)
+  tokens = np.asarray(setup.eval_prompts[0][:4])
+  ours = model_lib.forward(setup.cfg, state.params, tokens, np.ones_like(tokens, bool))
+  with torch.no_grad():
+    theirs = torch_model(torch.from_numpy(tokens).long()).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
   on_disk = json.loads((straight / 'summary.json').read_text())
   assert on_disk == json.loads(json.dumps(summary))

@@ -1,0 +1,32 @@
+"""Write a run's trained policy as a Hugging Face checkpoint directory (config.json,
+safetensors, tokenizer files for real-model runs), loadable by transformers. Usage:
+
+  python scripts/export_hf.py --workdir=runs/jbond_tiny --out=runs/jbond_tiny/hf_policy
+"""
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bond_jax import trainer  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir written by scripts/train.py.')
+_OUT = flags.DEFINE_string('out', None, 'Directory to write the Hugging Face checkpoint to.')
+flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    out = trainer.export_policy(_WORKDIR.value, _OUT.value)
+  except FileNotFoundError as e:
+    sys.exit(f'error: {e}')
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  app.run(main)
