@@ -68,7 +68,7 @@ def test_resume_continues_at_the_right_step_with_the_same_anchor(tmp_path):
   exported = trainer.export_policy(straight, tmp_path / 'hf_policy')
   torch_model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
   c, setup, state = trainer.load_workdir(straight)
-  tokens = np.asarray(setup.eval_prompts[0][:4])
+  tokens = np.array(setup.eval_prompts[0][:4])
   ours = model_lib.forward(setup.cfg, state.params, tokens, np.ones_like(tokens, bool))
   with torch.no_grad():
     theirs = torch_model(torch.from_numpy(tokens).long()).logits.numpy()
