@@ -64,6 +64,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if b.anchor == 'periodic':
     _positive_int(c, 'bond.anchor_period')
   _check(b.quantile in QUANTILES, 'bond.quantile', b.quantile, f'one of {QUANTILES}')
+  if b.quantile == 'learned':
+    _check(b.algorithm == 'bond', 'bond.quantile', b.quantile,
+           "learned quantiles are used by algorithm 'bond' only; use 'mc' otherwise")
+    _check(not b.bon_correction, 'bond.bon_correction', b.bon_correction,
+           "the (B) correction needs p_lt, which the learned model does not estimate")
+    _check(b.quantile_learning_rate > 0, 'bond.quantile_learning_rate',
+           b.quantile_learning_rate, 'must be > 0')
   _positive_int(c, 'bond.num_quantile_samples')
   _check(b.beta_rl >= 0.0, 'bond.beta_rl', b.beta_rl, 'beta_RL must be >= 0')
   _check(isinstance(b.num_policy_samples, int) and b.num_policy_samples >= 2,

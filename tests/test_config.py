@@ -64,6 +64,18 @@ def test_batch_must_split_over_the_data_axis():
     config_lib.validate(c)
 
 
+def test_learned_quantiles_only_with_bond_and_no_correction():
+  c = load_config()
+  c.bond.quantile = 'learned'
+  with pytest.raises(config_lib.ConfigError, match=r"bond\.quantile='learned' .*'bond' only"):
+    config_lib.validate(c)
+  c.bond.algorithm = 'bond'
+  config_lib.validate(c)
+  c.bond.bon_correction = True
+  with pytest.raises(config_lib.ConfigError, match=r'bond\.bon_correction=True'):
+    config_lib.validate(c)
+
+
 def test_periodic_anchor_needs_a_period():
   c = load_config()
   c.bond.anchor = 'periodic'
