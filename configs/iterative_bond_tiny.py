@@ -17,76 +17,19 @@ keeps rising, to ~7.4 of 8 at KL(pi || pi_ref) ~5 nats, where BOND with a fixed
 N = 4, 8, 16 saturates at ~4.7, 5.3, 5.8 (Best-of-N of pi_ref).
 """
 
+import pathlib
+
 import ml_collections
+
+from bond_jax import config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0  # seeds pi_ref's training, the data stream and sampling
-
-  c.model = ml_collections.ConfigDict()
-  c.model.preset = 'tiny'  # architecture (bond_jax/model.py PRESETS): 2 layers, width 64
-  c.model.dtype = 'float32'  # activation dtype
-  c.model.param_dtype = 'float32'
-
-  c.task = ml_collections.ConfigDict()
-  c.task.name = 'noisy_copy'  # prompts: random tokens; reward: positions copied (0..prompt_len)
-  c.task.prompt_len = 8  # content tokens per prompt (= maximum reward)
-  c.task.keep_prob = 0.4  # chance a demonstration token is right: pi_ref's skill
-
-  c.reference = ml_collections.ConfigDict()
-  c.reference.sft_steps = 500  # supervised steps that make pi_ref
-  c.reference.sft_batch_size = 128
-  c.reference.sft_learning_rate = 3e-3
-
-  c.bond = ml_collections.ConfigDict()
-  c.bond.algorithm = 'bond'  # 'jbond' | 'bond' | 'reinforce'
-  c.bond.beta = 0.5  # beta: Jeffreys weight, 0 = forward KL only, 1 = backward KL only (Eq. 11)
-  c.bond.n = 2  # n: anchor samples per prompt (J-BOND: 2); N of Best-of-N for 'bond'
-  c.bond.eta = 0.02  # eta: EMA rate of the anchor (Eq. 18)
-  c.bond.gamma = 0.0  # gamma: weight of the extra KL(pi || anchor) term (Eq. 19)
-  c.bond.use_baseline = True  # leave-one-out baseline b in the backward-KL return
-  c.bond.anchor = 'periodic'  # 'ema' (J-BOND) | 'periodic' (iterative BOND) | 'fixed' (BOND)
-  c.bond.anchor_period = 50  # T: steps between anchor <- policy when periodic
-  c.bond.quantile = 'mc'  # 'bond' only: how p_le is estimated: 'mc' (Eq. 10) | 'learned' (App. B.1)
-  c.bond.quantile_learning_rate = 1e-4  # Adam step size of the learned quantile model
-  c.bond.num_quantile_samples = 16  # k: anchor samples for the MC quantile (Eq. 10)
-  c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8)
-  c.bond.beta_rl = 0.01  # beta_RL: KL weight of the REINFORCE baseline (Eq. 1)
-  c.bond.num_policy_samples = 2  # REINFORCE: policy samples per prompt
-
-  c.sampling = ml_collections.ConfigDict()
-  c.sampling.max_new_tokens = 10  # generation buffer (an ideal answer is 9 tokens with EOS)
-  c.sampling.temperature = 1.0  # 1.0 with no truncation: samples come from pi itself
-  c.sampling.top_k = 0  # 0: off (any other value biases the KL estimates)
-  c.sampling.top_p = 1.0  # 1.0: off
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 2e-4  # Adam step size after warm-up
-  c.optim.warmup_steps = 20  # linear warm-up from 0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.grad_clip_norm = 0.0  # 0: no clipping
-
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 400  # BOND updates
-  c.train.batch_size = 32  # prompts per update
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1  # devices the batch is split over (data parallel)
-  c.mesh.model = 1  # devices each parameter is split over (tensor parallel)
-
-  c.ckpt = ml_collections.ConfigDict()
-  c.ckpt.every = 50  # save the whole TrainState every K steps (and at the end)
-  c.ckpt.keep = 2  # checkpoints kept
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_prompts = 512  # held-out prompts for the final table
-  c.eval.samples_per_prompt = 32  # K pi_ref samples per prompt for Best-of-N estimates
-  c.eval.bon_ns = (2, 4, 8, 16)  # N of the Best-of-N rows
-  c.eval.policy_samples_per_prompt = 4  # policy samples per prompt
-
-  c.log = ml_collections.ConfigDict()
-  c.log.tensorboard = True
-  c.log.progress = True  # progress bar with ETA on the console
+  """jbond_tiny.py with the fields below changed; every other field (and its comment) is there."""
+  c = config_lib.load_config_file(pathlib.Path(__file__).with_name('jbond_tiny.py'))
+  c.bond.algorithm = 'bond'  # with n = 2: Best-of-2 of the anchor
+  c.bond.anchor = 'periodic'  # anchor <- policy every T steps (Algorithm 1)
+  c.bond.anchor_period = 50  # T
+  c.train.num_steps = 400
+  c.train.batch_size = 32
   return c

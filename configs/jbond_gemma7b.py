@@ -38,106 +38,17 @@ above every REINFORCE run of Fig. 7, and the EMA anchor reaches the same reward
 as the periodic one at a lower KL (Fig. 5).
 """
 
+import pathlib
+
 import ml_collections
+
+from bond_jax import config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0  # seeds sampling and the anchor/policy RNG streams
-
-  c.model = ml_collections.ConfigDict()
-  c.model.preset = 'gemma_7b'  # expected architecture (model.PRESETS); the checkpoint's config.json is what is loaded
-  c.model.hf_checkpoint = ''  # pi_ref: local HF *ForCausalLM dir (config.json + safetensors); policy and anchor start from it
-  c.model.dtype = 'bfloat16'  # activation dtype
-  c.model.param_dtype = 'float32'  # master weights: Adam updates of lr 3e-6 are below bfloat16 resolution
-
-  c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.path = ''  # local tokenizer dir; '' = model.hf_checkpoint
-  c.tokenizer.chat_template = True  # prompt = one user turn + generation prompt (instruction-tuned policy)
-  c.tokenizer.eos_token = '<end_of_turn>'  # where a response ends ('' = the tokenizer's EOS); Gemma IT ends turns here
-
-  c.task = ml_collections.ConfigDict()
-  c.task.name = 'hf'  # prompts from `data`, pi_ref from model.hf_checkpoint, reward from `reward`
-  c.task.prompt_len = 8  # noisy-copy task only (unused when task.name='hf')
-  c.task.keep_prob = 0.4  # noisy-copy task only (unused when task.name='hf')
-
-  c.reference = ml_collections.ConfigDict()
-  c.reference.sft_steps = 0  # 0: pi_ref is the checkpoint itself, no supervised stage
-  c.reference.sft_batch_size = 128  # noisy-copy task only
-  c.reference.sft_learning_rate = 3e-3  # noisy-copy task only
-
-  c.data = ml_collections.ConfigDict()
-  c.data.source = 'jsonl'  # 'tfds' | 'jsonl'
-  c.data.tfds_name = ''  # TFDS builder (data.source='tfds'), prepared as array_record
-  c.data.tfds_data_dir = ''  # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
-  c.data.split = 'train'  # TFDS split of the training prompts
-  c.data.eval_split = ''  # TFDS split of the evaluation prompts ('' = data.split)
-  c.data.text_field = ''  # TFDS feature holding the text
-  c.data.jsonl_path = ''  # local JSONL of training prompts (data.source='jsonl')
-  c.data.eval_jsonl_path = ''  # JSONL of evaluation prompts ('' = data.jsonl_path)
-  c.data.jsonl_field = 'prompt'  # key of each JSONL object that holds the text
-  c.data.prompt_template = '{text}'  # x = template with {text} replaced, before the chat template
-  c.data.max_prompt_len = 512  # P: prompts are left-padded to this many tokens
-  c.data.overlong = 'drop'  # prompts longer than P: 'drop' them | 'truncate' their text (template kept)
-  c.data.shuffle_seed = 0  # epoch e visits the prompts in the permutation of (shuffle_seed, e)
-
-  c.reward = ml_collections.ConfigDict()
-  c.reward.source = 'model'  # r(x, y): 'model' (a reward model) | 'programmatic' (reward.fn)
-  c.reward.checkpoint = ''  # local HF *ForSequenceClassification dir, num_labels=1
-  c.reward.tokenizer_path = ''  # reward model's tokenizer; '' = the policy's (ids shared, no re-tokenization)
-  c.reward.chat_template = False  # re-tokenized input as user + assistant turns (other tokenizer only)
-  c.reward.max_len = 1024  # T: width of re-tokenized reward inputs (other tokenizer only)
-  c.reward.dtype = 'bfloat16'  # reward model activations and weights (frozen)
-  c.reward.fn = ''  # reward.source='programmatic': one of rewards.PROGRAMMATIC
-
-  c.bond = ml_collections.ConfigDict()
-  c.bond.algorithm = 'jbond'  # 'jbond' (Algorithm 2) | 'bond' | 'reinforce'
-  c.bond.beta = 0.5  # beta: Jeffreys weight, 0 = forward KL only, 1 = backward KL only (Eq. 11)
-  c.bond.n = 2  # n: anchor samples per prompt (J-BOND: 2)
-  c.bond.eta = 0.02  # eta: EMA rate of the anchor (Eq. 18)
-  c.bond.gamma = 0.0  # gamma: weight of the extra KL(pi || anchor) term (Eq. 19)
-  c.bond.use_baseline = True  # leave-one-out baseline b in the backward-KL return
-  c.bond.anchor = 'ema'  # 'ema' (J-BOND) | 'periodic' (Fig. 5 ablation, T = 50) | 'fixed'
-  c.bond.anchor_period = 0  # T: steps between anchor <- policy when periodic
-  c.bond.quantile = 'mc'  # 'bond' only: how p_le is estimated: 'mc' (Eq. 10) | 'learned' (App. B.1)
-  c.bond.quantile_learning_rate = 1e-4  # 'bond' + 'learned' only: Adam step size of p_theta
-  c.bond.num_quantile_samples = 16  # k: 'bond' only, anchor samples for the MC quantile (Eq. 10)
-  c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8)
-  c.bond.beta_rl = 0.01  # beta_RL: KL weight of the REINFORCE baseline (Eq. 1; Fig. 7 sweeps 1e-3..1)
-  c.bond.num_policy_samples = 2  # REINFORCE: policy samples per prompt (leave-one-out)
-
-  c.sampling = ml_collections.ConfigDict()
-  c.sampling.max_new_tokens = 256  # G: generation buffer per response
-  c.sampling.temperature = 1.0  # 1.0 with no truncation: samples come from pi itself
-  c.sampling.top_k = 0  # 0: off (any other value biases the KL estimates)
-  c.sampling.top_p = 1.0  # 1.0: off
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 3e-6  # Adam step size after warm-up (paper)
-  c.optim.warmup_steps = 100  # linear warm-up from 0 (paper)
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.grad_clip_norm = 0.0  # 0: no clipping (the paper does not mention any)
-
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 2000  # J-BOND updates (the paper does not state its run length)
-  c.train.batch_size = 128  # prompts per update, over all hosts (paper)
-
-  c.mesh = ml_collections.ConfigDict()
+  """jbond_gemma2b.py with the fields below changed; every other field (and its comment) is there."""
+  c = config_lib.load_config_file(pathlib.Path(__file__).with_name('jbond_gemma2b.py'))
+  c.model.preset = 'gemma_7b'  # expected architecture; the checkpoint's config.json is loaded
   c.mesh.data = 1  # devices the batch is split over (data parallel)
-  c.mesh.model = 8  # devices each parameter is split over (tensor parallel; sharding.PARAM_RULES)
-
-  c.ckpt = ml_collections.ConfigDict()
-  c.ckpt.every = 100  # save the whole TrainState (and the data position) every K steps
-  c.ckpt.keep = 2  # checkpoints kept
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_prompts = 128  # evaluation prompts (data.eval_split / data.eval_jsonl_path)
-  c.eval.samples_per_prompt = 16  # K pi_ref samples per prompt for Best-of-N estimates
-  c.eval.bon_ns = (2, 4, 8, 16)  # N of the Best-of-N rows
-  c.eval.policy_samples_per_prompt = 4  # policy samples per prompt
-
-  c.log = ml_collections.ConfigDict()
-  c.log.tensorboard = True
-  c.log.progress = True  # progress bar with ETA on the console
+  c.mesh.model = 8  # devices each parameter is split over (tensor parallel)
   return c
