@@ -65,7 +65,8 @@ def testbed_curve(tb: testbed.Testbed, ref_params: Any, knobs: dict[str, Any], *
                   batch: int, learning_rate: float, eval_every: int, eval_n: int,
                   seed: int = 0, label: str = '') -> Curve:
   """Exact metrics (`Testbed.evaluate` against Best-of-`eval_n` of pi_ref) along training."""
-  cfg = train.StepConfig(model=tb.cfg, sampling=tb.sampling_params(), reward_fn=tb.reward_fn,
+  cfg = train.StepConfig(model=tb.cfg, sampling=tb.sampling_params(),
+                         reward_fn=train.parameter_free(tb.reward_fn),
                          **knobs)
   tx, schedule = train.make_optimizer(learning_rate, warmup_steps=0)
   state = train.init_state(ref_params, ref_params, tx, jax.random.PRNGKey(seed),
@@ -207,7 +208,7 @@ def lm_curve(lm: LMTask, c: ml_collections.ConfigDict, *, eval_every: int,
       raise ValueError(f'config.{field} differs from the one pi_ref was trained with.')
   fields = {f.name for f in dataclasses.fields(train.StepConfig)}
   cfg = train.StepConfig(model=lm.cfg, sampling=config_lib.sampling_params(c),
-                         reward_fn=lm.task.reward,
+                         reward_fn=train.parameter_free(lm.task.reward),
                          **{k: c.bond[k] for k in c.bond if k in fields})
   o = c.optim
   tx, schedule = train.make_optimizer(o.learning_rate, o.warmup_steps, o.b1, o.b2,

@@ -86,7 +86,7 @@ def _optimizer(c: ml_collections.ConfigDict):
 def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
   cfg = config_lib.model_config(c)
   task = config_lib.task(c, cfg)
-  reward_fn = lambda params, *batch: task.reward(*batch)  # noqa: E731  (no parameters)
+  reward_fn = train.parameter_free(task.reward)
   step_cfg = config_lib.step_config(c, cfg, reward_fn, config_lib.sampling_params(c))
   tx, schedule = _optimizer(c)
 

@@ -38,19 +38,16 @@ from bond_jax import model as model_lib
 from bond_jax import objectives as obj
 from bond_jax import quantile_model as qm
 
-# (prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG) -> reward_B, or, when the
-# step is given reward parameters, (reward_params, prompt_BxP, ...) -> reward_B (rewards.py).
-RewardFn = Callable[..., jax.Array]
+# (reward_params, prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG) -> reward_B.
+# reward_params (a reward model's frozen weights, or None) are a step argument, so they are
+# never baked into the compiled step as constants.
+RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-class _NoRewardParams:
-  """Default of train_step's `reward_params`: the reward takes none (a static marker)."""
-
-  def __repr__(self) -> str:
-    return 'NO_REWARD_PARAMS'
-
-
-NO_REWARD_PARAMS = _NoRewardParams()
+def parameter_free(fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+                   ) -> RewardFn:
+  """A RewardFn from a reward of (prompt, valid, response, mask) that has no parameters."""
+  return lambda reward_params, *batch: fn(*batch)
 
 
 @struct.dataclass
@@ -211,19 +208,15 @@ def _check(cfg: StepConfig, state: TrainState) -> None:
 
 
 def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array,
-               reward_params: Any = NO_REWARD_PARAMS, *, cfg: StepConfig,
+               reward_params: Any = None, *, cfg: StepConfig,
                tx: optax.GradientTransformation,
                schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update of the configured algorithm. Returns the new state and scalar metrics.
 
-  With `reward_params` (e.g. a reward model's frozen parameters: a step argument, so
-  they are never baked into the compiled step) the reward is called as
-  `cfg.reward_fn(reward_params, prompt, valid, response, mask)`; without, as
-  `cfg.reward_fn(prompt, valid, response, mask)`.
+  The reward is `cfg.reward_fn(reward_params, prompt, valid, response, mask)`.
   """
   _check(cfg, state)
-  reward_fn = (cfg.reward_fn if reward_params is NO_REWARD_PARAMS
-               else functools.partial(cfg.reward_fn, reward_params))
+  reward_fn = functools.partial(cfg.reward_fn, reward_params)
   b = prompt_BxP.shape[0]
   m = cfg.num_policy_samples if cfg.algorithm == 'reinforce' else 1
   a = _num_anchor_samples(cfg)
@@ -327,7 +320,7 @@ def make_train_step(cfg: StepConfig, tx: optax.GradientTransformation, schedule:
                     ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step(state, prompt_BxP, prompt_valid_BxP[, reward_params]), state donated."""
 
-  def step(state, prompt_BxP, prompt_valid_BxP, reward_params=NO_REWARD_PARAMS):
+  def step(state, prompt_BxP, prompt_valid_BxP, reward_params=None):
     return train_step(state, prompt_BxP, prompt_valid_BxP, reward_params, cfg=cfg, tx=tx,
                       schedule=schedule)
 

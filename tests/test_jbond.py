@@ -82,7 +82,8 @@ def _setup(tiny_cfg, tiny_params, copy_task, *, eta=0.1, anchor='ema', period=0,
            gamma=0.25, lr=1e-2):
   sp = sampling.SamplingParams(max_new_tokens=copy_task.response_len + 1, eos_id=tasks_lib.EOS,
                                pad_id=tasks_lib.PAD)
-  step_cfg = train.StepConfig(model=tiny_cfg, sampling=sp, reward_fn=_token_sum_reward,
+  step_cfg = train.StepConfig(model=tiny_cfg, sampling=sp,
+                              reward_fn=train.parameter_free(_token_sum_reward),
                               beta=beta, gamma=gamma, eta=eta, anchor=anchor,
                               anchor_period=period)
   tx, schedule = train.make_optimizer(lr, warmup_steps=0)

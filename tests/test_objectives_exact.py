@@ -246,7 +246,8 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
   p_lt = (1 + #<)/(k+1): y counts among the samples for both, so a level that no sample
   ties has p_lt = p_le and (B) = N (the continuous limit)."""
   n, k = 4, 4
-  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=TB.reward_fn,
+  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(),
+                         reward_fn=train.parameter_free(TB.reward_fn),
                          algorithm='bond', n=n, num_quantile_samples=k, bon_correction=True)
   anchors = jnp.array([[-1.0, 0.0, 0.0, 1.0], [-1.0, -2.0, 1.0, 1.0]])
   got = train._r_bond(cfg, jnp.zeros(2), anchors)
@@ -265,7 +266,8 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
     dict(algorithm='reinforce', beta_rl=0.1),
 ], ids=lambda k: '-'.join(f'{v}' for v in k.values()))
 def test_train_step_update_is_unbiased(knobs):
-  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=TB.reward_fn,
+  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(),
+                         reward_fn=train.parameter_free(TB.reward_fn),
                          anchor='fixed', **knobs)
   tx = optax.sgd(1.0)  # update = -gradient estimate
   state = train.init_state(THETA, REF, tx, jax.random.PRNGKey(0), quantile_model=False)

@@ -53,7 +53,8 @@ def test_learned_quantiles_approach_the_exact_quantiles():
   def error(quantile_params):
     return float(jnp.mean(jnp.sum(pi_ref * jnp.abs(_predict(quantile_params) - p_le), -1)))
 
-  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=TB.reward_fn,
+  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(),
+                         reward_fn=train.parameter_free(TB.reward_fn),
                          algorithm='bond', n=4, anchor='fixed', quantile='learned',
                          quantile_learning_rate=3e-3)
   tx, schedule = train.make_optimizer(1e-12, warmup_steps=0)
@@ -75,7 +76,8 @@ def test_learned_quantiles_approach_the_exact_quantiles():
 def test_learned_quantile_errors_are_named():
   tx = optax.sgd(1.0)
   prompt, valid = TB.prompts(4)
-  base = dict(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=TB.reward_fn,
+  base = dict(model=TB.cfg, sampling=TB.sampling_params(),
+              reward_fn=train.parameter_free(TB.reward_fn),
               algorithm='bond', quantile='learned')
   no_model = train.init_state(REF, REF, tx, jax.random.PRNGKey(0), quantile_model=False)
   with pytest.raises(ValueError, match='quantile_model=True'):

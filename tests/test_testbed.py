@@ -77,7 +77,7 @@ def _run(knobs, steps, batch, learning_rate=3e-3, seed=0, watch=None, reward_sca
 
   With `reward_scale` the reward takes parameters, passed as the step's 4th argument.
   """
-  reward_fn = TB.reward_fn if reward_scale is None else (
+  reward_fn = train.parameter_free(TB.reward_fn) if reward_scale is None else (
       lambda scale, *batch: scale * TB.reward_fn(*batch))
   cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=reward_fn,
                          **knobs)
