@@ -76,7 +76,7 @@ class StepConfig:
   n: int = 2  # anchor samples per prompt (J-BOND: n; Best-of-n of the anchor)
   gamma: float = 0.0  # weight of the extra KL(pi || anchor) term
   use_baseline: bool = True  # leave-one-out baseline in the backward-KL advantage
-  anchor: str = 'ema'  # 'ema' | 'periodic' | 'fixed'
+  anchor: str = 'ema'  # 'ema' | 'periodic' | 'fixed' (the anchor is pi_ref = ref_params)
   eta: float = 0.02  # EMA rate of the anchor
   anchor_period: int = 0  # steps between hard anchor updates (periodic)
   quantile: str = 'mc'  # BOND: how log p_le(y) is estimated: 'mc' (Eq. 10) | 'learned' (App. B.1)
@@ -223,11 +223,16 @@ def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.A
   rng, k_policy, k_anchor = jax.random.split(state.rng, 3)
   metrics = {}
 
+  # A fixed anchor is pi_ref itself (plain BOND): read it from ref_params, so its
+  # log-likelihoods below come from the same forward as the KL-to-pi_ref metric.
+  anchor_is_ref = cfg.anchor == 'fixed' or not a
+  anchor_params = state.ref_params if anchor_is_ref else state.anchor_params
+
   with jax.named_scope('sample'):
     pol = sampling.sample(cfg.model, state.params, prompt_BxP, prompt_valid_BxP, k_policy,
                           cfg.sampling, num_samples=m)
     if a:
-      anc = sampling.sample(cfg.model, state.anchor_params, prompt_BxP, prompt_valid_BxP,
+      anc = sampling.sample(cfg.model, anchor_params, prompt_BxP, prompt_valid_BxP,
                             k_anchor, cfg.sampling, num_samples=a)
 
   pol_prompt, pol_valid = _repeat(prompt_BxP, m), _repeat(prompt_valid_BxP, m)
@@ -244,8 +249,8 @@ def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.A
     logp_ref_Bm = _logp(cfg, state.ref_params, pol_prompt, pol_valid, pol.tokens_BxG,
                         pol.mask_BxG)
     # REINFORCE has no anchor: its KL is to pi_ref.
-    logp_anchor_Bm = logp_ref_Bm if not a else _logp(
-        cfg, state.anchor_params, pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
+    logp_anchor_Bm = logp_ref_Bm if anchor_is_ref else _logp(
+        cfg, anchor_params, pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
 
   quantile_params, quantile_opt_state = state.quantile_params, state.quantile_opt_state
   if cfg.algorithm == 'jbond':
