@@ -190,6 +190,11 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float,
   return out.astype(x_BxTxNxH.dtype)
 
 
+def _norm(cfg: ModelConfig, name: str | None = None) -> RMSNorm:
+  """The RMSNorm flavour `cfg` asks for (Gemma's (1 + w) or Llama's w)."""
+  return RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.jnp_param_dtype, name=name)
+
+
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else jnp.tanh(x / cap) * cap
 
@@ -208,8 +213,7 @@ class Attention(nn.Module):
     k_BxTxKxH = dense((cfg.num_kv_heads, cfg.head_dim), 'k_proj', bias=cfg.qkv_bias)(x_BxTxD)
     v_BxTxKxH = dense((cfg.num_kv_heads, cfg.head_dim), 'v_proj', bias=cfg.qkv_bias)(x_BxTxD)
     if cfg.use_qk_norm:
-      norm = lambda name: RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.jnp_param_dtype,  # noqa: E731
-                                  name=name)
+      norm = lambda name: _norm(cfg, name)  # noqa: E731
       q_BxTxNxH = norm('q_norm')(q_BxTxNxH)
       k_BxTxKxH = norm('k_norm')(k_BxTxKxH)
     # Gemma 3 local layers have their own unscaled base; otherwise every layer uses the
@@ -275,8 +279,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index):
     cfg = self.cfg
-    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.jnp_param_dtype,  # noqa: E731
-                                name=name)
+    norm = lambda name: _norm(cfg, name)  # noqa: E731
     h = norm('pre_attn_norm')(x_BxTxD)
     h, new_cache = Attention(cfg, self.local, name='attn')(
         h, positions_BxT, mask_BxTxS, cache, cache_index)
@@ -304,7 +307,7 @@ class Decoder(nn.Module):
                              embedding_init=nn.initializers.normal(stddev=cfg.embed_dim**-0.5))
     self.blocks = [Block(cfg, cfg.layer_type(i) == 'local', name=f'layer_{i}')
                    for i in range(cfg.num_layers)]
-    self.final_norm = RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.jnp_param_dtype)
+    self.final_norm = _norm(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
                               param_dtype=cfg.jnp_param_dtype)
