@@ -25,8 +25,11 @@ import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bond_jax import hf, sampling  # noqa: E402
-from bond_jax import model as model_lib  # noqa: E402
+from bond_jax.models import decoder as model_lib  # noqa: E402
+from bond_jax.models import (
+  hf,
+  sampling,  # noqa: E402
+)
 
 # The 5.9 M-parameter Gemma config of shared/guides/PERFORMANCE.md.
 CFG = model_lib.ModelConfig(vocab_size=8192, num_layers=4, embed_dim=256, hidden_dim=1024,

@@ -24,7 +24,7 @@ import pathlib
 
 import ml_collections
 
-from bond_jax import config_lib
+from bond_jax.run import config as config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

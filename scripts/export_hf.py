@@ -11,7 +11,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bond_jax import trainer  # noqa: E402
+from bond_jax.run import loop as trainer  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir written by scripts/train.py.')
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the Hugging Face checkpoint to.')

@@ -12,7 +12,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bond_jax import figures  # noqa: E402
+from bond_jax.repro import figures  # noqa: E402
 
 _OUT = flags.DEFINE_string('out_dir', 'runs/reproduce', 'Where fig5.json and fig5.png go.')
 _PARTS = flags.DEFINE_list('parts', list(figures.PARTS), 'testbed (exact) and/or lm (tiny task).')

@@ -3,8 +3,8 @@
 import jax
 import pytest
 
-from bond_jax import model as model_lib
-from bond_jax import tasks
+from bond_jax.data import tasks
+from bond_jax.models import decoder as model_lib
 
 
 @pytest.fixture(scope='session')

@@ -10,7 +10,7 @@ import jax
 jax.config.update('jax_num_cpu_devices', 8)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bond_jax import trainer  # noqa: E402
+from bond_jax.run import loop as trainer  # noqa: E402
 from tests.test_trainer import micro_config  # noqa: E402
 
 

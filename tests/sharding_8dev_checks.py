@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from bond_jax import hf, model, reward_model, sharding  # noqa: E402
+from bond_jax.models import decoder as model  # noqa: E402
+from bond_jax.models import hf, reward_model, sharding  # noqa: E402
 
 # D=64, N=4, K=1 (multi-query: k/v heads cannot split 4 ways, so they shard D), F=128, V=96.
 CFG = model.ModelConfig(vocab_size=96, num_layers=2, embed_dim=64, hidden_dim=128, num_heads=4,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond_jax import bon
+from bond_jax.algo import bon
 
 # Five outcomes with tied rewards (indices 1, 3 and 2, 4), so the index tie rule matters.
 TIED_REWARD = np.array([0.3, -1.0, 2.0, -1.0, 2.0])

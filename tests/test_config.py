@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bond_jax import config_lib
+from bond_jax.run import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bond_jax import data
-from bond_jax import tokenizer as tokenizer_lib
-from bond_jax.config_lib import ConfigError
+from bond_jax.data import prompts as data
+from bond_jax.data import tokenizer as tokenizer_lib
+from bond_jax.types import ConfigError
 from tests import hf_fixtures as hx
 
 TEMPLATE = 'Summarize:\n{text}\nSummary:'

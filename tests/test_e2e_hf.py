@@ -8,7 +8,9 @@ import pathlib
 
 import pytest
 
-from bond_jax import checkpoint, config_lib, trainer
+from bond_jax.run import checkpoint
+from bond_jax.run import config as config_lib
+from bond_jax.run import loop as trainer
 from tests import hf_fixtures
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from bond_jax import hf, model, reward_model
+from bond_jax.models import decoder as model
+from bond_jax.models import hf, reward_model
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond_jax import objectives as obj
-from bond_jax import sampling, train
-from bond_jax import tasks as tasks_lib
+from bond_jax.algo import objectives as obj
+from bond_jax.algo import step as train
+from bond_jax.data import tasks as tasks_lib
+from bond_jax.models import sampling
+from bond_jax.types import parameter_free
 
 LOG16 = math.log(16.0)
 
@@ -23,7 +25,7 @@ def test_jbond_terms_match_a_hand_computed_example():
   reward = jnp.array([0.3, 0.1, 0.9])
   anchor_reward = jnp.array([[0.5, 0.2], [0.4, 0.6], [0.9, 0.1]])
 
-  from bond_jax import bon
+  from bond_jax.algo import bon
   r_j = bon.jbond_reward(reward, anchor_reward, 2)
   # Only prompt 1 is worse than both anchors (0.1 < 0.4 and 0.1 < 0.6).
   np.testing.assert_allclose(r_j, [0.0, -LOG16, 0.0], atol=1e-6)
@@ -83,7 +85,7 @@ def _setup(tiny_cfg, tiny_params, copy_task, *, eta=0.1, anchor='ema', period=0,
   sp = sampling.SamplingParams(max_new_tokens=copy_task.response_len + 1, eos_id=tasks_lib.EOS,
                                pad_id=tasks_lib.PAD)
   step_cfg = train.StepConfig(model=tiny_cfg, sampling=sp,
-                              reward_fn=train.parameter_free(_token_sum_reward),
+                              reward_fn=parameter_free(_token_sum_reward),
                               beta=beta, gamma=gamma, eta=eta, anchor=anchor,
                               anchor_period=period)
   tx, schedule = train.make_optimizer(lr, warmup_steps=0)

@@ -19,8 +19,11 @@ import numpy as np
 import optax
 import pytest
 
-from bond_jax import bon, testbed, train
-from bond_jax import objectives as obj
+from bond_jax.algo import bon
+from bond_jax.algo import objectives as obj
+from bond_jax.algo import step as train
+from bond_jax.eval import testbed
+from bond_jax.types import parameter_free
 
 sg = jax.lax.stop_gradient
 TB, REF = testbed.make(seed=0, num_prompts=2)
@@ -247,7 +250,7 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
   ties has p_lt = p_le and (B) = N (the continuous limit)."""
   n, k = 4, 4
   cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(),
-                         reward_fn=train.parameter_free(TB.reward_fn),
+                         reward_fn=parameter_free(TB.reward_fn),
                          algorithm='bond', n=n, num_quantile_samples=k, bon_correction=True)
   anchors = jnp.array([[-1.0, 0.0, 0.0, 1.0], [-1.0, -2.0, 1.0, 1.0]])
   got = train._r_bond(cfg, jnp.zeros(2), anchors)
@@ -267,7 +270,7 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
 ], ids=lambda k: '-'.join(f'{v}' for v in k.values()))
 def test_train_step_update_is_unbiased(knobs):
   cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(),
-                         reward_fn=train.parameter_free(TB.reward_fn),
+                         reward_fn=parameter_free(TB.reward_fn),
                          anchor='fixed', **knobs)
   tx = optax.sgd(1.0)  # update = -gradient estimate
   state = train.init_state(THETA, REF, tx, jax.random.PRNGKey(0), quantile_model=False)

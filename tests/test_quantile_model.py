@@ -7,8 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from bond_jax import quantile_model as qm
-from bond_jax import testbed, train
+from bond_jax.algo import quantile_model as qm
+from bond_jax.algo import step as train
+from bond_jax.eval import testbed
+from bond_jax.types import parameter_free
 
 TB, REF = testbed.make(seed=0, num_prompts=2)
 LOG_REF = TB.log_probs(REF)
@@ -54,7 +56,7 @@ def test_learned_quantiles_approach_the_exact_quantiles():
     return float(jnp.mean(jnp.sum(pi_ref * jnp.abs(_predict(quantile_params) - p_le), -1)))
 
   cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(),
-                         reward_fn=train.parameter_free(TB.reward_fn),
+                         reward_fn=parameter_free(TB.reward_fn),
                          algorithm='bond', n=4, anchor='fixed', quantile='learned',
                          quantile_learning_rate=3e-3)
   tx, schedule = train.make_optimizer(1e-12, warmup_steps=0)
@@ -77,7 +79,7 @@ def test_learned_quantile_errors_are_named():
   tx = optax.sgd(1.0)
   prompt, valid = TB.prompts(4)
   base = dict(model=TB.cfg, sampling=TB.sampling_params(),
-              reward_fn=train.parameter_free(TB.reward_fn),
+              reward_fn=parameter_free(TB.reward_fn),
               algorithm='bond', quantile='learned')
   no_model = train.init_state(REF, REF, tx, jax.random.PRNGKey(0), quantile_model=False)
   with pytest.raises(ValueError, match='quantile_model=True'):

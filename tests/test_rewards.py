@@ -14,9 +14,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bond_jax import data, hf, real_config, reward_model, rewards, sharding
-from bond_jax import tokenizer as tokenizer_lib
-from bond_jax.config_lib import ConfigError, load_config_file
+from bond_jax.data import prompts as data
+from bond_jax.data import rewards
+from bond_jax.data import tokenizer as tokenizer_lib
+from bond_jax.models import hf, reward_model, sharding
+from bond_jax.run import config as config_lib
+from bond_jax.run.config import load_config_file
+from bond_jax.types import ConfigError
 from tests import hf_fixtures as hx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -149,7 +153,9 @@ _MESH_SCRIPT = textwrap.dedent('''
     import jax
     jax.config.update('jax_num_cpu_devices', 4)
     import ml_collections, numpy as np
-    from bond_jax import rewards, sharding, tokenizer
+    from bond_jax.data import rewards
+    from bond_jax.models import sharding
+    from bond_jax.data import tokenizer
     args = json.loads(sys.argv[1])
     mesh = sharding.make_mesh(2, 2)
     policy = tokenizer.load(args['policy'])
@@ -231,23 +237,23 @@ def test_missing_or_inconsistent_reward_fields(dirs, tmp_path):
 def test_validate_real_names_missing_fields(dirs, tmp_path, name):
   c = load_config_file(ROOT / 'configs' / f'{name}.py')
   with pytest.raises(ConfigError, match=r"config\.model\.hf_checkpoint='' is invalid"):
-    real_config.validate_real(c)
+    config_lib.validate_real(c)
   c.model.hf_checkpoint = str(dirs['rm_a'])  # any directory with a config.json
   if c.data.source == 'jsonl':
     with pytest.raises(ConfigError, match=r"config\.data\.jsonl_path='' is invalid"):
-      real_config.validate_real(c)
+      config_lib.validate_real(c)
     c.data.jsonl_path = str(hx.write_jsonl(tmp_path / 'p.jsonl', DOCS))
   with pytest.raises(ConfigError, match=r"config\.reward\.checkpoint='' is invalid"):
-    real_config.validate_real(c)
+    config_lib.validate_real(c)
   c.reward.checkpoint = str(tmp_path)
   with pytest.raises(ConfigError, match=r'config\.reward\.checkpoint=.* no config\.json'):
-    real_config.validate_real(c)
+    config_lib.validate_real(c)
   c.reward.checkpoint = str(dirs['rm_a'])
-  real_config.validate_real(c)
-  assert real_config.tokenizer_path(c) == c.model.hf_checkpoint  # '' falls back
+  config_lib.validate_real(c)
+  assert config_lib.tokenizer_path(c) == c.model.hf_checkpoint  # '' falls back
   c.reward.source, c.reward.fn = 'programmatic', 'nope'
   with pytest.raises(ConfigError, match=r"config\.reward\.fn='nope' is invalid"):
-    real_config.validate_real(c)
+    config_lib.validate_real(c)
 
 
 def test_xsum_config_takes_beta_from_its_argument():

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond_jax import model as model_lib
-from bond_jax import sampling
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import sampling
 
 PAD, EOS = 0, 1
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import jax
 from jax.sharding import PartitionSpec as P
 
-from bond_jax import model, sharding
+from bond_jax.models import decoder as model
+from bond_jax.models import sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond_jax import sampling, testbed, train
+from bond_jax.algo import step as train
+from bond_jax.eval import testbed
+from bond_jax.models import sampling
+from bond_jax.types import parameter_free
 
 TB, REF = testbed.make(seed=0, num_prompts=2)
 LOG_REF = TB.log_probs(REF)
@@ -77,7 +80,7 @@ def _run(knobs, steps, batch, learning_rate=3e-3, seed=0, watch=None, reward_sca
 
   With `reward_scale` the reward takes parameters, passed as the step's 4th argument.
   """
-  reward_fn = train.parameter_free(TB.reward_fn) if reward_scale is None else (
+  reward_fn = parameter_free(TB.reward_fn) if reward_scale is None else (
       lambda scale, *batch: scale * TB.reward_fn(*batch))
   cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=reward_fn,
                          **knobs)

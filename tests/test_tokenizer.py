@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bond_jax import tokenizer as tokenizer_lib
-from bond_jax.config_lib import ConfigError
+from bond_jax.data import tokenizer as tokenizer_lib
+from bond_jax.types import ConfigError
 from tests import hf_fixtures as hx
 
 TEXT = 'The cat sat on the mat.'

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 import transformers
 
-from bond_jax import config_lib, trainer
-from bond_jax import model as model_lib
+from bond_jax.models import decoder as model_lib
+from bond_jax.run import config as config_lib
+from bond_jax.run import loop as trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -34,9 +34,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bond_jax import model as model_lib
-from bond_jax import sharding as sharding_lib
-from bond_jax.model import ModelConfig
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import reward_model
+from bond_jax.models import sharding as sharding_lib
+from bond_jax.models.decoder import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ('gemma', 'gemma2', 'gemma3', 'gemma3_text', 'llama', 'qwen2')
 _CAUSAL_LM = {'gemma': 'GemmaForCausalLM', 'gemma2': 'Gemma2ForCausalLM',
@@ -350,8 +351,6 @@ def load_reward_params(path: str | Path, cfg: ModelConfig | None = None,
                        ) -> tuple[ModelConfig, Any]:
   """(cfg, {'decoder': ..., 'score': {'kernel': [D, 1]}}) of a *ForSequenceClassification
   checkpoint with one label (its `score.weight` is [1, D])."""
-  from bond_jax import reward_model
-
   cfg = _resolve_cfg(path, cfg, dtype)
   abstract = jax.eval_shape(lambda: reward_model.init_params(cfg, jax.random.key(0)))
   return cfg, _load_tree(path, cfg, abstract, 'decoder/', shardings)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bond_jax.config_lib import ConfigError
+from bond_jax.types import ConfigError
 
 _SENTINEL = '\x00BOND_TEXT\x00'  # stands for the user's text when splitting a chat template
 

@@ -18,9 +18,14 @@ from typing import Any
 import jax
 import ml_collections
 
-from bond_jax import checkpoint, config_lib, evaluate, metrics, run_setup, sharding, train
-from bond_jax import model as model_lib
-from bond_jax.run_setup import log
+from bond_jax.algo import step as train
+from bond_jax.eval import bon_table as evaluate
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import hf, sharding
+from bond_jax.run import checkpoint, metrics
+from bond_jax.run import config as config_lib
+from bond_jax.run import setup as run_setup
+from bond_jax.run.setup import log
 
 
 def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -147,12 +152,9 @@ def evaluate_workdir(workdir: str | pathlib.Path) -> dict[str, Any]:
 
 def export_policy(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
   """The latest checkpoint's policy as a Hugging Face checkpoint directory."""
-  from bond_jax import hf  # only export needs it
-
   c, setup, state = load_workdir(workdir)
   tokenizer_dir = None
   if c.task.name == 'hf':
-    from bond_jax import real_config
-    tokenizer_dir = real_config.tokenizer_path(c)
+    tokenizer_dir = config_lib.tokenizer_path(c)
   return pathlib.Path(hf.export_hf(setup.cfg, jax.device_get(state.params), out_dir,
                                    tokenizer_dir=tokenizer_dir))

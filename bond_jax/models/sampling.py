@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from bond_jax import model as model_lib
+from bond_jax.models import decoder as model_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import bon, sampling
-from bond_jax import model as model_lib
-from bond_jax.train import RewardFn
+from bond_jax.algo import bon
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import sampling
+from bond_jax.types import RewardFn
 
 
 def _rewards_and_logps(cfg: model_lib.ModelConfig, params: Any, ref_params: Any,

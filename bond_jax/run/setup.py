@@ -25,9 +25,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from bond_jax import config_lib, sft, tasks, train
-from bond_jax import model as model_lib
-from bond_jax import sampling as sampling_lib
+from bond_jax.algo import step as train
+from bond_jax.data import prompts as data
+from bond_jax.data import rewards, tasks
+from bond_jax.data import tokenizer as tokenizer_lib
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import hf
+from bond_jax.models import sampling as sampling_lib
+from bond_jax.run import config as config_lib
+from bond_jax.run import sft
+from bond_jax.types import parameter_free
 
 # Independent random streams derived from config.seed.
 SFT_STREAM, STATE_STREAM, DATA_STREAM, EVAL_STREAM = range(4)
@@ -86,7 +93,7 @@ def _optimizer(c: ml_collections.ConfigDict):
 def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
   cfg = config_lib.model_config(c)
   task = config_lib.task(c, cfg)
-  reward_fn = train.parameter_free(task.reward)
+  reward_fn = parameter_free(task.reward)
   step_cfg = config_lib.step_config(c, cfg, reward_fn, config_lib.sampling_params(c))
   tx, schedule = _optimizer(c)
 
@@ -109,10 +116,7 @@ def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
 
 
 def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunSetup:
-  from bond_jax import data, hf, real_config, rewards  # only real-model runs need these
-  from bond_jax import tokenizer as tokenizer_lib
-
-  tok = tokenizer_lib.load(real_config.tokenizer_path(c), chat_template=c.tokenizer.chat_template,
+  tok = tokenizer_lib.load(config_lib.tokenizer_path(c), chat_template=c.tokenizer.chat_template,
                            eos_token=c.tokenizer.eos_token)
   # Read the architecture from config.json; keep float32 master weights if asked (Adam
   # steps of lr 3e-6 vanish in bfloat16), compute in model.dtype.

@@ -11,17 +11,24 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import pathlib
+from pathlib import Path
 
 import jax
 import ml_collections
 
-from bond_jax import model as model_lib
-from bond_jax import sampling, tasks, train
+from bond_jax.algo import step as train
+from bond_jax.data import prompts, rewards, tasks
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import sampling
+from bond_jax.types import ConfigError, RewardFn
 
 TASKS = ('noisy_copy', 'hf')
 ALGORITHMS = ('jbond', 'bond', 'reinforce')
 ANCHORS = ('ema', 'periodic', 'fixed')
 QUANTILES = ('mc', 'learned')
+DTYPES = ('float32', 'bfloat16')
+SOURCES = ('tfds', 'jsonl')
+REWARD_SOURCES = ('model', 'programmatic')
 
 
 def load_config_file(path: str | pathlib.Path, arg: str | None = None
@@ -34,10 +41,6 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config() if arg is None else module.get_config(arg)
-
-
-class ConfigError(ValueError):
-  """A config value is out of range or inconsistent."""
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
@@ -108,8 +111,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
          'eval.bon_ns', ns, 'each N must be in [1, eval.samples_per_prompt]')
   _check(c.task.name in TASKS, 'task.name', c.task.name, f'one of {TASKS}')
   if c.task.name == 'hf':
-    from bond_jax import real_config  # imports tokenizers and data only for real-model runs
-    real_config.validate_real(c)
+    validate_real(c)
     return
   # The embedded task.
   for field in ('task.prompt_len', 'reference.sft_steps', 'reference.sft_batch_size'):
@@ -136,8 +138,85 @@ def sampling_params(c: ml_collections.ConfigDict) -> sampling.SamplingParams:
 
 
 def step_config(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
-                reward_fn: train.RewardFn, sp: sampling.SamplingParams) -> train.StepConfig:
+                reward_fn: RewardFn, sp: sampling.SamplingParams) -> train.StepConfig:
   b = c.bond
   fields = {f.name for f in dataclasses.fields(train.StepConfig)}
   knobs = {k: b[k] for k in b if k in fields}
   return train.StepConfig(model=cfg, sampling=sp, reward_fn=reward_fn, **knobs)
+
+
+# ---------------------------------------------------------------------------
+# Real-model runs (task.name = 'hf'): paths, tokenizer, data and reward fields.
+
+
+
+def _fail(field: str, value, fix: str) -> None:
+  raise ConfigError(f'config.{field}={value!r} is invalid: {fix}.')
+
+
+def _check_dir(field: str, path: str, what: str, needs: str | None = None) -> None:
+  if not path:
+    _fail(field, path, f'set it to a local {what} (nothing is downloaded)')
+  if not Path(path).is_dir():
+    _fail(field, path, f'no such directory (expected a local {what})')
+  if needs and not (Path(path) / needs).is_file():
+    _fail(field, path, f'no {needs} in it (expected a local {what})')
+
+
+
+def tokenizer_path(c: ml_collections.ConfigDict) -> str:
+  """The policy tokenizer's directory: tokenizer.path, or model.hf_checkpoint when ''."""
+  return c.tokenizer.path or c.model.hf_checkpoint
+
+
+def validate_real(c: ml_collections.ConfigDict) -> None:
+  """Reject missing paths and bad values of the real-model fields, naming the field."""
+  if c.task.name != 'hf':
+    _fail('task.name', c.task.name, "validate_real checks configs with task.name='hf'")
+  _check_dir('model.hf_checkpoint', c.model.hf_checkpoint,
+             'Hugging Face *ForCausalLM checkpoint directory', 'config.json')
+  for field in ('model.dtype', 'model.param_dtype'):
+    value = c.model.dtype if field == 'model.dtype' else c.model.param_dtype
+    if value not in DTYPES:
+      _fail(field, value, f'one of {DTYPES}')
+  if c.tokenizer.path:
+    _check_dir('tokenizer.path', c.tokenizer.path, 'tokenizer directory')
+
+  d = c.data
+  if d.source not in SOURCES:
+    _fail('data.source', d.source, f'one of {SOURCES}')
+  if d.source == 'tfds':
+    for field in ('tfds_name', 'split', 'text_field'):
+      if not d[field]:
+        _fail(f'data.{field}', d[field], "must be set when data.source='tfds'")
+    if d.tfds_data_dir and not Path(d.tfds_data_dir).is_dir():
+      _fail('data.tfds_data_dir', d.tfds_data_dir, "no such directory ('' = TFDS default)")
+  else:
+    if not Path(d.jsonl_path).is_file():
+      _fail('data.jsonl_path', d.jsonl_path, 'set it to a local JSONL file (one object per line)')
+    if d.eval_jsonl_path and not Path(d.eval_jsonl_path).is_file():
+      _fail('data.eval_jsonl_path', d.eval_jsonl_path, "no such file ('' = data.jsonl_path)")
+    if not d.jsonl_field:
+      _fail('data.jsonl_field', d.jsonl_field, 'name the key that holds the prompt text')
+  if '{text}' not in d.prompt_template:
+    _fail('data.prompt_template', d.prompt_template, "must contain '{text}'")
+  _positive_int(c, 'data.max_prompt_len')
+  if d.overlong not in prompts.OVERLONG:
+    _fail('data.overlong', d.overlong, f'one of {prompts.OVERLONG}')
+  if not isinstance(d.shuffle_seed, int):
+    _fail('data.shuffle_seed', d.shuffle_seed, 'must be an integer')
+
+  r = c.reward
+  if r.source not in REWARD_SOURCES:
+    _fail('reward.source', r.source, f'one of {REWARD_SOURCES}')
+  if r.source == 'model':
+    _check_dir('reward.checkpoint', r.checkpoint,
+               'Hugging Face *ForSequenceClassification checkpoint directory', 'config.json')
+    if r.tokenizer_path:
+      _check_dir('reward.tokenizer_path', r.tokenizer_path, 'tokenizer directory')
+      _positive_int(c, 'reward.max_len')
+    if r.dtype not in DTYPES:
+      _fail('reward.dtype', r.dtype, f'one of {DTYPES}')
+  elif r.fn not in rewards.PROGRAMMATIC:
+    _fail('reward.fn', r.fn, f'one of {sorted(rewards.PROGRAMMATIC)}')
+  _positive_int(c, 'mesh.model')

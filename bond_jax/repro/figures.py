@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from bond_jax import experiments as ex
-from bond_jax import testbed
+from bond_jax.eval import testbed
+from bond_jax.repro import experiments as ex
 
 Curves = dict[str, ex.Curve]
 PARTS = ('testbed', 'lm')

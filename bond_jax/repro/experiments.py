@@ -27,8 +27,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bond_jax import bon, config_lib, sampling, sft, tasks, testbed, train
-from bond_jax import model as model_lib
+from bond_jax.algo import bon
+from bond_jax.algo import step as train
+from bond_jax.data import tasks
+from bond_jax.eval import testbed
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import sampling
+from bond_jax.run import config as config_lib
+from bond_jax.run import sft
+from bond_jax.types import parameter_free
 
 Curve = dict[str, list[float]]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -66,7 +73,7 @@ def testbed_curve(tb: testbed.Testbed, ref_params: Any, knobs: dict[str, Any], *
                   seed: int = 0, label: str = '') -> Curve:
   """Exact metrics (`Testbed.evaluate` against Best-of-`eval_n` of pi_ref) along training."""
   cfg = train.StepConfig(model=tb.cfg, sampling=tb.sampling_params(),
-                         reward_fn=train.parameter_free(tb.reward_fn),
+                         reward_fn=parameter_free(tb.reward_fn),
                          **knobs)
   tx, schedule = train.make_optimizer(learning_rate, warmup_steps=0)
   state = train.init_state(ref_params, ref_params, tx, jax.random.PRNGKey(seed),
@@ -208,7 +215,7 @@ def lm_curve(lm: LMTask, c: ml_collections.ConfigDict, *, eval_every: int,
       raise ValueError(f'config.{field} differs from the one pi_ref was trained with.')
   fields = {f.name for f in dataclasses.fields(train.StepConfig)}
   cfg = train.StepConfig(model=lm.cfg, sampling=config_lib.sampling_params(c),
-                         reward_fn=train.parameter_free(lm.task.reward),
+                         reward_fn=parameter_free(lm.task.reward),
                          **{k: c.bond[k] for k in c.bond if k in fields})
   o = c.optim
   tx, schedule = train.make_optimizer(o.learning_rate, o.warmup_steps, o.b1, o.b2,

@@ -44,14 +44,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from bond_jax import hf, reward_model, sharding
-from bond_jax import tokenizer as tokenizer_lib
-from bond_jax.config_lib import ConfigError
-from bond_jax.model import ModelConfig
-
-# (reward_params, prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG) -> reward_B
-RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-
+from bond_jax.data import tokenizer as tokenizer_lib
+from bond_jax.models import hf, reward_model, sharding
+from bond_jax.models.decoder import ModelConfig
+from bond_jax.types import ConfigError, RewardFn
 
 # ---------------------------------------------------------------------------
 # Programmatic rewards.

@@ -37,8 +37,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from bond_jax.config_lib import ConfigError
-from bond_jax.tokenizer import Tokenizer
+from bond_jax.data.tokenizer import Tokenizer
+from bond_jax.types import ConfigError
 
 OVERLONG = ('drop', 'truncate')
 # TFDS registers the builders of these packages only when they are imported.

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bond_jax import bon, sampling
-from bond_jax import model as model_lib
+from bond_jax.algo import bon
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import sampling
 
 
 def tiny_model(vocab: int = 4, tied: bool = False) -> model_lib.ModelConfig:

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bond_jax import reward_model
-from bond_jax.model import ModelConfig
+from bond_jax.models import reward_model
+from bond_jax.models.decoder import ModelConfig
 
 
 def init_params(lm_params: Any) -> Any:

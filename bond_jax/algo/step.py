@@ -33,21 +33,12 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from bond_jax import bon, sampling
-from bond_jax import model as model_lib
-from bond_jax import objectives as obj
-from bond_jax import quantile_model as qm
-
-# (reward_params, prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG) -> reward_B.
-# reward_params (a reward model's frozen weights, or None) are a step argument, so they are
-# never baked into the compiled step as constants.
-RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def parameter_free(fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-                   ) -> RewardFn:
-  """A RewardFn from a reward of (prompt, valid, response, mask) that has no parameters."""
-  return lambda reward_params, *batch: fn(*batch)
+from bond_jax.algo import bon
+from bond_jax.algo import objectives as obj
+from bond_jax.algo import quantile_model as qm
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import sampling
+from bond_jax.types import RewardFn
 
 
 @struct.dataclass

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bond_jax import model as model_lib
-from bond_jax import sampling
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import sampling
 
 # (rng, batch) -> (prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG)
 DataFn = Callable[[jax.Array, int], tuple[jax.Array, ...]]

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from bond_jax import model as model_lib
-from bond_jax.model import ModelConfig
+from bond_jax.models import decoder as model_lib
+from bond_jax.models.decoder import ModelConfig
 
 
 def last_valid_index(valid_BxT: jax.Array) -> jax.Array:
