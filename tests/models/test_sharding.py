@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from bond_jax.models import decoder as model
 from bond_jax.models import sharding
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_on_eight_fake_devices():
@@ -22,7 +22,7 @@ def test_on_eight_fake_devices():
   env.pop('XLA_FLAGS', None)
   proc = subprocess.run(
       [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-       str(ROOT / 'tests' / 'sharding_8dev_checks.py')],
+       str(ROOT / 'tests' / 'models' / 'sharding_8dev_checks.py')],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 

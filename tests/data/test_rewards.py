@@ -23,7 +23,7 @@ from bond_jax.run.config import load_config_file
 from bond_jax.types import ConfigError
 from tests import hf_fixtures as hx
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATE = 'Summarize:\n{text}\nSummary:'
 DOCS = ['The cat sat on the mat.', 'The city council voted to build a bridge.',
         'Paris is the capital of France.', 'Scientists found the river was warmer.']

@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_sharded_runs_match_single_device(tmp_path):
-  proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'multidevice_checks.py'),
+  proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'run' / 'multidevice_checks.py'),
                          str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads((tmp_path / 'results.json').read_text())

@@ -8,7 +8,7 @@ import pytest
 
 from bond_jax.run import config as config_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def load_config(name: str = 'jbond_tiny'):

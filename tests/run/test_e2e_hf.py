@@ -13,7 +13,7 @@ from bond_jax.run import config as config_lib
 from bond_jax.run import loop as trainer
 from tests import hf_fixtures
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope='module')

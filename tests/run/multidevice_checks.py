@@ -9,9 +9,9 @@ import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from bond_jax.run import loop as trainer  # noqa: E402
-from tests.test_trainer import micro_config  # noqa: E402
+from tests.run.test_loop import micro_config  # noqa: E402
 
 
 def main(out_dir: str) -> None:

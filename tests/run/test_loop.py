@@ -12,7 +12,7 @@ from bond_jax.models import decoder as model_lib
 from bond_jax.run import config as config_lib
 from bond_jax.run import loop as trainer
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def micro_config(num_steps: int):
