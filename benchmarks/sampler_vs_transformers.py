@@ -32,8 +32,15 @@ from bond_jax.models import (
 )
 
 # The 5.9 M-parameter Gemma config of shared/guides/PERFORMANCE.md.
-CFG = model_lib.ModelConfig(vocab_size=8192, num_layers=4, embed_dim=256, hidden_dim=1024,
-                            num_heads=4, num_kv_heads=1, head_dim=64)
+CFG = model_lib.ModelConfig(
+  vocab_size=8192,
+  num_layers=4,
+  embed_dim=256,
+  hidden_dim=1024,
+  num_heads=4,
+  num_kv_heads=1,
+  head_dim=64,
+)
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -76,7 +83,7 @@ def main() -> None:
   assert rel < 1e-4, f'logits differ: max rel {rel}'
 
   sp = sampling.SamplingParams(max_new_tokens=args.new, eos_id=None)
-  run = lambda key: sampling.sample_jit(CFG, params, prompt, valid, key, sp)  # noqa: E731
+  run = lambda key: sampling.sample_jit(CFG, params, prompt, valid, key, sp)
   t = time.perf_counter()
   jax.block_until_ready(run(jax.random.PRNGKey(0)))
   compile_s = time.perf_counter() - t
@@ -86,9 +93,16 @@ def main() -> None:
     jax.block_until_ready(run(jax.random.PRNGKey(i + 1)))
     ours_s.append(time.perf_counter() - t)
 
-  gen_kwargs = dict(do_sample=True, max_new_tokens=args.new, min_new_tokens=args.new,
-                    temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0,
-                    attention_mask=torch.ones(prompt.shape, dtype=torch.long))
+  gen_kwargs = dict(
+    do_sample=True,
+    max_new_tokens=args.new,
+    min_new_tokens=args.new,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    pad_token_id=0,
+    attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+  )
   ids = torch.from_numpy(prompt).long()
   with torch.no_grad():
     torch_model.generate(ids, **gen_kwargs)  # warm-up
@@ -100,17 +114,23 @@ def main() -> None:
 
   tokens = args.batch * args.new
   result = {
-      'device': jax.devices()[0].device_kind, 'threads': threads,
-      'batch': args.batch, 'prompt': args.prompt, 'new_tokens': args.new,
-      'logits_max_rel_diff': rel,
-      'ours_compile_s': compile_s,
-      'ours_median_s': statistics.median(ours_s),
-      'transformers_median_s': statistics.median(theirs_s),
-      'ours_tokens_per_s': tokens / statistics.median(ours_s),
-      'transformers_tokens_per_s': tokens / statistics.median(theirs_s),
-      'matmul_fp32_gflops': matmul_gflops(),
-      'versions': {'jax': jax.__version__, 'torch': torch.__version__,
-                   'transformers': transformers.__version__},
+    'device': jax.devices()[0].device_kind,
+    'threads': threads,
+    'batch': args.batch,
+    'prompt': args.prompt,
+    'new_tokens': args.new,
+    'logits_max_rel_diff': rel,
+    'ours_compile_s': compile_s,
+    'ours_median_s': statistics.median(ours_s),
+    'transformers_median_s': statistics.median(theirs_s),
+    'ours_tokens_per_s': tokens / statistics.median(ours_s),
+    'transformers_tokens_per_s': tokens / statistics.median(theirs_s),
+    'matmul_fp32_gflops': matmul_gflops(),
+    'versions': {
+      'jax': jax.__version__,
+      'torch': torch.__version__,
+      'transformers': transformers.__version__,
+    },
   }
   result['speedup'] = result['transformers_median_s'] / result['ours_median_s']
   print(json.dumps(result, indent=2))

@@ -43,7 +43,8 @@ class PromptSource(Protocol):
     ...
 
 
-def parameter_free(fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-                   ) -> RewardFn:
+def parameter_free(
+  fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array],
+) -> RewardFn:
   """A RewardFn from a reward of (prompt, valid, response, mask) that has no parameters."""
   return lambda reward_params, *batch: fn(*batch)

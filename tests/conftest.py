@@ -9,8 +9,9 @@ from bond_jax.models import decoder as model_lib
 
 @pytest.fixture(scope='session')
 def tiny_cfg() -> model_lib.ModelConfig:
-  return model_lib.preset('tiny', num_layers=2, embed_dim=32, hidden_dim=64, num_heads=4,
-                          num_kv_heads=2, head_dim=8)
+  return model_lib.preset(
+    'tiny', num_layers=2, embed_dim=32, hidden_dim=64, num_heads=4, num_kv_heads=2, head_dim=8
+  )
 
 
 @pytest.fixture(scope='session')

@@ -24,23 +24,29 @@ from pathlib import Path
 
 SPECIALS = ('<pad>', '<eos>', '<bos>', '<unk>', '<start_of_turn>', '<end_of_turn>')
 GEMMA_CHAT_TEMPLATE = (
-    '{{ bos_token }}{% for message in messages %}'
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
-    '{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}')
+  '{{ bos_token }}{% for message in messages %}'
+  "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+  "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+  '{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}'
+)
 CORPUS = (
-    'Summarize the following article in one sentence.',
-    'The cat sat on the mat and the dog sat on the log.',
-    'Scientists found that the river was warmer than last year.',
-    'The city council voted to build a new bridge over the river.',
-    'Please write a short poem about the sea and the sky.',
-    'What is the capital of France? Paris is the capital of France.',
-    'Summary: a new bridge will be built. The answer is yes.',
+  'Summarize the following article in one sentence.',
+  'The cat sat on the mat and the dog sat on the log.',
+  'Scientists found that the river was warmer than last year.',
+  'The city council voted to build a new bridge over the river.',
+  'Please write a short poem about the sea and the sky.',
+  'What is the capital of France? Paris is the capital of France.',
+  'Summary: a new bridge will be built. The answer is yes.',
 )
 
 
-def make_tokenizer_dir(path: str | Path, vocab_size: int = 384, corpus: Iterable[str] = CORPUS,
-                       chat_template: bool = True, pad_token: bool = True) -> Path:
+def make_tokenizer_dir(
+  path: str | Path,
+  vocab_size: int = 384,
+  corpus: Iterable[str] = CORPUS,
+  chat_template: bool = True,
+  pad_token: bool = True,
+) -> Path:
   """Train a byte-level BPE on `corpus`, wrap it as PreTrainedTokenizerFast, save it."""
   import tokenizers
   import transformers
@@ -50,17 +56,25 @@ def make_tokenizer_dir(path: str | Path, vocab_size: int = 384, corpus: Iterable
   tok = tokenizers.Tokenizer(models.BPE(unk_token='<unk>'))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=list(SPECIALS),
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
   tok.train_from_iterator(list(corpus), trainer=trainer)
   bos_id = tok.token_to_id('<bos>')
-  tok.post_processor = processors.TemplateProcessing(single='<bos> $A', pair='<bos> $A $B',
-                                                     special_tokens=[('<bos>', bos_id)])
+  tok.post_processor = processors.TemplateProcessing(
+    single='<bos> $A', pair='<bos> $A $B', special_tokens=[('<bos>', bos_id)]
+  )
   hf = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token='<bos>', eos_token='<eos>', unk_token='<unk>',
-      pad_token='<pad>' if pad_token else None,
-      additional_special_tokens=['<start_of_turn>', '<end_of_turn>'])
+    tokenizer_object=tok,
+    bos_token='<bos>',
+    eos_token='<eos>',
+    unk_token='<unk>',
+    pad_token='<pad>' if pad_token else None,
+    additional_special_tokens=['<start_of_turn>', '<end_of_turn>'],
+  )
   if chat_template:
     hf.chat_template = GEMMA_CHAT_TEMPLATE
   hf.save_pretrained(str(path))
@@ -70,16 +84,25 @@ def make_tokenizer_dir(path: str | Path, vocab_size: int = 384, corpus: Iterable
 def tokenizer_vocab_size(tokenizer_dir: str | Path) -> int:
   import transformers
 
-  return len(transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir),
-                                                        local_files_only=True))
+  return len(transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True))
 
 
 def _gemma_config(vocab_size: int, **overrides):
   import transformers
 
-  fields = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=1, head_dim=8,
-                max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+  fields = dict(
+    vocab_size=vocab_size,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+  )
   fields.update(overrides)
   return transformers.GemmaConfig(**fields)
 
@@ -102,8 +125,9 @@ def _save(model, path: Path, tokenizer_dir: str | Path | None) -> Path:
   return path
 
 
-def make_policy_dir(path: str | Path, tokenizer_dir: str | Path, seed: int = 0,
-                    **config_overrides) -> Path:
+def make_policy_dir(
+  path: str | Path, tokenizer_dir: str | Path, seed: int = 0, **config_overrides
+) -> Path:
   """A random tiny GemmaForCausalLM (vocab = the tokenizer's) with the tokenizer beside it."""
   import transformers
 
@@ -113,8 +137,9 @@ def make_policy_dir(path: str | Path, tokenizer_dir: str | Path, seed: int = 0,
   return _save(model, Path(path), tokenizer_dir)
 
 
-def make_reward_dir(path: str | Path, tokenizer_dir: str | Path, seed: int = 1,
-                    **config_overrides) -> Path:
+def make_reward_dir(
+  path: str | Path, tokenizer_dir: str | Path, seed: int = 1, **config_overrides
+) -> Path:
   """A random tiny GemmaForSequenceClassification with one label, tokenizer beside it."""
   import transformers
 
@@ -130,8 +155,7 @@ def mock_tfds(num_examples: int = 20) -> Iterator[None]:
   its feature spec (text features are random letter strings)."""
   import tensorflow_datasets as tfds
 
-  with tfds.testing.mock_data(num_examples=num_examples,
-                              policy=tfds.testing.MockPolicy.USE_CODE):
+  with tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE):
     yield
 
 

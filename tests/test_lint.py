@@ -10,8 +10,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize('command', [('ruff', 'check', '.'), ('ruff', 'format', '--check', '.'),
-                                     ('lint-imports',)], ids=lambda c: ' '.join(c))
+@pytest.mark.parametrize(
+  'command',
+  [('ruff', 'check', '.'), ('ruff', 'format', '--check', '.'), ('lint-imports',)],
+  ids=lambda c: ' '.join(c),
+)
 def test_tree_is_clean(command):
   exe = shutil.which(command[0])
   if exe is None:

@@ -85,7 +85,7 @@ def log_quantiles(log_pi_ref_Y: Array, reward_Y: Array) -> tuple[Array, Array]:
   log_gt_Y = jnp.concatenate([log_ge_Y[..., 1:], pad], axis=-1)
   log_le_Y = jnp.where(log_le_Y < _LOG_HALF, log_le_Y, _log1mexp(jnp.minimum(log_gt_Y, 0.0)))
   log_lt_Y = jnp.where(log_lt_Y < _LOG_HALF, log_lt_Y, _log1mexp(jnp.minimum(log_ge_Y, 0.0)))
-  unsort = lambda a: jnp.take_along_axis(a, inverse_Y, axis=-1)  # noqa: E731
+  unsort = lambda a: jnp.take_along_axis(a, inverse_Y, axis=-1)
   return unsort(log_lt_Y), unsort(log_le_Y)
 
 
@@ -128,7 +128,7 @@ def log_pi_bon_theorem1(log_pi_ref: Array, log_p_lt: Array, log_p_le: Array, n: 
 def beta_bond(n: int) -> float:
   """KL coefficient beta_BOND = 1/(N-1) of the BOND-as-RLHF view (Eq. 7-8)."""
   if n < 2:
-    raise ValueError(f"beta_BOND needs N >= 2, got {n}")
+    raise ValueError(f'beta_BOND needs N >= 2, got {n}')
   return 1.0 / (n - 1)
 
 
@@ -190,7 +190,7 @@ def jbond_alpha(n_anchor: int) -> float:
   calibration E[r_J] = alpha_n (1 - p_le)^n = log p_le at the median p_le = 1/2.
   """
   if n_anchor < 1:
-    raise ValueError(f"n_anchor must be >= 1, got {n_anchor}")
+    raise ValueError(f'n_anchor must be >= 1, got {n_anchor}')
   return -(2.0**n_anchor) * math.log(2.0)
 
 
@@ -201,7 +201,7 @@ def jbond_reward(reward_B: Array, anchor_rewards_BxN: Array, n_anchor: int) -> A
   penalised, so with p_le counting ties as "<=", E[r_J] = alpha_n (1 - p_le)^n.
   """
   if anchor_rewards_BxN.shape[-1] != n_anchor:
-    raise ValueError(f"expected {n_anchor} anchors, got shape {anchor_rewards_BxN.shape}")
+    raise ValueError(f'expected {n_anchor} anchors, got shape {anchor_rewards_BxN.shape}')
   worse_than_all_B = reward_B < jnp.min(anchor_rewards_BxN, axis=-1)
   return jnp.where(worse_than_all_B, jbond_alpha(n_anchor), 0.0).astype(jnp.float32)
 
@@ -220,7 +220,7 @@ def bon_expected_max(rewards_BxK: Array, n: int) -> Array:
   """
   k = rewards_BxK.shape[-1]
   if not 1 <= n <= k:
-    raise ValueError(f"need 1 <= n <= K, got n={n}, K={k}")
+    raise ValueError(f'need 1 <= n <= K, got n={n}, K={k}')
   log_c_kn = math.lgamma(k + 1) - math.lgamma(n + 1) - math.lgamma(k - n + 1)
   weights_K = [
     math.exp(math.lgamma(j) - math.lgamma(n) - math.lgamma(j - n + 1) - log_c_kn) if j >= n else 0.0

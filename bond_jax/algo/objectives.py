@@ -53,8 +53,13 @@ def best_of(rewards_BxN: jax.Array) -> jax.Array:
   return jnp.argmax(rewards_BxN, axis=-1)  # argmax returns the first maximum
 
 
-def backward_kl_advantage(r_B: jax.Array, logp_B: jax.Array, logp_anchor_B: jax.Array,
-                          reward_scale: float = 1.0, use_baseline: bool = True) -> jax.Array:
+def backward_kl_advantage(
+  r_B: jax.Array,
+  logp_B: jax.Array,
+  logp_anchor_B: jax.Array,
+  reward_scale: float = 1.0,
+  use_baseline: bool = True,
+) -> jax.Array:
   """Advantage of the backward-KL policy gradient, in nats (Eq. 15).
 
   R(y) = reward_scale * r(y) - (log pi(y) - log pi_anchor(y)), minus the
@@ -68,8 +73,9 @@ def backward_kl_advantage(r_B: jax.Array, logp_B: jax.Array, logp_anchor_B: jax.
   return sg(returns_B)
 
 
-def reinforce_advantage(reward_BxM: jax.Array, logp_BxM: jax.Array, logp_ref_BxM: jax.Array,
-                        beta_rl: float) -> jax.Array:
+def reinforce_advantage(
+  reward_BxM: jax.Array, logp_BxM: jax.Array, logp_ref_BxM: jax.Array, beta_rl: float
+) -> jax.Array:
   """KL-regularised REINFORCE (Eq. 1) with M >= 2 samples per prompt.
 
   Return r(y) - beta_RL (log pi(y) - log pi_ref(y)); the baseline of each sample

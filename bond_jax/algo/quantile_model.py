@@ -41,12 +41,19 @@ def optimizer(learning_rate: float) -> optax.GradientTransformation:
   return optax.adam(learning_rate)
 
 
-def logits(cfg: ModelConfig, params: Any, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array,
-           response_BxG: jax.Array, response_mask_BxG: jax.Array) -> jax.Array:
+def logits(
+  cfg: ModelConfig,
+  params: Any,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> jax.Array:
   """logit p_theta(x, y) [B], float32, read at the last generated token."""
   tokens_BxT = jnp.concatenate([prompt_BxP, response_BxG], axis=1)
-  valid_BxT = jnp.concatenate([prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)],
-                              axis=1)
+  valid_BxT = jnp.concatenate(
+    [prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)], axis=1
+  )
   return reward_model.score(cfg, params, tokens_BxT, valid_BxT)
 
 

@@ -78,22 +78,35 @@ class StepConfig:
   num_policy_samples: int = 2  # REINFORCE: samples per prompt (leave-one-out baseline)
 
 
-def make_optimizer(learning_rate: float, warmup_steps: int, b1: float = 0.9, b2: float = 0.999,
-                   grad_clip_norm: float = 0.0
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  learning_rate: float,
+  warmup_steps: int,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  grad_clip_norm: float = 0.0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam with a linear warm-up from 0, then constant (the paper's J-BOND setting).
 
   With warmup_steps = 0 the first step already takes the full learning rate.
   """
-  schedule = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0
-              else optax.constant_schedule(learning_rate))
+  schedule = (
+    optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    if warmup_steps > 0
+    else optax.constant_schedule(learning_rate)
+  )
   parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
   parts.append(optax.adam(schedule, b1=b1, b2=b2))
   return optax.chain(*parts), schedule
 
 
-def init_state(params: Any, ref_params: Any, tx: optax.GradientTransformation,
-               rng: jax.Array, *, quantile_model: bool = True) -> TrainState:
+def init_state(
+  params: Any,
+  ref_params: Any,
+  tx: optax.GradientTransformation,
+  rng: jax.Array,
+  *,
+  quantile_model: bool = True,
+) -> TrainState:
   """Policy and anchor start as copies of `params` (pi_ref; Algorithm 2, line 1).
 
   With `quantile_model` (the default, so that any config can select
@@ -102,13 +115,19 @@ def init_state(params: Any, ref_params: Any, tx: optax.GradientTransformation,
   network and its moments. Pass False to leave them out when no run of this
   state uses learned quantiles.
   """
-  copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731  (distinct buffers: the state is donated)
+  copy = lambda t: jax.tree.map(jnp.array, t)  # distinct buffers: the state is donated
   quantile_params = qm.init_params(ref_params) if quantile_model else None
-  quantile_opt_state = (qm.optimizer(0.0).init(quantile_params) if quantile_model else None)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=copy(params),
-                    anchor_params=copy(params), ref_params=copy(ref_params),
-                    opt_state=tx.init(params), rng=rng, quantile_params=quantile_params,
-                    quantile_opt_state=quantile_opt_state)
+  quantile_opt_state = qm.optimizer(0.0).init(quantile_params) if quantile_model else None
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=copy(params),
+    anchor_params=copy(params),
+    ref_params=copy(ref_params),
+    opt_state=tx.init(params),
+    rng=rng,
+    quantile_params=quantile_params,
+    quantile_opt_state=quantile_opt_state,
+  )
 
 
 def _logp(cfg: StepConfig, params: Any, prompt, valid, tokens, mask) -> jax.Array:
@@ -130,12 +149,13 @@ def _repeat(x: jax.Array, n: int) -> jax.Array:
   return x if n == 1 else jnp.repeat(x, n, axis=0)
 
 
-def _best_rows(tokens_BnxG: jax.Array, mask_BnxG: jax.Array, rewards_BxN: jax.Array,
-               n: int) -> tuple[jax.Array, jax.Array]:
+def _best_rows(
+  tokens_BnxG: jax.Array, mask_BnxG: jax.Array, rewards_BxN: jax.Array, n: int
+) -> tuple[jax.Array, jax.Array]:
   """Best of the first n samples of each prompt (ties: lowest index)."""
   b, total = rewards_BxN.shape
   best_B = obj.best_of(rewards_BxN[:, :n])
-  pick = lambda x: x.reshape(b, total, -1)[jnp.arange(b), best_B]  # noqa: E731
+  pick = lambda x: x.reshape(b, total, -1)[jnp.arange(b), best_B]
   return pick(tokens_BnxG), pick(mask_BnxG)
 
 
@@ -151,7 +171,7 @@ def _num_anchor_samples(cfg: StepConfig) -> int:
 
 def _r_bond(cfg: StepConfig, reward_B: jax.Array, anchor_reward_BxA: jax.Array) -> jax.Array:
   """MC estimate of r_BOND (Eq. 8) from k anchor samples (Eq. 10)."""
-  ref_BxK = anchor_reward_BxA[:, :cfg.num_quantile_samples]
+  ref_BxK = anchor_reward_BxA[:, : cfg.num_quantile_samples]
   log_p_le_B = bon.mc_log_quantile(reward_B, ref_BxK)
   if not cfg.bon_correction:
     return log_p_le_B
@@ -162,9 +182,13 @@ def _r_bond(cfg: StepConfig, reward_B: jax.Array, anchor_reward_BxA: jax.Array) 
   return log_p_le_B + bon.log_correction_b(log_p_lt_B, log_p_le_B, cfg.n) / (cfg.n - 1)
 
 
-def _learned_r_bond(cfg: StepConfig, state: TrainState, rows: tuple[jax.Array, ...],
-                    reward_B: jax.Array, anchor_reward_BxA: jax.Array
-                    ) -> tuple[jax.Array, Any, Any, dict[str, jax.Array]]:
+def _learned_r_bond(
+  cfg: StepConfig,
+  state: TrainState,
+  rows: tuple[jax.Array, ...],
+  reward_B: jax.Array,
+  anchor_reward_BxA: jax.Array,
+) -> tuple[jax.Array, Any, Any, dict[str, jax.Array]]:
   """r_BOND ~ log p_theta(y) (App. B.1), and one Adam step of p_theta on Eq. 25.
 
   The estimate comes from the parameters *before* this step's update, so it
@@ -179,7 +203,8 @@ def _learned_r_bond(cfg: StepConfig, state: TrainState, rows: tuple[jax.Array, .
 
   (bce, logit_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.quantile_params)
   updates, opt_state = qm.optimizer(cfg.quantile_learning_rate).update(
-      grads, state.quantile_opt_state, state.quantile_params)
+    grads, state.quantile_opt_state, state.quantile_params
+  )
   params = optax.apply_updates(state.quantile_params, updates)
   return qm.log_quantile(obj.sg(logit_B)), params, opt_state, {'quantile_bce': bce}
 
@@ -191,17 +216,26 @@ def _check(cfg: StepConfig, state: TrainState) -> None:
     raise ValueError(f'bond.quantile {cfg.quantile!r} is unknown; use mc or learned.')
   if cfg.algorithm == 'bond' and cfg.quantile == 'learned':
     if state.quantile_params is None:
-      raise ValueError("bond.quantile='learned' needs a state built with "
-                       'init_state(..., quantile_model=True).')
+      raise ValueError(
+        "bond.quantile='learned' needs a state built with init_state(..., quantile_model=True)."
+      )
     if cfg.bon_correction:
-      raise ValueError("bond.bon_correction needs p_lt, which bond.quantile='learned' does "
-                       "not estimate; use bond.quantile='mc' or bon_correction=False.")
+      raise ValueError(
+        "bond.bon_correction needs p_lt, which bond.quantile='learned' does "
+        "not estimate; use bond.quantile='mc' or bon_correction=False."
+      )
 
 
-def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array,
-               reward_params: Any = None, *, cfg: StepConfig,
-               tx: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  reward_params: Any = None,
+  *,
+  cfg: StepConfig,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update of the configured algorithm. Returns the new state and scalar metrics.
 
   The reward is `cfg.reward_fn(reward_params, prompt, valid, response, mask)`.
@@ -220,28 +254,39 @@ def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.A
   anchor_params = state.ref_params if anchor_is_ref else state.anchor_params
 
   with jax.named_scope('sample'):
-    pol = sampling.sample(cfg.model, state.params, prompt_BxP, prompt_valid_BxP, k_policy,
-                          cfg.sampling, num_samples=m)
+    pol = sampling.sample(
+      cfg.model, state.params, prompt_BxP, prompt_valid_BxP, k_policy, cfg.sampling, num_samples=m
+    )
     if a:
-      anc = sampling.sample(cfg.model, anchor_params, prompt_BxP, prompt_valid_BxP,
-                            k_anchor, cfg.sampling, num_samples=a)
+      anc = sampling.sample(
+        cfg.model,
+        anchor_params,
+        prompt_BxP,
+        prompt_valid_BxP,
+        k_anchor,
+        cfg.sampling,
+        num_samples=a,
+      )
 
   pol_prompt, pol_valid = _repeat(prompt_BxP, m), _repeat(prompt_valid_BxP, m)
   with jax.named_scope('reward'):
     reward_Bm = reward_fn(pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
     if a:
-      anchor_reward_BxA = reward_fn(_repeat(prompt_BxP, a), _repeat(prompt_valid_BxP, a),
-                                    anc.tokens_BxG, anc.mask_BxG).reshape(b, a)
+      anchor_reward_BxA = reward_fn(
+        _repeat(prompt_BxP, a), _repeat(prompt_valid_BxP, a), anc.tokens_BxG, anc.mask_BxG
+      ).reshape(b, a)
       bon_tokens, bon_mask = _best_rows(anc.tokens_BxG, anc.mask_BxG, anchor_reward_BxA, cfg.n)
       metrics['reward_anchor'] = jnp.mean(anchor_reward_BxA)
-      metrics['reward_anchor_best'] = jnp.mean(jnp.max(anchor_reward_BxA[:, :cfg.n], -1))
+      metrics['reward_anchor_best'] = jnp.mean(jnp.max(anchor_reward_BxA[:, : cfg.n], -1))
 
   with jax.named_scope('reference_logprobs'):
-    logp_ref_Bm = _logp(cfg, state.ref_params, pol_prompt, pol_valid, pol.tokens_BxG,
-                        pol.mask_BxG)
+    logp_ref_Bm = _logp(cfg, state.ref_params, pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
     # REINFORCE has no anchor: its KL is to pi_ref.
-    logp_anchor_Bm = logp_ref_Bm if anchor_is_ref else _logp(
-        cfg, anchor_params, pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
+    logp_anchor_Bm = (
+      logp_ref_Bm
+      if anchor_is_ref
+      else _logp(cfg, anchor_params, pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG)
+    )
 
   quantile_params, quantile_opt_state = state.quantile_params, state.quantile_opt_state
   if cfg.algorithm == 'jbond':
@@ -252,39 +297,51 @@ def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.A
     reward_scale = cfg.n - 1.0  # (N - 1) r_BOND: the backward KL in nats (Eq. 15)
     if cfg.quantile == 'mc':
       r_B = _r_bond(cfg, reward_Bm, anchor_reward_BxA)  # Eq. 8 with Eq. 10
-      metrics['log_quantile'] = jnp.mean(bon.mc_log_quantile(
-          reward_Bm, anchor_reward_BxA[:, :cfg.num_quantile_samples]))
+      metrics['log_quantile'] = jnp.mean(
+        bon.mc_log_quantile(reward_Bm, anchor_reward_BxA[:, : cfg.num_quantile_samples])
+      )
     else:
       r_B, quantile_params, quantile_opt_state, q_metrics = _learned_r_bond(
-          cfg, state, (pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG), reward_Bm,
-          anchor_reward_BxA)
+        cfg,
+        state,
+        (pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG),
+        reward_Bm,
+        anchor_reward_BxA,
+      )
       metrics.update(q_metrics, log_quantile=jnp.mean(r_B))
 
   # Rows that carry the gradient: policy samples, then (BOND family) Best-of-n samples.
   if a:
-    rows = [(pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG),
-            (prompt_BxP, prompt_valid_BxP, bon_tokens, bon_mask)]
+    rows = [
+      (pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG),
+      (prompt_BxP, prompt_valid_BxP, bon_tokens, bon_mask),
+    ]
     rows = [jnp.concatenate(parts) for parts in zip(*rows, strict=True)]
   else:
     rows = [pol_prompt, pol_valid, pol.tokens_BxG, pol.mask_BxG]
 
   def loss_fn(params):
     logp_rows = _logp(cfg, params, *rows)
-    logp_Bm = logp_rows[:b * m]
+    logp_Bm = logp_rows[: b * m]
     if cfg.algorithm == 'reinforce':
-      advantage = obj.reinforce_advantage(reward_Bm.reshape(b, m), logp_Bm.reshape(b, m),
-                                          logp_ref_Bm.reshape(b, m), cfg.beta_rl)
+      advantage = obj.reinforce_advantage(
+        reward_Bm.reshape(b, m), logp_Bm.reshape(b, m), logp_ref_Bm.reshape(b, m), cfg.beta_rl
+      )
       terms = {'loss_pg': obj.policy_gradient_loss(logp_Bm, advantage.reshape(-1))}
       return terms['loss_pg'], (terms, logp_Bm)
-    advantage_B = obj.backward_kl_advantage(r_B, logp_Bm, logp_anchor_Bm, reward_scale,
-                                            use_baseline=cfg.use_baseline)
+    advantage_B = obj.backward_kl_advantage(
+      r_B, logp_Bm, logp_anchor_Bm, reward_scale, use_baseline=cfg.use_baseline
+    )
     terms = {
-        'loss_fwd': obj.forward_kl_loss(logp_rows[b:]),
-        'loss_bwd': obj.policy_gradient_loss(logp_Bm, advantage_B),
-        'loss_reg': obj.kl_regularizer_loss(logp_Bm, logp_anchor_Bm),
+      'loss_fwd': obj.forward_kl_loss(logp_rows[b:]),
+      'loss_bwd': obj.policy_gradient_loss(logp_Bm, advantage_B),
+      'loss_reg': obj.kl_regularizer_loss(logp_Bm, logp_anchor_Bm),
     }
-    total = ((1.0 - cfg.beta) * terms['loss_fwd'] + cfg.beta * terms['loss_bwd']
-             + cfg.gamma * terms['loss_reg'])
+    total = (
+      (1.0 - cfg.beta) * terms['loss_fwd']
+      + cfg.beta * terms['loss_bwd']
+      + cfg.gamma * terms['loss_reg']
+    )
     return total, (terms, logp_Bm)
 
   with jax.named_scope('update'):
@@ -295,7 +352,8 @@ def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.A
     anchor_params = _update_anchor(cfg, state.anchor_params, params, new_step)
 
   generated = jnp.sum(pol.mask_BxG) + (jnp.sum(anc.mask_BxG) if a else 0)
-  metrics.update({
+  metrics.update(
+    {
       'loss': loss,
       **terms,
       'reward_policy': jnp.mean(reward_Bm),
@@ -305,19 +363,29 @@ def train_step(state: TrainState, prompt_BxP: jax.Array, prompt_valid_BxP: jax.A
       'learning_rate': schedule(state.step),
       'policy_length': jnp.mean(jnp.sum(pol.mask_BxG, axis=-1)),
       'generated_tokens': generated,
-  })
-  new_state = TrainState(step=new_step, params=params, anchor_params=anchor_params,
-                         ref_params=state.ref_params, opt_state=opt_state, rng=rng,
-                         quantile_params=quantile_params, quantile_opt_state=quantile_opt_state)
+    }
+  )
+  new_state = TrainState(
+    step=new_step,
+    params=params,
+    anchor_params=anchor_params,
+    ref_params=state.ref_params,
+    opt_state=opt_state,
+    rng=rng,
+    quantile_params=quantile_params,
+    quantile_opt_state=quantile_opt_state,
+  )
   return new_state, metrics
 
 
-def make_train_step(cfg: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule
-                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+  cfg: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted step(state, prompt_BxP, prompt_valid_BxP[, reward_params]), state donated."""
 
   def step(state, prompt_BxP, prompt_valid_BxP, reward_params=None):
-    return train_step(state, prompt_BxP, prompt_valid_BxP, reward_params, cfg=cfg, tx=tx,
-                      schedule=schedule)
+    return train_step(
+      state, prompt_BxP, prompt_valid_BxP, reward_params, cfg=cfg, tx=tx, schedule=schedule
+    )
 
   return jax.jit(step, donate_argnames='state')

@@ -42,8 +42,7 @@ from bond_jax.types import ConfigError
 
 OVERLONG = ('drop', 'truncate')
 # TFDS registers the builders of these packages only when they are imported.
-_TFDS_PACKAGES = ('summarization', 'text', 'question_answering', 'translate',
-                  'text_simplification')
+_TFDS_PACKAGES = ('summarization', 'text', 'question_answering', 'translate', 'text_simplification')
 
 
 def _text(value: Any, field: str, where: str) -> str:
@@ -79,25 +78,29 @@ def tfds_texts(name: str, split: str, feature: str, data_dir: str = '') -> Seque
     raise ConfigError(f'config.data.tfds_name={name!r} is invalid: no such TFDS builder.') from e
   except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as e:
     raise ConfigError(
-        f'config.data.tfds_name={name!r} split {split!r} is not available as array_record in '
-        f"{data_dir or 'the default TFDS data_dir'}: prepare it once with `tfds build {name} "
-        f'--file_format=array_record --data_dir=...` and set config.data.tfds_data_dir '
-        f'({type(e).__name__}: {str(e).splitlines()[0]}).') from e
+      f'config.data.tfds_name={name!r} split {split!r} is not available as array_record in '
+      f'{data_dir or "the default TFDS data_dir"}: prepare it once with `tfds build {name} '
+      f'--file_format=array_record --data_dir=...` and set config.data.tfds_data_dir '
+      f'({type(e).__name__}: {str(e).splitlines()[0]}).'
+    ) from e
   where = f'TFDS {name}/{split}'
   if len(source) == 0:
     raise ConfigError(f'config.data.split={split!r}: {where} is empty.')
   first = source[0]
   if feature not in first:
-    raise ConfigError(f'config.data.text_field={feature!r} is invalid: {where} has features '
-                      f'{sorted(first)}.')
+    raise ConfigError(
+      f'config.data.text_field={feature!r} is invalid: {where} has features {sorted(first)}.'
+    )
   return _TfdsTexts(source, feature, where)
 
 
 def jsonl_texts(path: str, field: str, path_field: str = 'data.jsonl_path') -> list[str]:
   """`field` of every object of a JSONL file (one object per line; blank lines skipped)."""
   if not path or not Path(path).is_file():
-    raise ConfigError(f'config.{path_field}={path!r} is invalid: not a file (a local JSONL '
-                      'file, one JSON object per line).')
+    raise ConfigError(
+      f'config.{path_field}={path!r} is invalid: not a file (a local JSONL '
+      'file, one JSON object per line).'
+    )
   texts = []
   with open(path, encoding='utf-8') as f:
     for line_no, line in enumerate(f, 1):
@@ -106,11 +109,14 @@ def jsonl_texts(path: str, field: str, path_field: str = 'data.jsonl_path') -> l
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ConfigError(f'{path}:{line_no}: not valid JSON ({e.msg}); config.{path_field} '
-                          'must name a JSONL file.') from e
+        raise ConfigError(
+          f'{path}:{line_no}: not valid JSON ({e.msg}); config.{path_field} must name a JSONL file.'
+        ) from e
       if not isinstance(obj, dict) or field not in obj:
-        raise ConfigError(f'config.data.jsonl_field={field!r} is invalid: {path}:{line_no} has '
-                          f'no such key (keys: {sorted(obj) if isinstance(obj, dict) else []}).')
+        raise ConfigError(
+          f'config.data.jsonl_field={field!r} is invalid: {path}:{line_no} has '
+          f'no such key (keys: {sorted(obj) if isinstance(obj, dict) else []}).'
+        )
       texts.append(_text(obj[field], 'data.jsonl_field', f'{path}:{line_no}'))
   if not texts:
     raise ConfigError(f'config.{path_field}={path!r} is invalid: the file holds no examples.')
@@ -120,18 +126,31 @@ def jsonl_texts(path: str, field: str, path_field: str = 'data.jsonl_path') -> l
 class PromptStream:
   """Batches of left-padded prompt ids in a seeded, resumable, per-host order."""
 
-  def __init__(self, texts: Sequence[str], tokenizer: Tokenizer, *, max_prompt_len: int,
-               global_batch: int, prompt_template: str = '{text}', overlong: str = 'drop',
-               shuffle_seed: int = 0, shuffle: bool = True, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(
+    self,
+    texts: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    max_prompt_len: int,
+    global_batch: int,
+    prompt_template: str = '{text}',
+    overlong: str = 'drop',
+    shuffle_seed: int = 0,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     if overlong not in OVERLONG:
       raise ConfigError(f'config.data.overlong={overlong!r} is invalid: one of {OVERLONG}.')
     if '{text}' not in prompt_template:
-      raise ConfigError(f'config.data.prompt_template={prompt_template!r} is invalid: it must '
-                        "contain '{text}'.")
+      raise ConfigError(
+        f"config.data.prompt_template={prompt_template!r} is invalid: it must contain '{{text}}'."
+      )
     if global_batch <= 0 or global_batch % process_count:
-      raise ConfigError(f'config.train.batch_size={global_batch} is invalid: must be > 0 and '
-                        f'divisible by the number of processes ({process_count}).')
+      raise ConfigError(
+        f'config.train.batch_size={global_batch} is invalid: must be > 0 and '
+        f'divisible by the number of processes ({process_count}).'
+      )
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} is not in [0, {process_count}).')
     if len(texts) == 0:
@@ -174,8 +193,10 @@ class PromptStream:
       if len(ids) <= p:
         return ids or None
       keep -= len(ids) - p  # merges across the cut can add tokens: cut more
-    raise ConfigError(f'config.data.max_prompt_len={p} is invalid: the prompt template and '
-                      f'chat template alone take {overhead} tokens.')
+    raise ConfigError(
+      f'config.data.max_prompt_len={p} is invalid: the prompt template and '
+      f'chat template alone take {overhead} tokens.'
+    )
 
   def _next_global(self) -> list[list[int]]:
     n = len(self.texts)
@@ -191,8 +212,10 @@ class PromptStream:
         self.num_dropped += 1
         rejected_in_a_row += 1
         if rejected_in_a_row > n:
-          raise ConfigError(f'config.data.max_prompt_len={self.max_prompt_len} is invalid: no '
-                            "prompt of the dataset fits; raise it or set data.overlong='truncate'.")
+          raise ConfigError(
+            f'config.data.max_prompt_len={self.max_prompt_len} is invalid: no '
+            "prompt of the dataset fits; raise it or set data.overlong='truncate'."
+          )
         continue
       rejected_in_a_row = 0
       out.append(ids)
@@ -205,8 +228,8 @@ class PromptStream:
     valid_BxP = np.zeros((len(rows), p), bool)
     for i, ids in enumerate(rows):
       if ids:
-        prompt_BxP[i, p - len(ids):] = ids
-        valid_BxP[i, p - len(ids):] = True
+        prompt_BxP[i, p - len(ids) :] = ids
+        valid_BxP[i, p - len(ids) :] = True
     return prompt_BxP, valid_BxP
 
   def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
@@ -215,15 +238,21 @@ class PromptStream:
 
   def state(self) -> dict[str, int]:
     """The position before the next batch (JSON-able; the same on every process)."""
-    return {'epoch': self._epoch, 'index': self._index, 'num_examples': len(self.texts),
-            'shuffle_seed': self.shuffle_seed}
+    return {
+      'epoch': self._epoch,
+      'index': self._index,
+      'num_examples': len(self.texts),
+      'shuffle_seed': self.shuffle_seed,
+    }
 
   def restore(self, state: dict[str, int]) -> None:
     """Continue from a `state()`; the dataset and seed must be the ones it was taken with."""
     for key, want in (('num_examples', len(self.texts)), ('shuffle_seed', self.shuffle_seed)):
       if state.get(key) != want:
-        raise ValueError(f'Data state {state} was saved with {key}={state.get(key)}, but this '
-                         f'stream has {key}={want}: the dataset or data.shuffle_seed changed.')
+        raise ValueError(
+          f'Data state {state} was saved with {key}={state.get(key)}, but this '
+          f'stream has {key}={want}: the dataset or data.shuffle_seed changed.'
+        )
     epoch, index = int(state['epoch']), int(state['index'])
     if epoch < 0 or not 0 <= index <= len(self.texts):
       raise ValueError(f'Data state {state} is out of range.')
@@ -231,8 +260,7 @@ class PromptStream:
     self._order = self._permutation(epoch)
 
 
-def source_texts(data_cfg: ml_collections.ConfigDict, eval_split: bool = False
-                 ) -> Sequence[str]:
+def source_texts(data_cfg: ml_collections.ConfigDict, eval_split: bool = False) -> Sequence[str]:
   """The configured dataset's texts (training, or the evaluation split / file)."""
   d = data_cfg
   if d.source == 'tfds':
@@ -245,18 +273,31 @@ def source_texts(data_cfg: ml_collections.ConfigDict, eval_split: bool = False
   raise ConfigError(f"config.data.source={d.source!r} is invalid: one of ('tfds', 'jsonl').")
 
 
-def from_config(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, process_index: int,
-                process_count: int, global_batch: int) -> PromptStream:
+def from_config(
+  data_cfg: ml_collections.ConfigDict,
+  tokenizer: Tokenizer,
+  process_index: int,
+  process_count: int,
+  global_batch: int,
+) -> PromptStream:
   """The training stream of this process (pass jax.process_index(), jax.process_count())."""
   d = data_cfg
-  return PromptStream(source_texts(d), tokenizer, max_prompt_len=d.max_prompt_len,
-                      global_batch=global_batch, prompt_template=d.prompt_template,
-                      overlong=d.overlong, shuffle_seed=d.shuffle_seed,
-                      process_index=process_index, process_count=process_count)
+  return PromptStream(
+    source_texts(d),
+    tokenizer,
+    max_prompt_len=d.max_prompt_len,
+    global_batch=global_batch,
+    prompt_template=d.prompt_template,
+    overlong=d.overlong,
+    shuffle_seed=d.shuffle_seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
-def eval_prompts(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                 num_prompts: int) -> tuple[np.ndarray, np.ndarray]:
+def eval_prompts(
+  data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, num_prompts: int
+) -> tuple[np.ndarray, np.ndarray]:
   """The first `num_prompts` usable prompts of the evaluation split, in stored order.
 
   Every process gets the same rows. With data.overlong='drop', examples that do not
@@ -265,9 +306,17 @@ def eval_prompts(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
   d = data_cfg
   texts = source_texts(d, eval_split=True)
   if num_prompts > len(texts):
-    raise ConfigError(f'config.eval.num_prompts={num_prompts} is invalid: the evaluation data '
-                      f'has only {len(texts)} examples.')
-  stream = PromptStream(texts, tokenizer, max_prompt_len=d.max_prompt_len,
-                        global_batch=num_prompts, prompt_template=d.prompt_template,
-                        overlong=d.overlong, shuffle=False)
+    raise ConfigError(
+      f'config.eval.num_prompts={num_prompts} is invalid: the evaluation data '
+      f'has only {len(texts)} examples.'
+    )
+  stream = PromptStream(
+    texts,
+    tokenizer,
+    max_prompt_len=d.max_prompt_len,
+    global_batch=num_prompts,
+    prompt_template=d.prompt_template,
+    overlong=d.overlong,
+    shuffle=False,
+  )
   return stream.next_batch()

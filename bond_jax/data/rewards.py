@@ -53,9 +53,14 @@ from bond_jax.types import ConfigError, RewardFn
 # Programmatic rewards.
 
 
-def _copy_accuracy(ids: tokenizer_lib.SpecialIds, params: Any, prompt_BxP: jax.Array,
-                   prompt_valid_BxP: jax.Array, response_BxG: jax.Array,
-                   response_mask_BxG: jax.Array) -> jax.Array:
+def _copy_accuracy(
+  ids: tokenizer_lib.SpecialIds,
+  params: Any,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> jax.Array:
   """Fraction of the prompt's tokens (BOS excluded) the response repeats position by position."""
   del params
   p, g = prompt_BxP.shape[1], response_BxG.shape[1]
@@ -70,26 +75,36 @@ def _copy_accuracy(ids: tokenizer_lib.SpecialIds, params: Any, prompt_BxP: jax.A
   return jnp.sum(hit_BxG, -1) / jnp.maximum(length_B, 1).astype(jnp.float32)
 
 
-def _length_penalty(ids: tokenizer_lib.SpecialIds, params: Any, prompt_BxP: jax.Array,
-                    prompt_valid_BxP: jax.Array, response_BxG: jax.Array,
-                    response_mask_BxG: jax.Array) -> jax.Array:
+def _length_penalty(
+  ids: tokenizer_lib.SpecialIds,
+  params: Any,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> jax.Array:
   """Minus the response length in tokens (EOS included): prefers short answers."""
   del ids, params, prompt_BxP, prompt_valid_BxP, response_BxG
   return -jnp.sum(response_mask_BxG, -1).astype(jnp.float32)
 
 
-def _terminated(ids: tokenizer_lib.SpecialIds, params: Any, prompt_BxP: jax.Array,
-                prompt_valid_BxP: jax.Array, response_BxG: jax.Array,
-                response_mask_BxG: jax.Array) -> jax.Array:
+def _terminated(
+  ids: tokenizer_lib.SpecialIds,
+  params: Any,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> jax.Array:
   """1 when the response ended with EOS inside the buffer, else 0."""
   del params, prompt_BxP, prompt_valid_BxP
   return jnp.any((response_BxG == ids.eos_id) & response_mask_BxG, -1).astype(jnp.float32)
 
 
 PROGRAMMATIC: dict[str, Callable[..., jax.Array]] = {
-    'copy_accuracy': _copy_accuracy,
-    'length_penalty': _length_penalty,
-    'terminated': _terminated,
+  'copy_accuracy': _copy_accuracy,
+  'length_penalty': _length_penalty,
+  'terminated': _terminated,
 }
 
 
@@ -97,27 +112,44 @@ PROGRAMMATIC: dict[str, Callable[..., jax.Array]] = {
 # Reward models.
 
 
-def concat_prompt_response(prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array,
-                           response_BxG: jax.Array, response_mask_BxG: jax.Array
-                           ) -> tuple[jax.Array, jax.Array]:
+def concat_prompt_response(
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
   """(tokens_BxT, valid_BxT), T = P + G: what a same-vocabulary reward model reads."""
   tokens_BxT = jnp.concatenate([prompt_BxP, response_BxG], axis=1)
-  valid_BxT = jnp.concatenate([prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)],
-                              axis=1)
+  valid_BxT = jnp.concatenate(
+    [prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)], axis=1
+  )
   return tokens_BxT, valid_BxT
 
 
-def _same_vocab_reward(cfg: ModelConfig, params: Any, prompt_BxP: jax.Array,
-                       prompt_valid_BxP: jax.Array, response_BxG: jax.Array,
-                       response_mask_BxG: jax.Array) -> jax.Array:
-  return reward_model.score(cfg, params, *concat_prompt_response(
-      prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG))
+def _same_vocab_reward(
+  cfg: ModelConfig,
+  params: Any,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> jax.Array:
+  return reward_model.score(
+    cfg,
+    params,
+    *concat_prompt_response(prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG),
+  )
 
 
-def retokenize(policy_tok: tokenizer_lib.Tokenizer, reward_tok: tokenizer_lib.Tokenizer,
-               max_len: int, prompt_BxP: np.ndarray, prompt_valid_BxP: np.ndarray,
-               response_BxG: np.ndarray, response_mask_BxG: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
+def retokenize(
+  policy_tok: tokenizer_lib.Tokenizer,
+  reward_tok: tokenizer_lib.Tokenizer,
+  max_len: int,
+  prompt_BxP: np.ndarray,
+  prompt_valid_BxP: np.ndarray,
+  response_BxG: np.ndarray,
+  response_mask_BxG: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
   """Host side: policy ids -> text -> reward ids, left-padded to max_len (module docstring)."""
   b = prompt_BxP.shape[0]
   tokens_BxT = np.full((b, max_len), reward_tok.ids.pad_id, np.int32)
@@ -129,37 +161,53 @@ def retokenize(policy_tok: tokenizer_lib.Tokenizer, reward_tok: tokenizer_lib.To
     ids = reward_tok.encode_conversation(prompt, policy_tok.decode(response_ids), ended)
     if len(ids) > max_len:
       head = ids[:1] if reward_tok.ids.add_bos else []
-      ids = head + ids[len(ids) - (max_len - len(head)):]
-    tokens_BxT[i, max_len - len(ids):] = ids
-    valid_BxT[i, max_len - len(ids):] = True
+      ids = head + ids[len(ids) - (max_len - len(head)) :]
+    tokens_BxT[i, max_len - len(ids) :] = ids
+    valid_BxT[i, max_len - len(ids) :] = True
   return tokens_BxT, valid_BxT
 
 
-def _retokenized_reward(cfg: ModelConfig, host_fn: Callable, max_len: int,
-                        mesh: jax.sharding.Mesh | None, params: Any, prompt_BxP: jax.Array,
-                        prompt_valid_BxP: jax.Array, response_BxG: jax.Array,
-                        response_mask_BxG: jax.Array) -> jax.Array:
+def _retokenized_reward(
+  cfg: ModelConfig,
+  host_fn: Callable,
+  max_len: int,
+  mesh: jax.sharding.Mesh | None,
+  params: Any,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> jax.Array:
   def callback(*rows):
     b = rows[0].shape[0]
-    shapes = (jax.ShapeDtypeStruct((b, max_len), jnp.int32),
-              jax.ShapeDtypeStruct((b, max_len), jnp.bool_))
+    shapes = (
+      jax.ShapeDtypeStruct((b, max_len), jnp.int32),
+      jax.ShapeDtypeStruct((b, max_len), jnp.bool_),
+    )
     return jax.pure_callback(host_fn, shapes, *rows, vmap_method='sequential')
 
   if mesh is not None:
     rows = P(sharding.DATA)
-    callback = jax.shard_map(callback, mesh=mesh, in_specs=(rows,) * 4, out_specs=(rows, rows),
-                             check_vma=False)
-  tokens_BxT, valid_BxT = callback(prompt_BxP, prompt_valid_BxP.astype(bool), response_BxG,
-                                   response_mask_BxG.astype(bool))
+    callback = jax.shard_map(
+      callback, mesh=mesh, in_specs=(rows,) * 4, out_specs=(rows, rows), check_vma=False
+    )
+  tokens_BxT, valid_BxT = callback(
+    prompt_BxP, prompt_valid_BxP.astype(bool), response_BxG, response_mask_BxG.astype(bool)
+  )
   return reward_model.score(cfg, params, tokens_BxT, valid_BxT)
 
 
-def _model_reward(reward_cfg: ml_collections.ConfigDict, policy_tok: tokenizer_lib.Tokenizer,
-                  mesh: jax.sharding.Mesh | None) -> tuple[RewardFn, Any]:
+def _model_reward(
+  reward_cfg: ml_collections.ConfigDict,
+  policy_tok: tokenizer_lib.Tokenizer,
+  mesh: jax.sharding.Mesh | None,
+) -> tuple[RewardFn, Any]:
   r = reward_cfg
   if not r.checkpoint:
-    raise ConfigError("config.reward.checkpoint='' is invalid: set it to a local "
-                      '*ForSequenceClassification checkpoint directory (num_labels=1).')
+    raise ConfigError(
+      "config.reward.checkpoint='' is invalid: set it to a local "
+      '*ForSequenceClassification checkpoint directory (num_labels=1).'
+    )
   try:
     cfg, params = hf.load_reward_params(r.checkpoint, dtype=r.dtype, shardings=mesh)
   except (FileNotFoundError, KeyError, ValueError) as e:
@@ -167,25 +215,36 @@ def _model_reward(reward_cfg: ml_collections.ConfigDict, policy_tok: tokenizer_l
   reward_tok = policy_tok
   if r.tokenizer_path:
     reward_tok = tokenizer_lib.load(
-        r.tokenizer_path, chat_template=r.chat_template, path_field='reward.tokenizer_path',
-        template_field='reward.chat_template', eos_field='')
+      r.tokenizer_path,
+      chat_template=r.chat_template,
+      path_field='reward.tokenizer_path',
+      template_field='reward.chat_template',
+      eos_field='',
+    )
   same = reward_tok is policy_tok or reward_tok.same_vocab(policy_tok)
   if same and r.chat_template:
-    raise ConfigError('config.reward.chat_template=True is invalid: the reward model shares the '
-                      "policy's vocabulary, so it reads the policy's own ids (already in the "
-                      "policy's template); set it False.")
+    raise ConfigError(
+      'config.reward.chat_template=True is invalid: the reward model shares the '
+      "policy's vocabulary, so it reads the policy's own ids (already in the "
+      "policy's template); set it False."
+    )
   tokenizer_lib.check_vocab(reward_tok, cfg.vocab_size, 'reward.checkpoint')
   if same:
     return functools.partial(_same_vocab_reward, cfg), params
   if not (isinstance(r.max_len, int) and r.max_len > 0):
-    raise ConfigError(f'config.reward.max_len={r.max_len!r} is invalid: must be an integer > 0 '
-                      '(width of the re-tokenized reward-model input).')
+    raise ConfigError(
+      f'config.reward.max_len={r.max_len!r} is invalid: must be an integer > 0 '
+      '(width of the re-tokenized reward-model input).'
+    )
   host_fn = functools.partial(retokenize, policy_tok, reward_tok, r.max_len)
   return functools.partial(_retokenized_reward, cfg, host_fn, r.max_len, mesh), params
 
 
-def make_reward(reward_cfg: ml_collections.ConfigDict, policy_tokenizer: tokenizer_lib.Tokenizer,
-                mesh: jax.sharding.Mesh | None = None) -> tuple[RewardFn, Any]:
+def make_reward(
+  reward_cfg: ml_collections.ConfigDict,
+  policy_tokenizer: tokenizer_lib.Tokenizer,
+  mesh: jax.sharding.Mesh | None = None,
+) -> tuple[RewardFn, Any]:
   """(reward_fn, reward_params) for config `reward`; reward_params is None for programmatic.
 
   mesh: the policy's ('data', 'model') mesh; the reward model's parameters are
@@ -199,5 +258,6 @@ def make_reward(reward_cfg: ml_collections.ConfigDict, policy_tokenizer: tokeniz
     return functools.partial(PROGRAMMATIC[r.fn], policy_tokenizer.ids), None
   if r.source == 'model':
     return _model_reward(r, policy_tokenizer, mesh)
-  raise ConfigError(f"config.reward.source={r.source!r} is invalid: one of ('model', "
-                    "'programmatic').")
+  raise ConfigError(
+    f"config.reward.source={r.source!r} is invalid: one of ('model', 'programmatic')."
+  )

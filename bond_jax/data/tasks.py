@@ -53,8 +53,13 @@ class NoisyCopy:
     prompt = jnp.concatenate([content, jnp.full((batch, 1), SEP)], axis=1).astype(jnp.int32)
     return prompt, jnp.ones_like(prompt, bool)
 
-  def reward(self, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, response_BxG: jax.Array,
-             response_mask_BxG: jax.Array) -> jax.Array:
+  def reward(
+    self,
+    prompt_BxP: jax.Array,
+    prompt_valid_BxP: jax.Array,
+    response_BxG: jax.Array,
+    response_mask_BxG: jax.Array,
+  ) -> jax.Array:
     """Number of positions i < prompt_len where the response copies the prompt."""
     del prompt_valid_BxP
     n = self.prompt_len
@@ -69,9 +74,10 @@ class NoisyCopy:
     """Noisy supervised pairs: (prompt, prompt_valid, response, response_mask)."""
     k_prompt, k_keep, k_noise = jax.random.split(rng, 3)
     prompt, valid = self.prompts(k_prompt, batch)
-    content = prompt[:, :self.prompt_len]
+    content = prompt[:, : self.prompt_len]
     keep = jax.random.bernoulli(k_keep, self.keep_prob, content.shape)
     noise = jax.random.randint(k_noise, content.shape, FIRST_CONTENT, self.vocab_size)
-    response = jnp.concatenate([jnp.where(keep, content, noise), jnp.full((batch, 1), EOS)],
-                               axis=1).astype(jnp.int32)
+    response = jnp.concatenate(
+      [jnp.where(keep, content, noise), jnp.full((batch, 1), EOS)], axis=1
+    ).astype(jnp.int32)
     return prompt, valid, response, jnp.ones_like(response, bool)

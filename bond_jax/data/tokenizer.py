@@ -46,8 +46,14 @@ class SpecialIds:
 class Tokenizer:
   """A transformers tokenizer plus the prompt format of one model (see module docstring)."""
 
-  def __init__(self, hf: Any, ids: SpecialIds, chat_template: bool, path: str,
-               template_field: str = 'tokenizer.chat_template'):
+  def __init__(
+    self,
+    hf: Any,
+    ids: SpecialIds,
+    chat_template: bool,
+    path: str,
+    template_field: str = 'tokenizer.chat_template',
+  ):
     self.hf = hf
     self.ids = ids
     self.chat_template = chat_template
@@ -55,8 +61,10 @@ class Tokenizer:
     self._prefix = self._suffix = ''
     if chat_template:
       if not hf.chat_template:
-        raise ConfigError(f'config.{template_field}=True is invalid: the tokenizer in {path!r} '
-                          f'has no chat template; set {template_field}=False.')
+        raise ConfigError(
+          f'config.{template_field}=True is invalid: the tokenizer in {path!r} '
+          f'has no chat template; set {template_field}=False.'
+        )
       rendered = self._strip_bos(self.render(_SENTINEL))
       self._prefix, _, self._suffix = rendered.partition(_SENTINEL)
 
@@ -69,8 +77,9 @@ class Tokenizer:
     """The prompt string: `text` as one user turn plus the generation prompt, or `text`."""
     if not self.chat_template:
       return text
-    return self.hf.apply_chat_template([{'role': 'user', 'content': text}], tokenize=False,
-                                       add_generation_prompt=True)
+    return self.hf.apply_chat_template(
+      [{'role': 'user', 'content': text}], tokenize=False, add_generation_prompt=True
+    )
 
   def _with_bos(self, ids: list[int]) -> list[int]:
     if self.ids.add_bos and ids[:1] != [self.ids.bos_id]:
@@ -97,7 +106,7 @@ class Tokenizer:
     try:
       enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
       offsets = enc['offset_mapping']
-      return text if num_tokens >= len(offsets) else text[:offsets[num_tokens - 1][1]]
+      return text if num_tokens >= len(offsets) else text[: offsets[num_tokens - 1][1]]
     except NotImplementedError:  # tokenizers without offsets (Python / sentencepiece backends)
       ids = self.hf(text, add_special_tokens=False)['input_ids']
       return self.hf.decode(ids[:num_tokens], skip_special_tokens=True)
@@ -108,7 +117,7 @@ class Tokenizer:
       return self.hf.decode(list(ids), skip_special_tokens=True)
     full = self._strip_bos(self.hf.decode(list(ids), skip_special_tokens=False))
     if full.startswith(self._prefix) and full.endswith(self._suffix):
-      return full[len(self._prefix):len(full) - len(self._suffix)]
+      return full[len(self._prefix) : len(full) - len(self._suffix)]
     return self.hf.decode(list(ids), skip_special_tokens=True)  # not our template: best effort
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -125,8 +134,9 @@ class Tokenizer:
     """
     if self.chat_template:
       text = self.hf.apply_chat_template(
-          [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': response}],
-          tokenize=False)
+        [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': response}],
+        tokenize=False,
+      )
       return self._with_bos(list(self.hf(text, add_special_tokens=False)['input_ids']))
     ids = self._with_bos(list(self.hf(prompt + response, add_special_tokens=False)['input_ids']))
     return ids + [self.ids.eos_id] if ended else ids
@@ -140,25 +150,39 @@ def _special_ids(hf: Any, eos_token: str, path: str, eos_field: str) -> SpecialI
   if eos_token:
     eos_id = hf.convert_tokens_to_ids(eos_token)
     if eos_id is None or eos_id == hf.unk_token_id or eos_token not in hf.get_vocab():
-      raise ConfigError(f'config.{eos_field}={eos_token!r} is invalid: no such token in the '
-                        f'tokenizer at {path!r}.')
+      raise ConfigError(
+        f'config.{eos_field}={eos_token!r} is invalid: no such token in the tokenizer at {path!r}.'
+      )
   else:
     eos_id = hf.eos_token_id
     if eos_id is None:
-      fix = (f"set config.{eos_field} to the token that ends a response (e.g. '<end_of_turn>')"
-             if eos_field else 'use a tokenizer that has one')
+      fix = (
+        f"set config.{eos_field} to the token that ends a response (e.g. '<end_of_turn>')"
+        if eos_field
+        else 'use a tokenizer that has one'
+      )
       raise ConfigError(f'The tokenizer at {path!r} has no EOS token; {fix}.')
   pad_id = hf.pad_token_id if hf.pad_token_id is not None else eos_id
   bos_id = hf.bos_token_id
   probe = hf('a', add_special_tokens=True)['input_ids']
   add_bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
-  return SpecialIds(eos_id=int(eos_id), pad_id=int(pad_id),
-                    bos_id=None if bos_id is None else int(bos_id), add_bos=add_bos)
+  return SpecialIds(
+    eos_id=int(eos_id),
+    pad_id=int(pad_id),
+    bos_id=None if bos_id is None else int(bos_id),
+    add_bos=add_bos,
+  )
 
 
-def load(path: str | Path, *, chat_template: bool = False, eos_token: str = '',
-         path_field: str = 'tokenizer.path', template_field: str = 'tokenizer.chat_template',
-         eos_field: str = 'tokenizer.eos_token') -> Tokenizer:
+def load(
+  path: str | Path,
+  *,
+  chat_template: bool = False,
+  eos_token: str = '',
+  path_field: str = 'tokenizer.path',
+  template_field: str = 'tokenizer.chat_template',
+  eos_field: str = 'tokenizer.eos_token',
+) -> Tokenizer:
   """The tokenizer saved in the local directory `path` (a checkpoint dir works).
 
   The *_field arguments name the config fields in error messages; eos_field='' when
@@ -168,23 +192,31 @@ def load(path: str | Path, *, chat_template: bool = False, eos_token: str = '',
 
   path = str(path)
   if not path:
-    raise ConfigError(f"config.{path_field}='' is invalid: set it to a local directory holding "
-                      'the tokenizer files (tokenizer.json / tokenizer_config.json).')
+    raise ConfigError(
+      f"config.{path_field}='' is invalid: set it to a local directory holding "
+      'the tokenizer files (tokenizer.json / tokenizer_config.json).'
+    )
   if not Path(path).is_dir():
     raise ConfigError(f'config.{path_field}={path!r} is invalid: no such directory.')
   try:
-    hf = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                    trust_remote_code=False)
+    hf = transformers.AutoTokenizer.from_pretrained(
+      path, local_files_only=True, trust_remote_code=False
+    )
   except (OSError, ValueError, KeyError) as e:
-    raise ConfigError(f'config.{path_field}={path!r} is invalid: no tokenizer could be loaded '
-                      f'from it ({type(e).__name__}: {str(e).splitlines()[0]}).') from e
-  return Tokenizer(hf, _special_ids(hf, eos_token, path, eos_field), chat_template, path,
-                   template_field)
+    raise ConfigError(
+      f'config.{path_field}={path!r} is invalid: no tokenizer could be loaded '
+      f'from it ({type(e).__name__}: {str(e).splitlines()[0]}).'
+    ) from e
+  return Tokenizer(
+    hf, _special_ids(hf, eos_token, path, eos_field), chat_template, path, template_field
+  )
 
 
 def check_vocab(tok: Tokenizer, model_vocab_size: int, model_field: str) -> None:
   """Raise unless every id the tokenizer emits has a row in the model's embedding."""
   if tok.vocab_size > model_vocab_size:
-    raise ConfigError(f'config.{model_field}: the model has vocab_size {model_vocab_size} but '
-                      f'the tokenizer at {tok.path!r} emits {tok.vocab_size} ids; use the '
-                      "model's own tokenizer.")
+    raise ConfigError(
+      f'config.{model_field}: the model has vocab_size {model_vocab_size} but '
+      f'the tokenizer at {tok.path!r} emits {tok.vocab_size} ids; use the '
+      "model's own tokenizer."
+    )

@@ -22,11 +22,19 @@ from bond_jax.models import sampling
 from bond_jax.types import RewardFn
 
 
-def _rewards_and_logps(cfg: model_lib.ModelConfig, params: Any, ref_params: Any,
-                       prompt_BxP: jax.Array, valid_BxP: jax.Array, rng: jax.Array,
-                       sp: sampling.SamplingParams, k: int, reward_fn: RewardFn,
-                       reward_params: Any, with_kl: bool
-                       ) -> tuple[np.ndarray, np.ndarray | None]:
+def _rewards_and_logps(
+  cfg: model_lib.ModelConfig,
+  params: Any,
+  ref_params: Any,
+  prompt_BxP: jax.Array,
+  valid_BxP: jax.Array,
+  rng: jax.Array,
+  sp: sampling.SamplingParams,
+  k: int,
+  reward_fn: RewardFn,
+  reward_params: Any,
+  with_kl: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
   out = sampling.sample_jit(cfg, params, prompt_BxP, valid_BxP, rng, sp, num_samples=k)
   prompt = jnp.repeat(prompt_BxP, k, axis=0)
   valid = jnp.repeat(valid_BxP, k, axis=0)
@@ -40,28 +48,60 @@ def _rewards_and_logps(cfg: model_lib.ModelConfig, params: Any, ref_params: Any,
   return np.asarray(reward).reshape(-1, k), kl
 
 
-def bon_table(cfg: model_lib.ModelConfig, ref_params: Any, policy_params: Any,
-              prompt_BxP: jax.Array, valid_BxP: jax.Array, reward_fn: RewardFn,
-              reward_params: Any, rng: jax.Array, sp: sampling.SamplingParams, *,
-              samples_per_prompt: int, bon_ns: tuple[int, ...],
-              policy_samples_per_prompt: int) -> dict[str, Any]:
+def bon_table(
+  cfg: model_lib.ModelConfig,
+  ref_params: Any,
+  policy_params: Any,
+  prompt_BxP: jax.Array,
+  valid_BxP: jax.Array,
+  reward_fn: RewardFn,
+  reward_params: Any,
+  rng: jax.Array,
+  sp: sampling.SamplingParams,
+  *,
+  samples_per_prompt: int,
+  bon_ns: tuple[int, ...],
+  policy_samples_per_prompt: int,
+) -> dict[str, Any]:
   """Mean rewards of pi_ref, Best-of-N(pi_ref) and the policy, and the policy's KL."""
   k_ref, k_pol = jax.random.split(rng)
-  ref_r, _ = _rewards_and_logps(cfg, ref_params, ref_params, prompt_BxP, valid_BxP, k_ref, sp,
-                                samples_per_prompt, reward_fn, reward_params, with_kl=False)
-  pol_r, pol_kl = _rewards_and_logps(cfg, policy_params, ref_params, prompt_BxP, valid_BxP,
-                                     k_pol, sp, policy_samples_per_prompt, reward_fn,
-                                     reward_params, with_kl=True)
+  ref_r, _ = _rewards_and_logps(
+    cfg,
+    ref_params,
+    ref_params,
+    prompt_BxP,
+    valid_BxP,
+    k_ref,
+    sp,
+    samples_per_prompt,
+    reward_fn,
+    reward_params,
+    with_kl=False,
+  )
+  pol_r, pol_kl = _rewards_and_logps(
+    cfg,
+    policy_params,
+    ref_params,
+    prompt_BxP,
+    valid_BxP,
+    k_pol,
+    sp,
+    policy_samples_per_prompt,
+    reward_fn,
+    reward_params,
+    with_kl=True,
+  )
   table = {
-      'num_prompts': int(prompt_BxP.shape[0]),
-      'reward_ref': float(ref_r.mean()),
-      'reward_bon': {str(n): float(np.mean(bon.bon_expected_max(jnp.asarray(ref_r), n)))
-                     for n in bon_ns},
-      # KL(BoN_N || pi_ref) <= log N - (N - 1) / N, with equality for continuous rewards.
-      'kl_bon_bound': {str(n): math.log(n) - (n - 1) / n for n in bon_ns},
-      'reward_policy': float(pol_r.mean()),
-      'reward_policy_stderr': float(pol_r.mean(axis=1).std() / math.sqrt(pol_r.shape[0])),
-      'kl_policy_ref': float(pol_kl.mean()),
+    'num_prompts': int(prompt_BxP.shape[0]),
+    'reward_ref': float(ref_r.mean()),
+    'reward_bon': {
+      str(n): float(np.mean(bon.bon_expected_max(jnp.asarray(ref_r), n))) for n in bon_ns
+    },
+    # KL(BoN_N || pi_ref) <= log N - (N - 1) / N, with equality for continuous rewards.
+    'kl_bon_bound': {str(n): math.log(n) - (n - 1) / n for n in bon_ns},
+    'reward_policy': float(pol_r.mean()),
+    'reward_policy_stderr': float(pol_r.mean(axis=1).std() / math.sqrt(pol_r.shape[0])),
+    'kl_policy_ref': float(pol_kl.mean()),
   }
   beaten = [n for n in bon_ns if table['reward_policy'] >= table['reward_bon'][str(n)]]
   table['matches_bon_n'] = max(beaten) if beaten else 1
@@ -69,13 +109,18 @@ def bon_table(cfg: model_lib.ModelConfig, ref_params: Any, policy_params: Any,
 
 
 def format_table(table: dict[str, Any]) -> str:
-  lines = [f'{"sampler":<22}{"mean reward":>12}{"KL to pi_ref":>16}',
-           f'{"pi_ref":<22}{table["reward_ref"]:>12.3f}{0.0:>16.3f}']
+  lines = [
+    f'{"sampler":<22}{"mean reward":>12}{"KL to pi_ref":>16}',
+    f'{"pi_ref":<22}{table["reward_ref"]:>12.3f}{0.0:>16.3f}',
+  ]
   for n, r in table['reward_bon'].items():
-    lines.append(f'{"Best-of-" + n + " of pi_ref":<22}{r:>12.3f}'
-                 f'{"<= " + format(table["kl_bon_bound"][n], ".3f"):>16}')
-  lines.append(f'{"trained policy":<22}{table["reward_policy"]:>12.3f}'
-               f'{table["kl_policy_ref"]:>16.3f}')
+    lines.append(
+      f'{"Best-of-" + n + " of pi_ref":<22}{r:>12.3f}'
+      f'{"<= " + format(table["kl_bon_bound"][n], ".3f"):>16}'
+    )
+  lines.append(
+    f'{"trained policy":<22}{table["reward_policy"]:>12.3f}{table["kl_policy_ref"]:>16.3f}'
+  )
   n = table['matches_bon_n']
   top = max(int(k) for k in table['reward_bon'])
   if n == top and table['reward_policy'] > table['reward_bon'][str(top)]:

@@ -40,15 +40,22 @@ def tiny_model(vocab: int = 4, tied: bool = False) -> model_lib.ModelConfig:
   4-token vocabulary) leave that optimum at ~0.18 nats: a policy that cannot
   represent pi_BoN, like an LLM, where the choice of divergence matters (Fig. 2).
   """
-  return model_lib.ModelConfig(vocab_size=vocab, num_layers=1, embed_dim=32, hidden_dim=64,
-                               num_heads=2 if tied else 4, num_kv_heads=1, head_dim=16,
-                               tie_embeddings=tied)
+  return model_lib.ModelConfig(
+    vocab_size=vocab,
+    num_layers=1,
+    embed_dim=32,
+    hidden_dim=64,
+    num_heads=2 if tied else 4,
+    num_kv_heads=1,
+    head_dim=16,
+    tie_embeddings=tied,
+  )
 
 
 def all_sequences(vocab: int, length: int) -> np.ndarray:
   """Every sequence [Y, G], in order of its base-`vocab` code (row y has code y)."""
   code_Y = np.arange(vocab**length)
-  digits = [(code_Y // vocab**(length - 1 - t)) % vocab for t in range(length)]
+  digits = [(code_Y // vocab ** (length - 1 - t)) % vocab for t in range(length)]
   return np.stack(digits, axis=-1).astype(np.int32)
 
 
@@ -59,8 +66,14 @@ def sequence_code(tokens_BxG: jax.Array, vocab: int) -> jax.Array:
   return jnp.sum(tokens_BxG.astype(jnp.int32) * weights_G, axis=-1)
 
 
-def random_reward_table(rng: np.random.Generator, num_prompts: int, num_sequences: int,
-                        vocab: int, length: int, structure: float = 1.0) -> np.ndarray:
+def random_reward_table(
+  rng: np.random.Generator,
+  num_prompts: int,
+  num_sequences: int,
+  vocab: int,
+  length: int,
+  structure: float = 1.0,
+) -> np.ndarray:
   """Distinct rewards [P, Y]: a per-(position, token) score summed over y, plus noise.
 
   The additive part makes good sequences share tokens (a language-model-like
@@ -105,8 +118,13 @@ class Testbed:
     prompt_Bx1 = (jnp.arange(batch, dtype=jnp.int32) % self.num_prompts)[:, None]
     return prompt_Bx1, jnp.ones_like(prompt_Bx1, bool)
 
-  def reward_fn(self, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array,
-                response_BxG: jax.Array, response_mask_BxG: jax.Array) -> jax.Array:
+  def reward_fn(
+    self,
+    prompt_BxP: jax.Array,
+    prompt_valid_BxP: jax.Array,
+    response_BxG: jax.Array,
+    response_mask_BxG: jax.Array,
+  ) -> jax.Array:
     """Table lookup r(x, y): a `train.RewardFn`, traceable."""
     del prompt_valid_BxP, response_mask_BxG  # every row is one real prompt token + G tokens
     table_PxY = jnp.asarray(self.reward_PxY)
@@ -117,8 +135,12 @@ class Testbed:
     p, y = self.num_prompts, self.num_sequences
     prompt_Bx1 = jnp.repeat(jnp.arange(p, dtype=jnp.int32), y)[:, None]
     tokens_BxG = jnp.tile(jnp.asarray(all_sequences(self.vocab, self.length)), (p, 1))
-    return (prompt_Bx1, jnp.ones_like(prompt_Bx1, bool), tokens_BxG,
-            jnp.ones_like(tokens_BxG, bool))
+    return (
+      prompt_Bx1,
+      jnp.ones_like(prompt_Bx1, bool),
+      tokens_BxG,
+      jnp.ones_like(tokens_BxG, bool),
+    )
 
   def log_probs(self, params: Any) -> jax.Array:
     """Exact log pi(y | x_p) [P, Y] by teacher forcing every sequence after every prompt."""
@@ -134,8 +156,9 @@ class Testbed:
     log_p_lt, log_p_le = self.log_quantiles(log_pi_ref_PxY)
     return bon.log_pi_bon_theorem1(log_pi_ref_PxY, log_p_lt, log_p_le, n)
 
-  def evaluate(self, params: Any, ref_params: Any, n: int, beta: float = 0.5
-               ) -> dict[str, jax.Array]:
+  def evaluate(
+    self, params: Any, ref_params: Any, n: int, beta: float = 0.5
+  ) -> dict[str, jax.Array]:
     """Exact metrics of the policy `params`, averaged over prompts.
 
     BOND quantities are against Best-of-n of `ref_params` (pi_ref); pass the
@@ -148,13 +171,13 @@ class Testbed:
     pi = jnp.exp(log_pi)
     bwd, fwd = kl(log_pi, log_bon), kl(log_bon, log_pi)
     return {
-        'reward': jnp.mean(jnp.sum(pi * self.reward_PxY, -1)),
-        'reward_bon': jnp.mean(jnp.sum(jnp.exp(log_bon) * self.reward_PxY, -1)),
-        'kl_ref': jnp.mean(kl(log_pi, log_ref)),
-        'kl_bwd': jnp.mean(bwd),  # KL(pi || pi_BoN)
-        'kl_fwd': jnp.mean(fwd),  # KL(pi_BoN || pi)
-        'jeffreys': jnp.mean((1.0 - beta) * fwd + beta * bwd),  # J_beta (Eq. 11)
-        'log_quantile': jnp.mean(jnp.sum(pi * log_p_le, -1)),  # E_pi[log p_le(y)] vs pi_ref
+      'reward': jnp.mean(jnp.sum(pi * self.reward_PxY, -1)),
+      'reward_bon': jnp.mean(jnp.sum(jnp.exp(log_bon) * self.reward_PxY, -1)),
+      'kl_ref': jnp.mean(kl(log_pi, log_ref)),
+      'kl_bwd': jnp.mean(bwd),  # KL(pi || pi_BoN)
+      'kl_fwd': jnp.mean(fwd),  # KL(pi_BoN || pi)
+      'jeffreys': jnp.mean((1.0 - beta) * fwd + beta * bwd),  # J_beta (Eq. 11)
+      'log_quantile': jnp.mean(jnp.sum(pi * log_p_le, -1)),  # E_pi[log p_le(y)] vs pi_ref
     }
 
 
@@ -165,8 +188,14 @@ def kl(log_p_PxY: jax.Array, log_q_PxY: jax.Array) -> jax.Array:
   return jnp.sum(terms, axis=-1)
 
 
-def make(seed: int = 0, num_prompts: int = 2, vocab: int = 4, length: int = 4,
-         structure: float = 1.0, tied: bool = False) -> tuple[Testbed, Any]:
+def make(
+  seed: int = 0,
+  num_prompts: int = 2,
+  vocab: int = 4,
+  length: int = 4,
+  structure: float = 1.0,
+  tied: bool = False,
+) -> tuple[Testbed, Any]:
   """A testbed and pi_ref's parameters (a randomly initialised decoder), from one seed.
 
   pi_ref is the decoder at init: entropy ~3.8-4.5 nats of log 256 = 5.5, its most
@@ -175,8 +204,9 @@ def make(seed: int = 0, num_prompts: int = 2, vocab: int = 4, length: int = 4,
   tied model's table is scaled by 1/2.)
   """
   cfg = tiny_model(vocab, tied)
-  table = random_reward_table(np.random.default_rng(seed), num_prompts, vocab**length, vocab,
-                              length, structure)
+  table = random_reward_table(
+    np.random.default_rng(seed), num_prompts, vocab**length, vocab, length, structure
+  )
   params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
   if tied:
     params['embedder']['embedding'] = params['embedder']['embedding'] * 0.5

@@ -86,12 +86,14 @@ class ModelConfig:
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f'model.num_heads ({self.num_heads}) must be a multiple of '
-          f'model.num_kv_heads ({self.num_kv_heads}).')
+        f'model.num_heads ({self.num_heads}) must be a multiple of '
+        f'model.num_kv_heads ({self.num_kv_heads}).'
+      )
     if self.layer_types and len(self.layer_types) != self.num_layers:
       raise ValueError(
-          f'model.layer_types has {len(self.layer_types)} entries for '
-          f'{self.num_layers} layers; give one per layer or none.')
+        f'model.layer_types has {len(self.layer_types)} entries for '
+        f'{self.num_layers} layers; give one per layer or none.'
+      )
     for t in self.layer_types:
       if t not in ('global', 'local'):
         raise ValueError(f"model.layer_types entries must be 'global' or 'local', got {t!r}.")
@@ -133,8 +135,8 @@ def attention_mask(query_slots_T: jax.Array, key_valid_BxS: jax.Array) -> jax.Ar
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
   return [
-      {'k': jnp.zeros(shape, cfg.jnp_dtype), 'v': jnp.zeros(shape, cfg.jnp_dtype)}
-      for _ in range(cfg.num_layers)
+    {'k': jnp.zeros(shape, cfg.jnp_dtype), 'v': jnp.zeros(shape, cfg.jnp_dtype)}
+    for _ in range(cfg.num_layers)
   ]
 
 
@@ -158,8 +160,12 @@ class RMSNorm(nn.Module):
     return scale.astype(x.dtype) * x32.astype(x.dtype)  # Llama: cast, then scale
 
 
-def rope_inv_freq(head_dim: int, base: float, scale: float = 1.0,
-                  llama3: tuple[float, float, float, int] | None = None) -> np.ndarray:
+def rope_inv_freq(
+  head_dim: int,
+  base: float,
+  scale: float = 1.0,
+  llama3: tuple[float, float, float, int] | None = None,
+) -> np.ndarray:
   """Inverse frequencies [H/2], computed as transformers does (float32, scaling applied to
   the frequencies rather than the positions), so that fp32 logits agree to ~1e-6."""
   exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
@@ -177,9 +183,13 @@ def rope_inv_freq(head_dim: int, base: float, scale: float = 1.0,
   return (inv_freq / np.float32(scale)).astype(np.float32)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float,
-               scale: float = 1.0,
-               llama3: tuple[float, float, float, int] | None = None) -> jax.Array:
+def apply_rope(
+  x_BxTxNxH: jax.Array,
+  positions_BxT: jax.Array,
+  base: float,
+  scale: float = 1.0,
+  llama3: tuple[float, float, float, int] | None = None,
+) -> jax.Array:
   """Rotary embedding, half-split convention (as in Gemma and transformers)."""
   inv_freq_h = jnp.asarray(rope_inv_freq(x_BxTxNxH.shape[-1], base, scale, llama3))
   angles_BxTxh = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_h
@@ -206,14 +216,19 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index):
     cfg = self.cfg
-    dense = lambda feats, name, axis=-1, bias=False: nn.DenseGeneral(  # noqa: E731
-        feats, axis=axis, use_bias=bias, dtype=cfg.jnp_dtype,
-        param_dtype=cfg.jnp_param_dtype, name=name)
+    dense = lambda feats, name, axis=-1, bias=False: nn.DenseGeneral(
+      feats,
+      axis=axis,
+      use_bias=bias,
+      dtype=cfg.jnp_dtype,
+      param_dtype=cfg.jnp_param_dtype,
+      name=name,
+    )
     q_BxTxNxH = dense((cfg.num_heads, cfg.head_dim), 'q_proj', bias=cfg.qkv_bias)(x_BxTxD)
     k_BxTxKxH = dense((cfg.num_kv_heads, cfg.head_dim), 'k_proj', bias=cfg.qkv_bias)(x_BxTxD)
     v_BxTxKxH = dense((cfg.num_kv_heads, cfg.head_dim), 'v_proj', bias=cfg.qkv_bias)(x_BxTxD)
     if cfg.use_qk_norm:
-      norm = lambda name: _norm(cfg, name)  # noqa: E731
+      norm = lambda name: _norm(cfg, name)
       q_BxTxNxH = norm('q_norm')(q_BxTxNxH)
       k_BxTxKxH = norm('k_norm')(k_BxTxKxH)
     # Gemma 3 local layers have their own unscaled base; otherwise every layer uses the
@@ -243,8 +258,9 @@ class Attention(nn.Module):
     k_heads = cfg.num_kv_heads
     scalar = cfg.query_pre_attn_scalar or cfg.head_dim
     q_BxTxKxGxH = (q_BxTxNxH * scalar**-0.5).reshape(b, t, k_heads, n // k_heads, h)
-    logits_BxKxGxTxS = jnp.einsum('btkgh,bskh->bkgts', q_BxTxKxGxH, k_BxSxKxH,
-                                  preferred_element_type=jnp.float32)
+    logits_BxKxGxTxS = jnp.einsum(
+      'btkgh,bskh->bkgts', q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    )
     logits_BxKxGxTxS = _softcap(logits_BxKxGxTxS, cfg.attn_logit_softcap)
     big_neg = jnp.finfo(jnp.float32).min
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, big_neg)
@@ -261,8 +277,13 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD):
     cfg = self.cfg
-    dense = lambda feats, name: nn.Dense(feats, use_bias=False, dtype=cfg.jnp_dtype,  # noqa: E731
-                                         param_dtype=cfg.jnp_param_dtype, name=name)
+    dense = lambda feats, name: nn.Dense(
+      feats,
+      use_bias=False,
+      dtype=cfg.jnp_dtype,
+      param_dtype=cfg.jnp_param_dtype,
+      name=name,
+    )
     gate_BxTxF = dense(cfg.hidden_dim, 'gate_proj')(x_BxTxD)
     up_BxTxF = dense(cfg.hidden_dim, 'up_proj')(x_BxTxD)
     if cfg.activation == 'gelu_tanh':
@@ -279,10 +300,11 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index):
     cfg = self.cfg
-    norm = lambda name: _norm(cfg, name)  # noqa: E731
+    norm = lambda name: _norm(cfg, name)
     h = norm('pre_attn_norm')(x_BxTxD)
     h, new_cache = Attention(cfg, self.local, name='attn')(
-        h, positions_BxT, mask_BxTxS, cache, cache_index)
+      h, positions_BxT, mask_BxTxS, cache, cache_index
+    )
     if cfg.use_post_norms:
       h = norm('post_attn_norm')(h)
     x_BxTxD = x_BxTxD + h
@@ -300,20 +322,32 @@ class Decoder(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.embedder = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.jnp_dtype,
-                             param_dtype=cfg.jnp_param_dtype,
-                             # std 1/sqrt(D): after the sqrt(D) input scale, unit-size
-                             # inputs and unit-size tied logits at init.
-                             embedding_init=nn.initializers.normal(stddev=cfg.embed_dim**-0.5))
-    self.blocks = [Block(cfg, cfg.layer_type(i) == 'local', name=f'layer_{i}')
-                   for i in range(cfg.num_layers)]
+    self.embedder = nn.Embed(
+      cfg.vocab_size,
+      cfg.embed_dim,
+      dtype=cfg.jnp_dtype,
+      param_dtype=cfg.jnp_param_dtype,
+      # std 1/sqrt(D): after the sqrt(D) input scale, unit-size
+      # inputs and unit-size tied logits at init.
+      embedding_init=nn.initializers.normal(stddev=cfg.embed_dim**-0.5),
+    )
+    self.blocks = [
+      Block(cfg, cfg.layer_type(i) == 'local', name=f'layer_{i}') for i in range(cfg.num_layers)
+    ]
     self.final_norm = _norm(cfg)
     if not cfg.tie_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
-                              param_dtype=cfg.jnp_param_dtype)
+      self.lm_head = nn.Dense(
+        cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype
+      )
 
-  def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, cache: Cache | None = None,
-             cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+  def hidden(
+    self,
+    tokens_BxT,
+    positions_BxT,
+    mask_BxTxS,
+    cache: Cache | None = None,
+    cache_index: jax.Array | int = 0,
+  ) -> tuple[jax.Array, Cache | None]:
     """Final-normed hidden states [B, T, D] and the updated cache."""
     cfg = self.cfg
     x_BxTxD = self.embedder(tokens_BxT)
@@ -337,8 +371,14 @@ class Decoder(nn.Module):
       logits = self.lm_head(h_BxTxD)
     return _softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
 
-  def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache: Cache | None = None,
-               cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+  def __call__(
+    self,
+    tokens_BxT,
+    positions_BxT,
+    mask_BxTxS,
+    cache: Cache | None = None,
+    cache_index: jax.Array | int = 0,
+  ) -> tuple[jax.Array, Cache | None]:
     h_BxTxD, new_cache = self.hidden(tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index)
     return self.logits(h_BxTxD), new_cache
 
@@ -350,8 +390,9 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
   return Decoder(cfg).init(rng, tokens, tokens, mask)['params']
 
 
-def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array,
-            valid_BxT: jax.Array) -> jax.Array:
+def forward(
+  cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, valid_BxT: jax.Array
+) -> jax.Array:
   """Full-sequence logits [B, T, V] for left- or right-padded rows (no cache)."""
   positions_BxT = positions_from_mask(valid_BxT)
   mask_BxTxT = attention_mask(jnp.arange(tokens_BxT.shape[1]), valid_BxT)
@@ -367,13 +408,32 @@ def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array,
 # gemma-3-1b-pt and the text part of gemma-3-4b-pt. All use rms_norm_eps 1e-6 and a tanh
 # GeGLU; Gemma 2/3 make layer i global when (i + 1) % pattern == 0 (pattern 2 / 6).
 
-TINY = ModelConfig(vocab_size=32, num_layers=2, embed_dim=64, hidden_dim=256, num_heads=4,
-                   num_kv_heads=1, head_dim=16)
+TINY = ModelConfig(
+  vocab_size=32,
+  num_layers=2,
+  embed_dim=64,
+  hidden_dim=256,
+  num_heads=4,
+  num_kv_heads=1,
+  head_dim=16,
+)
 
-_GEMMA2 = dict(norm_plus_one=True, query_pre_attn_scalar=256, attn_logit_softcap=50.0,
-               final_logit_softcap=30.0, sliding_window=4096, use_post_norms=True)
-_GEMMA3 = dict(query_pre_attn_scalar=256, sliding_window=512, use_post_norms=True,
-               use_qk_norm=True, rope_base=1_000_000.0, rope_local_base=10_000.0)
+_GEMMA2 = dict(
+  norm_plus_one=True,
+  query_pre_attn_scalar=256,
+  attn_logit_softcap=50.0,
+  final_logit_softcap=30.0,
+  sliding_window=4096,
+  use_post_norms=True,
+)
+_GEMMA3 = dict(
+  query_pre_attn_scalar=256,
+  sliding_window=512,
+  use_post_norms=True,
+  use_qk_norm=True,
+  rope_base=1_000_000.0,
+  rope_local_base=10_000.0,
+)
 
 
 def _alternating(n: int, every: int) -> tuple[str, ...]:
@@ -382,30 +442,83 @@ def _alternating(n: int, every: int) -> tuple[str, ...]:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    'tiny': TINY,
-    'gemma_2b': ModelConfig(vocab_size=256_000, num_layers=18, embed_dim=2048, hidden_dim=16_384,
-                            num_heads=8, num_kv_heads=1, head_dim=256),
-    'gemma_7b': ModelConfig(vocab_size=256_000, num_layers=28, embed_dim=3072, hidden_dim=24_576,
-                            num_heads=16, num_kv_heads=16, head_dim=256),
-    'gemma2_2b': ModelConfig(vocab_size=256_000, num_layers=26, embed_dim=2304, hidden_dim=9216,
-                             num_heads=8, num_kv_heads=4, head_dim=256,
-                             layer_types=_alternating(26, 2), **_GEMMA2),
-    'gemma2_9b': ModelConfig(vocab_size=256_000, num_layers=42, embed_dim=3584, hidden_dim=14_336,
-                             num_heads=16, num_kv_heads=8, head_dim=256,
-                             layer_types=_alternating(42, 2), **_GEMMA2),
-    # 27B is the one Gemma 2 whose query_pre_attn_scalar is D / N = 144, not head_dim.
-    'gemma2_27b': ModelConfig(vocab_size=256_000, num_layers=46, embed_dim=4608,
-                              hidden_dim=36_864, num_heads=32, num_kv_heads=16, head_dim=128,
-                              layer_types=_alternating(46, 2),
-                              **{**_GEMMA2, 'query_pre_attn_scalar': 144}),
-    'gemma3_1b': ModelConfig(vocab_size=262_144, num_layers=26, embed_dim=1152, hidden_dim=6912,
-                             num_heads=4, num_kv_heads=1, head_dim=256,
-                             layer_types=_alternating(26, 6), **_GEMMA3),
-    # Text tower of the multimodal 4B: global layers use linear RoPE scaling by 8.
-    'gemma3_4b': ModelConfig(vocab_size=262_208, num_layers=34, embed_dim=2560, hidden_dim=10_240,
-                             num_heads=8, num_kv_heads=4, head_dim=256, rope_scale=8.0,
-                             layer_types=_alternating(34, 6),
-                             **{**_GEMMA3, 'sliding_window': 1024}),
+  'tiny': TINY,
+  'gemma_2b': ModelConfig(
+    vocab_size=256_000,
+    num_layers=18,
+    embed_dim=2048,
+    hidden_dim=16_384,
+    num_heads=8,
+    num_kv_heads=1,
+    head_dim=256,
+  ),
+  'gemma_7b': ModelConfig(
+    vocab_size=256_000,
+    num_layers=28,
+    embed_dim=3072,
+    hidden_dim=24_576,
+    num_heads=16,
+    num_kv_heads=16,
+    head_dim=256,
+  ),
+  'gemma2_2b': ModelConfig(
+    vocab_size=256_000,
+    num_layers=26,
+    embed_dim=2304,
+    hidden_dim=9216,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=256,
+    layer_types=_alternating(26, 2),
+    **_GEMMA2,
+  ),
+  'gemma2_9b': ModelConfig(
+    vocab_size=256_000,
+    num_layers=42,
+    embed_dim=3584,
+    hidden_dim=14_336,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=256,
+    layer_types=_alternating(42, 2),
+    **_GEMMA2,
+  ),
+  # 27B is the one Gemma 2 whose query_pre_attn_scalar is D / N = 144, not head_dim.
+  'gemma2_27b': ModelConfig(
+    vocab_size=256_000,
+    num_layers=46,
+    embed_dim=4608,
+    hidden_dim=36_864,
+    num_heads=32,
+    num_kv_heads=16,
+    head_dim=128,
+    layer_types=_alternating(46, 2),
+    **{**_GEMMA2, 'query_pre_attn_scalar': 144},
+  ),
+  'gemma3_1b': ModelConfig(
+    vocab_size=262_144,
+    num_layers=26,
+    embed_dim=1152,
+    hidden_dim=6912,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=256,
+    layer_types=_alternating(26, 6),
+    **_GEMMA3,
+  ),
+  # Text tower of the multimodal 4B: global layers use linear RoPE scaling by 8.
+  'gemma3_4b': ModelConfig(
+    vocab_size=262_208,
+    num_layers=34,
+    embed_dim=2560,
+    hidden_dim=10_240,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=256,
+    rope_scale=8.0,
+    layer_types=_alternating(34, 6),
+    **{**_GEMMA3, 'sliding_window': 1024},
+  ),
 }
 
 

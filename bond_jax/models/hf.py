@@ -40,14 +40,30 @@ from bond_jax.models import sharding as sharding_lib
 from bond_jax.models.decoder import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ('gemma', 'gemma2', 'gemma3', 'gemma3_text', 'llama', 'qwen2')
-_CAUSAL_LM = {'gemma': 'GemmaForCausalLM', 'gemma2': 'Gemma2ForCausalLM',
-              'gemma3_text': 'Gemma3ForCausalLM', 'llama': 'LlamaForCausalLM',
-              'qwen2': 'Qwen2ForCausalLM'}
-_ACTIVATIONS = {'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh', 'silu': 'silu',
-                'swish': 'silu'}
-_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model',
-                    'special_tokens_map.json', 'added_tokens.json', 'vocab.json', 'merges.txt',
-                    'chat_template.jinja', 'generation_config.json')
+_CAUSAL_LM = {
+  'gemma': 'GemmaForCausalLM',
+  'gemma2': 'Gemma2ForCausalLM',
+  'gemma3_text': 'Gemma3ForCausalLM',
+  'llama': 'LlamaForCausalLM',
+  'qwen2': 'Qwen2ForCausalLM',
+}
+_ACTIVATIONS = {
+  'gelu_pytorch_tanh': 'gelu_tanh',
+  'gelu_new': 'gelu_tanh',
+  'silu': 'silu',
+  'swish': 'silu',
+}
+_TOKENIZER_FILES = (
+  'tokenizer.json',
+  'tokenizer_config.json',
+  'tokenizer.model',
+  'special_tokens_map.json',
+  'added_tokens.json',
+  'vocab.json',
+  'merges.txt',
+  'chat_template.jinja',
+  'generation_config.json',
+)
 _LAYER_TYPES = {'sliding_attention': 'local', 'full_attention': 'global'}
 
 
@@ -62,12 +78,16 @@ def _rope(params: dict[str, Any], where: str) -> dict[str, Any]:
   if kind == 'linear':
     out['rope_scale'] = float(params['factor'])
   elif kind == 'llama3':
-    out['rope_llama3'] = (float(params['factor']), float(params['low_freq_factor']),
-                          float(params['high_freq_factor']),
-                          int(params['original_max_position_embeddings']))
+    out['rope_llama3'] = (
+      float(params['factor']),
+      float(params['low_freq_factor']),
+      float(params['high_freq_factor']),
+      int(params['original_max_position_embeddings']),
+    )
   elif kind != 'default':
-    raise ValueError(f'{where}: rope_type {kind!r} is not supported '
-                     "(supported: 'default', 'linear', 'llama3').")
+    raise ValueError(
+      f"{where}: rope_type {kind!r} is not supported (supported: 'default', 'linear', 'llama3')."
+    )
   return out
 
 
@@ -77,8 +97,10 @@ def config_from_hf(hf_config: dict[str, Any], dtype: str = 'float32') -> ModelCo
 
   model_type = hf_config.get('model_type')
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f'Unsupported architecture: model_type {model_type!r}; supported: '
-                     f'{", ".join(SUPPORTED_MODEL_TYPES)}.')
+    raise ValueError(
+      f'Unsupported architecture: model_type {model_type!r}; supported: '
+      f'{", ".join(SUPPORTED_MODEL_TYPES)}.'
+    )
   fields = {k: v for k, v in hf_config.items() if k != 'model_type'}
   c = transformers.AutoConfig.for_model(model_type, **fields)
   if model_type == 'gemma3':
@@ -95,21 +117,32 @@ def config_from_hf(hf_config: dict[str, Any], dtype: str = 'float32') -> ModelCo
   if 'local' not in layer_types:
     layer_types = ()
   kw: dict[str, Any] = dict(
-      vocab_size=c.vocab_size, num_layers=c.num_hidden_layers, embed_dim=c.hidden_size,
-      hidden_dim=c.intermediate_size, num_heads=c.num_attention_heads,
-      num_kv_heads=c.num_key_value_heads,
-      head_dim=getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads,
-      norm_eps=c.rms_norm_eps, tie_embeddings=bool(c.tie_word_embeddings),
-      activation=_ACTIVATIONS[act], layer_types=layer_types,
-      sliding_window=c.sliding_window if layer_types else None, dtype=dtype, param_dtype=dtype)
+    vocab_size=c.vocab_size,
+    num_layers=c.num_hidden_layers,
+    embed_dim=c.hidden_size,
+    hidden_dim=c.intermediate_size,
+    num_heads=c.num_attention_heads,
+    num_kv_heads=c.num_key_value_heads,
+    head_dim=getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads,
+    norm_eps=c.rms_norm_eps,
+    tie_embeddings=bool(c.tie_word_embeddings),
+    activation=_ACTIVATIONS[act],
+    layer_types=layer_types,
+    sliding_window=c.sliding_window if layer_types else None,
+    dtype=dtype,
+    param_dtype=dtype,
+  )
   if model_type.startswith('gemma'):
     kw.update(norm_plus_one=True, scale_embeddings=True)
   else:
     kw.update(norm_plus_one=False, scale_embeddings=False, qkv_bias=model_type == 'qwen2')
   if model_type in ('gemma2', 'gemma3_text'):
-    kw.update(query_pre_attn_scalar=c.query_pre_attn_scalar, use_post_norms=True,
-              attn_logit_softcap=c.attn_logit_softcapping,
-              final_logit_softcap=c.final_logit_softcapping)
+    kw.update(
+      query_pre_attn_scalar=c.query_pre_attn_scalar,
+      use_post_norms=True,
+      attn_logit_softcap=c.attn_logit_softcapping,
+      final_logit_softcap=c.final_logit_softcapping,
+    )
   if model_type == 'gemma3_text':
     rope = c.rope_parameters
     kw.update(use_qk_norm=True, **_rope(rope['full_attention'], where))
@@ -127,12 +160,17 @@ def _canonical(cfg: ModelConfig) -> ModelConfig:
   local = 'local' in cfg.layer_types
   qpas = cfg.query_pre_attn_scalar
   return dataclasses.replace(
-      cfg, layer_types=cfg.layer_types if local else (),
-      sliding_window=cfg.sliding_window if local else None,
-      query_pre_attn_scalar=None if qpas in (None, cfg.head_dim) else float(qpas),
-      rope_local_base=None if not local or (cfg.rope_local_base in (None, cfg.rope_base)
-                                            and cfg.rope_scale == 1 and not cfg.rope_llama3)
-      else float(cfg.rope_local_base))
+    cfg,
+    layer_types=cfg.layer_types if local else (),
+    sliding_window=cfg.sliding_window if local else None,
+    query_pre_attn_scalar=None if qpas in (None, cfg.head_dim) else float(qpas),
+    rope_local_base=None
+    if not local
+    or (
+      cfg.rope_local_base in (None, cfg.rope_base) and cfg.rope_scale == 1 and not cfg.rope_llama3
+    )
+    else float(cfg.rope_local_base),
+  )
 
 
 def _family(cfg: ModelConfig) -> str:
@@ -145,8 +183,9 @@ def _family(cfg: ModelConfig) -> str:
   return 'qwen2' if cfg.qkv_bias else 'llama'
 
 
-def hf_config_dict(cfg: ModelConfig, architecture: str | None = None,
-                   **overrides: Any) -> dict[str, Any]:
+def hf_config_dict(
+  cfg: ModelConfig, architecture: str | None = None, **overrides: Any
+) -> dict[str, Any]:
   """The transformers config.json for `cfg` (raises if no supported family expresses it)."""
   import transformers
 
@@ -154,44 +193,63 @@ def hf_config_dict(cfg: ModelConfig, architecture: str | None = None,
   rope: dict[str, Any] = {'rope_type': 'default', 'rope_theta': cfg.rope_base}
   if cfg.rope_llama3 is not None:
     f, lo, hi, orig = cfg.rope_llama3
-    rope = {'rope_type': 'llama3', 'rope_theta': cfg.rope_base, 'factor': f,
-            'low_freq_factor': lo, 'high_freq_factor': hi,
-            'original_max_position_embeddings': orig}
+    rope = {
+      'rope_type': 'llama3',
+      'rope_theta': cfg.rope_base,
+      'factor': f,
+      'low_freq_factor': lo,
+      'high_freq_factor': hi,
+      'original_max_position_embeddings': orig,
+    }
   elif cfg.rope_scale != 1.0:
     rope = {'rope_type': 'linear', 'rope_theta': cfg.rope_base, 'factor': cfg.rope_scale}
   fields: dict[str, Any] = dict(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.hidden_dim,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
-      tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, dtype=cfg.param_dtype)
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.embed_dim,
+    intermediate_size=cfg.hidden_dim,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    rms_norm_eps=cfg.norm_eps,
+    tie_word_embeddings=cfg.tie_embeddings,
+    rope_parameters=rope,
+    dtype=cfg.param_dtype,
+  )
   act = 'gelu_pytorch_tanh' if cfg.activation == 'gelu_tanh' else 'silu'
   fields['hidden_activation' if model_type in ('gemma2', 'gemma3_text') else 'hidden_act'] = act
   hf_types = {'global': 'full_attention', 'local': 'sliding_attention'}
   layer_types = [hf_types[cfg.layer_type(i)] for i in range(cfg.num_layers)]
   if model_type in ('gemma2', 'gemma3_text'):
-    fields.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
-                  attn_logit_softcapping=cfg.attn_logit_softcap,
-                  final_logit_softcapping=cfg.final_logit_softcap,
-                  sliding_window=cfg.sliding_window, layer_types=layer_types)
+    fields.update(
+      query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+      attn_logit_softcapping=cfg.attn_logit_softcap,
+      final_logit_softcapping=cfg.final_logit_softcap,
+      sliding_window=cfg.sliding_window,
+      layer_types=layer_types,
+    )
   if model_type == 'gemma3_text':
     local = {'rope_type': 'default', 'rope_theta': cfg.rope_local_base or cfg.rope_base}
     fields['rope_parameters'] = {'full_attention': rope, 'sliding_attention': local}
   if model_type == 'qwen2' and cfg.sliding_window:
-    fields.update(use_sliding_window=True, sliding_window=cfg.sliding_window,
-                  layer_types=layer_types)
+    fields.update(
+      use_sliding_window=True, sliding_window=cfg.sliding_window, layer_types=layer_types
+    )
   fields.update(overrides)
   c = transformers.AutoConfig.for_model(model_type, **fields)
   c.architectures = [architecture or _CAUSAL_LM[model_type]]
   out = c.to_dict()
   want = _canonical(cfg)
-  back = _canonical(dataclasses.replace(config_from_hf(out, cfg.dtype),
-                                        param_dtype=cfg.param_dtype))
-  diff = [f.name for f in dataclasses.fields(cfg)
-          if getattr(want, f.name) != getattr(back, f.name)]
+  back = _canonical(
+    dataclasses.replace(config_from_hf(out, cfg.dtype), param_dtype=cfg.param_dtype)
+  )
+  diff = [f.name for f in dataclasses.fields(cfg) if getattr(want, f.name) != getattr(back, f.name)]
   if diff:
-    raise ValueError(f'ModelConfig cannot be written as HF model_type {model_type!r}: fields '
-                     f'{diff} would not survive (ours {[getattr(want, n) for n in diff]}, '
-                     f'HF {[getattr(back, n) for n in diff]}).')
+    raise ValueError(
+      f'ModelConfig cannot be written as HF model_type {model_type!r}: fields '
+      f'{diff} would not survive (ours {[getattr(want, n) for n in diff]}, '
+      f'HF {[getattr(back, n) for n in diff]}).'
+    )
   return out
 
 
@@ -216,27 +274,33 @@ def _layout(kind: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], Callabl
     return (math.prod(shape),), lambda w: w.reshape(shape), lambda x: x.reshape(-1)
   k = int(kind[1:])
   n_in, n_out = math.prod(shape[:k]), math.prod(shape[k:])
-  return ((n_out, n_in), lambda w: np.ascontiguousarray(w.T).reshape(shape),
-          lambda x: np.ascontiguousarray(x.reshape(n_in, n_out).T))
+  return (
+    (n_out, n_in),
+    lambda w: np.ascontiguousarray(w.T).reshape(shape),
+    lambda x: np.ascontiguousarray(x.reshape(n_in, n_out).T),
+  )
 
 
 _LAYER_RULES = (  # (our path inside layer_i, HF name inside layers.i, kind)
-    (r'pre_attn_norm/scale', 'input_layernorm.weight', 'same'),
-    (r'attn/([qkv])_proj/kernel', r'self_attn.\1_proj.weight', 'T1'),
-    (r'attn/([qkv])_proj/bias', r'self_attn.\1_proj.bias', 'flat'),
-    (r'attn/o_proj/kernel', 'self_attn.o_proj.weight', 'T2'),
-    (r'attn/([qk])_norm/scale', r'self_attn.\1_norm.weight', 'same'),
-    (r'mlp/(gate|up|down)_proj/kernel', r'mlp.\1_proj.weight', 'T1'),
+  (r'pre_attn_norm/scale', 'input_layernorm.weight', 'same'),
+  (r'attn/([qkv])_proj/kernel', r'self_attn.\1_proj.weight', 'T1'),
+  (r'attn/([qkv])_proj/bias', r'self_attn.\1_proj.bias', 'flat'),
+  (r'attn/o_proj/kernel', 'self_attn.o_proj.weight', 'T2'),
+  (r'attn/([qk])_norm/scale', r'self_attn.\1_norm.weight', 'same'),
+  (r'mlp/(gate|up|down)_proj/kernel', r'mlp.\1_proj.weight', 'T1'),
 )
 
 
-def _hf_tensor(name: str, shape: tuple[int, ...], cfg: ModelConfig, prefix: str,
-               head_prefix: str) -> _Tensor:
+def _hf_tensor(
+  name: str, shape: tuple[int, ...], cfg: ModelConfig, prefix: str, head_prefix: str
+) -> _Tensor:
   """The HF tensor behind our parameter `name` ('layer_0/attn/q_proj/kernel')."""
   post = cfg.use_post_norms
-  norms = {'post_attn_norm': 'post_attention_layernorm', 'post_ffw_norm':
-           'post_feedforward_layernorm',
-           'pre_ffw_norm': 'pre_feedforward_layernorm' if post else 'post_attention_layernorm'}
+  norms = {
+    'post_attn_norm': 'post_attention_layernorm',
+    'post_ffw_norm': 'post_feedforward_layernorm',
+    'pre_ffw_norm': 'pre_feedforward_layernorm' if post else 'post_attention_layernorm',
+  }
   rules = _LAYER_RULES + tuple((rf'{k}/scale', f'{v}.weight', 'same') for k, v in norms.items())
   hf, kind = None, None
   if name == 'embedder/embedding':
@@ -278,8 +342,10 @@ def _weight_map(path: Path) -> dict[str, Path]:
     return {name: path / file for name, file in weight_map.items()}
   files = [path / 'model.safetensors'] if (path / 'model.safetensors').is_file() else []
   if not files:
-    raise FileNotFoundError(f'No safetensors weights in {str(path)!r} (expected '
-                            'model.safetensors or model.safetensors.index.json).')
+    raise FileNotFoundError(
+      f'No safetensors weights in {str(path)!r} (expected '
+      'model.safetensors or model.safetensors.index.json).'
+    )
   out = {}
   for file in files:
     with safe_open(file, framework='numpy') as f:
@@ -287,8 +353,9 @@ def _weight_map(path: Path) -> dict[str, Path]:
   return out
 
 
-def _load_tree(path: str | Path, cfg: ModelConfig, abstract: Any, strip: str,
-               shardings: Any) -> Any:
+def _load_tree(
+  path: str | Path, cfg: ModelConfig, abstract: Any, strip: str, shardings: Any
+) -> Any:
   path = Path(path)
   weight_map = _weight_map(path)
   prefixes = ('model.', 'model.language_model.', 'language_model.model.', '')
@@ -296,12 +363,16 @@ def _load_tree(path: str | Path, cfg: ModelConfig, abstract: Any, strip: str,
   head_prefix = 'language_model.' if prefix == 'language_model.model.' else ''
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   names = [sharding_lib.path_name(p).removeprefix(strip) for p, _ in leaves]
-  tensors = [_hf_tensor(n, tuple(x.shape), cfg, prefix, head_prefix)
-             for n, (_, x) in zip(names, leaves, strict=True)]
+  tensors = [
+    _hf_tensor(n, tuple(x.shape), cfg, prefix, head_prefix)
+    for n, (_, x) in zip(names, leaves, strict=True)
+  ]
   missing = [t.hf_name for t in tensors if t.hf_name not in weight_map]
   if missing:
-    raise KeyError(f'Checkpoint {str(path)!r} is missing tensor(s) {missing[:5]}'
-                   f'{" and more" if len(missing) > 5 else ""}.')
+    raise KeyError(
+      f'Checkpoint {str(path)!r} is missing tensor(s) {missing[:5]}'
+      f'{" and more" if len(missing) > 5 else ""}.'
+    )
   if shardings is None:
     shard_leaves = [None] * len(leaves)
   else:
@@ -318,8 +389,10 @@ def _load_tree(path: str | Path, cfg: ModelConfig, abstract: Any, strip: str,
         t, (_, spec) = tensors[i], leaves[i]
         found = tuple(f.get_slice(t.hf_name).get_shape())
         if found != t.hf_shape:
-          raise ValueError(f'Tensor {t.hf_name!r} in {file.name} has shape {found}, '
-                           f'expected {t.hf_shape} (our {names[i]} {tuple(spec.shape)}).')
+          raise ValueError(
+            f'Tensor {t.hf_name!r} in {file.name} has shape {found}, '
+            f'expected {t.hf_shape} (our {names[i]} {tuple(spec.shape)}).'
+          )
         w = t.to_ours(f.get_tensor(t.hf_name)).astype(spec.dtype)
         out[i] = jax.device_put(w, shard_leaves[i])
         del w
@@ -333,8 +406,9 @@ def _resolve_cfg(path: str | Path, cfg: ModelConfig | None, dtype: str | None) -
   return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype) if dtype else cfg
 
 
-def load_params(path: str | Path, cfg: ModelConfig | None = None, dtype: str | None = None,
-                shardings: Any = None) -> tuple[ModelConfig, Any]:
+def load_params(
+  path: str | Path, cfg: ModelConfig | None = None, dtype: str | None = None, shardings: Any = None
+) -> tuple[ModelConfig, Any]:
   """(cfg, params) of a *ForCausalLM checkpoint directory.
 
   cfg: None reads it from config.json; dtype: activation and parameter dtype (None:
@@ -346,9 +420,9 @@ def load_params(path: str | Path, cfg: ModelConfig | None = None, dtype: str | N
   return cfg, _load_tree(path, cfg, abstract, '', shardings)
 
 
-def load_reward_params(path: str | Path, cfg: ModelConfig | None = None,
-                       dtype: str | None = None, shardings: Any = None
-                       ) -> tuple[ModelConfig, Any]:
+def load_reward_params(
+  path: str | Path, cfg: ModelConfig | None = None, dtype: str | None = None, shardings: Any = None
+) -> tuple[ModelConfig, Any]:
   """(cfg, {'decoder': ..., 'score': {'kernel': [D, 1]}}) of a *ForSequenceClassification
   checkpoint with one label (its `score.weight` is [1, D])."""
   cfg = _resolve_cfg(path, cfg, dtype)
@@ -360,9 +434,14 @@ def load_reward_params(path: str | Path, cfg: ModelConfig | None = None,
 # Export.
 
 
-def export_hf(cfg: ModelConfig, params: Any, out_dir: str | Path,
-              tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 2**30,
-              **hf_overrides: Any) -> Path:
+def export_hf(
+  cfg: ModelConfig,
+  params: Any,
+  out_dir: str | Path,
+  tokenizer_dir: str | Path | None = None,
+  max_shard_bytes: int = 5 * 2**30,
+  **hf_overrides: Any,
+) -> Path:
   """Write config.json + safetensors that `AutoModelForCausalLM.from_pretrained` loads.
 
   Reward-model params ({'decoder', 'score'}) are written as *ForSequenceClassification
@@ -381,8 +460,12 @@ def export_hf(cfg: ModelConfig, params: Any, out_dir: str | Path,
   (out_dir / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True))
 
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  tensors = [_hf_tensor(sharding_lib.path_name(p).removeprefix('decoder/'), tuple(x.shape),
-                        cfg, 'model.', '') for p, x in leaves]
+  tensors = [
+    _hf_tensor(
+      sharding_lib.path_name(p).removeprefix('decoder/'), tuple(x.shape), cfg, 'model.', ''
+    )
+    for p, x in leaves
+  ]
   shards: list[list[int]] = [[]]
   size = 0
   for i, (_, x) in enumerate(leaves):
@@ -396,8 +479,10 @@ def export_hf(cfg: ModelConfig, params: Any, out_dir: str | Path,
   weight_map = {}
   for s, indices in enumerate(shards):
     file = 'model.safetensors' if n == 1 else f'model-{s + 1:05d}-of-{n:05d}.safetensors'
-    arrays = {tensors[i].hf_name: tensors[i].to_hf(np.asarray(jax.device_get(leaves[i][1])))
-              for i in indices}
+    arrays = {
+      tensors[i].hf_name: tensors[i].to_hf(np.asarray(jax.device_get(leaves[i][1])))
+      for i in indices
+    }
     save_file(arrays, str(out_dir / file), metadata={'format': 'pt'})
     weight_map.update(dict.fromkeys(arrays, file))
     del arrays

@@ -38,11 +38,13 @@ class RewardModel(nn.Module):
 
   def setup(self):
     self.decoder = model_lib.Decoder(self.cfg)
-    self.score = nn.Dense(1, use_bias=False, dtype=self.cfg.jnp_dtype,
-                          param_dtype=self.cfg.jnp_param_dtype)
+    self.score = nn.Dense(
+      1, use_bias=False, dtype=self.cfg.jnp_dtype, param_dtype=self.cfg.jnp_param_dtype
+    )
 
-  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, mask_BxTxS: jax.Array,
-               last_B: jax.Array) -> jax.Array:
+  def __call__(
+    self, tokens_BxT: jax.Array, positions_BxT: jax.Array, mask_BxTxS: jax.Array, last_B: jax.Array
+  ) -> jax.Array:
     h_BxTxD, _ = self.decoder.hidden(tokens_BxT, positions_BxT, mask_BxTxS)
     h_BxD = jnp.take_along_axis(h_BxTxD, last_B[:, None, None], axis=1)[:, 0]
     return self.score(h_BxD)[:, 0].astype(jnp.float32)
@@ -55,10 +57,10 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
   return RewardModel(cfg).init(rng, tokens, tokens, mask, jnp.zeros((1,), jnp.int32))['params']
 
 
-def score(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array,
-          valid_BxT: jax.Array) -> jax.Array:
+def score(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, valid_BxT: jax.Array) -> jax.Array:
   """Rewards [B] (float32) of left- or right-padded rows."""
   positions_BxT = model_lib.positions_from_mask(valid_BxT)
   mask_BxTxT = model_lib.attention_mask(jnp.arange(tokens_BxT.shape[1]), valid_BxT)
-  return RewardModel(cfg).apply({'params': params}, tokens_BxT, positions_BxT, mask_BxTxT,
-                                last_valid_index(valid_BxT))
+  return RewardModel(cfg).apply(
+    {'params': params}, tokens_BxT, positions_BxT, mask_BxTxT, last_valid_index(valid_BxT)
+  )

@@ -84,9 +84,15 @@ def _choose(logits_BxV: jax.Array, rng: jax.Array, sp: SamplingParams) -> jax.Ar
   return jax.random.categorical(rng, _process_logits(logits_BxV, sp), axis=-1).astype(jnp.int32)
 
 
-def sample(cfg: model_lib.ModelConfig, params: Any, prompt_BxP: jax.Array,
-           prompt_valid_BxP: jax.Array, rng: jax.Array, sp: SamplingParams,
-           num_samples: int = 1) -> SampleOutput:
+def sample(
+  cfg: model_lib.ModelConfig,
+  params: Any,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  rng: jax.Array,
+  sp: SamplingParams,
+  num_samples: int = 1,
+) -> SampleOutput:
   """Draw `num_samples` generations per prompt.
 
   The prompt is prefilled once and its cache rows are repeated, so the samples
@@ -104,26 +110,28 @@ def sample(cfg: model_lib.ModelConfig, params: Any, prompt_BxP: jax.Array,
   key_valid_BxS = jnp.concatenate([prompt_valid_BxP, jnp.ones((b, g), bool)], axis=1)
   positions_BxP = model_lib.positions_from_mask(prompt_valid_BxP)
   mask_BxPxS = model_lib.attention_mask(jnp.arange(p), key_valid_BxS)
-  logits_BxPxV, cache = decoder.apply({'params': params}, prompt_BxP, positions_BxP, mask_BxPxS,
-                                      cache, 0)
+  logits_BxPxV, cache = decoder.apply(
+    {'params': params}, prompt_BxP, positions_BxP, mask_BxPxS, cache, 0
+  )
   prompt_len_B = prompt_valid_BxP.sum(axis=-1).astype(jnp.int32)
 
   if num_samples > 1:
-    rep = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
+    rep = lambda x: jnp.repeat(x, num_samples, axis=0)
     cache = jax.tree.map(rep, cache)
-    logits_BxPxV, key_valid_BxS, prompt_len_B = map(rep, (logits_BxPxV, key_valid_BxS,
-                                                           prompt_len_B))
+    logits_BxPxV, key_valid_BxS, prompt_len_B = map(
+      rep, (logits_BxPxV, key_valid_BxS, prompt_len_B)
+    )
     b = b * num_samples
 
   init = _DecodeState(
-      step=jnp.zeros((), jnp.int32),
-      last_logits_BxV=logits_BxPxV[:, -1],
-      tokens_BxG=jnp.full((b, g), sp.pad_id, jnp.int32),
-      mask_BxG=jnp.zeros((b, g), bool),
-      logprobs_BxG=jnp.zeros((b, g), jnp.float32),
-      done_B=jnp.zeros((b,), bool),
-      cache=cache,
-      rng=rng,
+    step=jnp.zeros((), jnp.int32),
+    last_logits_BxV=logits_BxPxV[:, -1],
+    tokens_BxG=jnp.full((b, g), sp.pad_id, jnp.int32),
+    mask_BxG=jnp.zeros((b, g), bool),
+    logprobs_BxG=jnp.zeros((b, g), jnp.float32),
+    done_B=jnp.zeros((b,), bool),
+    cache=cache,
+    rng=rng,
   )
 
   def cond(s: _DecodeState) -> jax.Array:
@@ -132,8 +140,9 @@ def sample(cfg: model_lib.ModelConfig, params: Any, prompt_BxP: jax.Array,
   def body(s: _DecodeState) -> _DecodeState:
     rng, sub = jax.random.split(s.rng)
     token_B = _choose(s.last_logits_BxV, sub, sp)
-    logp_B = jnp.take_along_axis(jax.nn.log_softmax(s.last_logits_BxV, axis=-1),
-                                 token_B[:, None], axis=-1)[:, 0]
+    logp_B = jnp.take_along_axis(
+      jax.nn.log_softmax(s.last_logits_BxV, axis=-1), token_B[:, None], axis=-1
+    )[:, 0]
     live_B = ~s.done_B
     token_B = jnp.where(live_B, token_B, sp.pad_id)
     done_B = s.done_B if sp.eos_id is None else s.done_B | (token_B == sp.eos_id)
@@ -141,18 +150,31 @@ def sample(cfg: model_lib.ModelConfig, params: Any, prompt_BxP: jax.Array,
     tokens_BxG = jax.lax.dynamic_update_slice(s.tokens_BxG, token_B[:, None], (0, t))
     mask_BxG = jax.lax.dynamic_update_slice(s.mask_BxG, live_B[:, None], (0, t))
     logprobs_BxG = jax.lax.dynamic_update_slice(
-        s.logprobs_BxG, jnp.where(live_B, logp_B, 0.0)[:, None], (0, t))
+      s.logprobs_BxG, jnp.where(live_B, logp_B, 0.0)[:, None], (0, t)
+    )
     # Feed the token at cache slot p + t; its position is the row's prompt length + t.
     mask_Bx1xS = model_lib.attention_mask(p + t + jnp.arange(1), key_valid_BxS)
-    logits_Bx1xV, cache = decoder.apply({'params': params}, token_B[:, None],
-                                        (prompt_len_B + t)[:, None], mask_Bx1xS, s.cache, p + t)
-    return _DecodeState(step=t + 1, last_logits_BxV=logits_Bx1xV[:, 0], tokens_BxG=tokens_BxG,
-                        mask_BxG=mask_BxG, logprobs_BxG=logprobs_BxG, done_B=done_B,
-                        cache=cache, rng=rng)
+    logits_Bx1xV, cache = decoder.apply(
+      {'params': params}, token_B[:, None], (prompt_len_B + t)[:, None], mask_Bx1xS, s.cache, p + t
+    )
+    return _DecodeState(
+      step=t + 1,
+      last_logits_BxV=logits_Bx1xV[:, 0],
+      tokens_BxG=tokens_BxG,
+      mask_BxG=mask_BxG,
+      logprobs_BxG=logprobs_BxG,
+      done_B=done_B,
+      cache=cache,
+      rng=rng,
+    )
 
   final = jax.lax.while_loop(cond, body, init)
-  return SampleOutput(tokens_BxG=final.tokens_BxG, mask_BxG=final.mask_BxG,
-                      logprobs_BxG=final.logprobs_BxG, num_steps=final.step)
+  return SampleOutput(
+    tokens_BxG=final.tokens_BxG,
+    mask_BxG=final.mask_BxG,
+    logprobs_BxG=final.logprobs_BxG,
+    num_steps=final.step,
+  )
 
 
 # One compiled sampler per (model, sampling settings, shapes), shared by every
@@ -160,9 +182,14 @@ def sample(cfg: model_lib.ModelConfig, params: Any, prompt_BxP: jax.Array,
 sample_jit = jax.jit(sample, static_argnames=('cfg', 'sp', 'num_samples'))
 
 
-def sequence_logprobs(cfg: model_lib.ModelConfig, params: Any, prompt_BxP: jax.Array,
-                      prompt_valid_BxP: jax.Array, response_BxG: jax.Array,
-                      response_mask_BxG: jax.Array) -> jax.Array:
+def sequence_logprobs(
+  cfg: model_lib.ModelConfig,
+  params: Any,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> jax.Array:
   """Teacher-forced per-token log pi(y_t | x, y_<t) [B, G]; 0 where the mask is False.
 
   Summing over G gives the sequence log-likelihood over generated tokens only:
@@ -170,15 +197,16 @@ def sequence_logprobs(cfg: model_lib.ModelConfig, params: Any, prompt_BxP: jax.A
   """
   p = prompt_BxP.shape[1]
   tokens_BxL = jnp.concatenate([prompt_BxP, response_BxG], axis=1)
-  valid_BxL = jnp.concatenate([prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)],
-                              axis=1)
+  valid_BxL = jnp.concatenate(
+    [prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)], axis=1
+  )
   positions_BxL = model_lib.positions_from_mask(valid_BxL)
   mask_BxLxL = model_lib.attention_mask(jnp.arange(tokens_BxL.shape[1]), valid_BxL)
 
   def response_logits(decoder: model_lib.Decoder) -> jax.Array:
     h_BxLxD, _ = decoder.hidden(tokens_BxL, positions_BxL, mask_BxLxL)
     # Position p - 1 + t predicts response token t; the prompt's own logits are never built.
-    return decoder.logits(h_BxLxD[:, p - 1:-1])
+    return decoder.logits(h_BxLxD[:, p - 1 : -1])
 
   logits_BxGxV = model_lib.Decoder(cfg).apply({'params': params}, method=response_logits)
   logp_BxGxV = jax.nn.log_softmax(logits_BxGxV.astype(jnp.float32), axis=-1)

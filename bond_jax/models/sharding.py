@@ -35,22 +35,23 @@ DATA, MODEL = 'data', 'model'
 # embedding [V, D], q/k/v kernels [D, N|K, H] and biases [N|K, H], o_proj kernel
 # [N, H, D], MLP gate/up [D, F] and down [F, D], lm_head [D, V], reward score [D, 1].
 PARAM_RULES: tuple[tuple[str, tuple[P, ...]], ...] = (
-    (r'embedder/embedding$', (P(MODEL, None), P(None, MODEL))),  # vocab-sharded
-    (r'attn/[qkv]_proj/kernel$', (P(None, MODEL, None), P(MODEL, None, None))),  # heads, else D
-    (r'attn/[qkv]_proj/bias$', (P(MODEL, None),)),
-    (r'attn/o_proj/kernel$', (P(MODEL, None, None), P(None, None, MODEL))),  # heads, else D
-    (r'mlp/(gate|up)_proj/kernel$', (P(None, MODEL), P(MODEL, None))),  # F, else D
-    (r'mlp/down_proj/kernel$', (P(MODEL, None), P(None, MODEL))),  # F, else D
-    (r'lm_head/kernel$', (P(None, MODEL), P(MODEL, None))),  # vocab, else D
-    (r'norm/scale$', (P(),)),  # norms (and q/k norms) replicated
+  (r'embedder/embedding$', (P(MODEL, None), P(None, MODEL))),  # vocab-sharded
+  (r'attn/[qkv]_proj/kernel$', (P(None, MODEL, None), P(MODEL, None, None))),  # heads, else D
+  (r'attn/[qkv]_proj/bias$', (P(MODEL, None),)),
+  (r'attn/o_proj/kernel$', (P(MODEL, None, None), P(None, None, MODEL))),  # heads, else D
+  (r'mlp/(gate|up)_proj/kernel$', (P(None, MODEL), P(MODEL, None))),  # F, else D
+  (r'mlp/down_proj/kernel$', (P(MODEL, None), P(None, MODEL))),  # F, else D
+  (r'lm_head/kernel$', (P(None, MODEL), P(MODEL, None))),  # vocab, else D
+  (r'norm/scale$', (P(),)),  # norms (and q/k norms) replicated
 )
 
 
 def make_mesh(data: int, model: int, devices: Any = None) -> Mesh:
   """A ('data', 'model') mesh of data * model devices, both axes explicitly Auto."""
   kwargs = {} if devices is None else {'devices': devices}
-  return jax.make_mesh((data, model), (DATA, MODEL),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2, **kwargs)
+  return jax.make_mesh(
+    (data, model), (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2, **kwargs
+  )
 
 
 def path_name(path: tuple[Any, ...]) -> str:
@@ -92,8 +93,8 @@ def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
 def param_shardings(params: Any, mesh: Mesh) -> Any:
   """A pytree of NamedSharding, like `params` (arrays or jax.ShapeDtypeStruct leaves)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, param_spec(path_name(path), tuple(x.shape), mesh)),
-      params)
+    lambda path, x: NamedSharding(mesh, param_spec(path_name(path), tuple(x.shape), mesh)), params
+  )
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -116,12 +117,17 @@ def assert_big_tensors_sharded(params: Any, mesh: Mesh, min_size: int = 2**20) -
       continue
     sharding = getattr(x, 'sharding', None)
     spec = sharding.spec if isinstance(sharding, NamedSharding) else None
-    used = {a for axes in (spec or ()) if axes is not None
-            for a in (axes if isinstance(axes, tuple) else (axes,))}
+    used = {
+      a
+      for axes in (spec or ())
+      if axes is not None
+      for a in (axes if isinstance(axes, tuple) else (axes,))
+    }
     if MODEL not in used:
       offenders.append(f'{path_name(path)} {tuple(x.shape)} spec={spec}')
   if offenders:
     raise AssertionError(
-        f'{len(offenders)} parameter(s) of >= {min_size} elements are not sharded over '
-        f"'{MODEL}' (add a rule to sharding.PARAM_RULES or make the dimension divisible by "
-        f'{mesh.shape[MODEL]}): ' + '; '.join(offenders))
+      f'{len(offenders)} parameter(s) of >= {min_size} elements are not sharded over '
+      f"'{MODEL}' (add a rule to sharding.PARAM_RULES or make the dimension divisible by "
+      f'{mesh.shape[MODEL]}): ' + '; '.join(offenders)
+    )

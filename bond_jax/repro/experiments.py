@@ -45,9 +45,16 @@ def _log(msg: str) -> None:
   print(f'[reproduce] {msg}', flush=True)
 
 
-def _run_curve(step_fn: Callable, state: train.TrainState, batch_fn: Callable[[int], tuple],
-               evaluate: Callable[[train.TrainState, int], dict[str, Any]], *, steps: int,
-               eval_every: int, label: str) -> Curve:
+def _run_curve(
+  step_fn: Callable,
+  state: train.TrainState,
+  batch_fn: Callable[[int], tuple],
+  evaluate: Callable[[train.TrainState, int], dict[str, Any]],
+  *,
+  steps: int,
+  eval_every: int,
+  label: str,
+) -> Curve:
   """Train `steps` steps; evaluate at step 0 and every `eval_every` steps (and the last)."""
   curve: Curve = {'step': []}
   t0 = time.time()
@@ -68,29 +75,45 @@ def _run_curve(step_fn: Callable, state: train.TrainState, batch_fn: Callable[[i
 # The exact testbed.
 
 
-def testbed_curve(tb: testbed.Testbed, ref_params: Any, knobs: dict[str, Any], *, steps: int,
-                  batch: int, learning_rate: float, eval_every: int, eval_n: int,
-                  seed: int = 0, label: str = '') -> Curve:
+def testbed_curve(
+  tb: testbed.Testbed,
+  ref_params: Any,
+  knobs: dict[str, Any],
+  *,
+  steps: int,
+  batch: int,
+  learning_rate: float,
+  eval_every: int,
+  eval_n: int,
+  seed: int = 0,
+  label: str = '',
+) -> Curve:
   """Exact metrics (`Testbed.evaluate` against Best-of-`eval_n` of pi_ref) along training."""
-  cfg = train.StepConfig(model=tb.cfg, sampling=tb.sampling_params(),
-                         reward_fn=parameter_free(tb.reward_fn),
-                         **knobs)
+  cfg = train.StepConfig(
+    model=tb.cfg, sampling=tb.sampling_params(), reward_fn=parameter_free(tb.reward_fn), **knobs
+  )
   tx, schedule = train.make_optimizer(learning_rate, warmup_steps=0)
-  state = train.init_state(ref_params, ref_params, tx, jax.random.PRNGKey(seed),
-                           quantile_model=cfg.quantile == 'learned')
+  state = train.init_state(
+    ref_params, ref_params, tx, jax.random.PRNGKey(seed), quantile_model=cfg.quantile == 'learned'
+  )
   evaluate = jax.jit(lambda params: tb.evaluate(params, ref_params, eval_n))
   prompt, valid = tb.prompts(batch)
-  return _run_curve(train.make_train_step(cfg, tx, schedule), state, lambda _: (prompt, valid),
-                    lambda s, _: evaluate(s.params), steps=steps, eval_every=eval_every,
-                    label=f'testbed {label}')
+  return _run_curve(
+    train.make_train_step(cfg, tx, schedule),
+    state,
+    lambda _: (prompt, valid),
+    lambda s, _: evaluate(s.params),
+    steps=steps,
+    eval_every=eval_every,
+    label=f'testbed {label}',
+  )
 
 
 # ---------------------------------------------------------------------------
 # The tiny LM task.
 
 
-def load_config(name: str, overrides: dict[str, Any] | None = None
-                ) -> ml_collections.ConfigDict:
+def load_config(name: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
   """configs/`name` with dotted-field overrides, e.g. {'bond.beta': 0.0}; validated."""
   c = config_lib.load_config_file(ROOT / 'configs' / name)
   for field, value in (overrides or {}).items():
@@ -124,13 +147,18 @@ def lm_task(c: ml_collections.ConfigDict) -> LMTask:
   task and reference fields (the supervised stream of `trainer`: fold_in(seed, 0))."""
   cfg = config_lib.model_config(c)
   task = config_lib.task(c, cfg)
-  sp = sampling.SamplingParams(max_new_tokens=c.sampling.max_new_tokens, eos_id=tasks.EOS,
-                               pad_id=tasks.PAD)
+  sp = sampling.SamplingParams(
+    max_new_tokens=c.sampling.max_new_tokens, eos_id=tasks.EOS, pad_id=tasks.PAD
+  )
   t0 = time.time()
-  ref_params, nll = sft.train(cfg, task.demonstrations,
-                              jax.random.fold_in(jax.random.PRNGKey(c.seed), 0),
-                              steps=c.reference.sft_steps, batch_size=c.reference.sft_batch_size,
-                              learning_rate=c.reference.sft_learning_rate)
+  ref_params, nll = sft.train(
+    cfg,
+    task.demonstrations,
+    jax.random.fold_in(jax.random.PRNGKey(c.seed), 0),
+    steps=c.reference.sft_steps,
+    batch_size=c.reference.sft_batch_size,
+    learning_rate=c.reference.sft_learning_rate,
+  )
   _log(f'pi_ref trained in {time.time() - t0:.0f}s (nll per token {nll:.3f})')
   return LMTask(config=c, cfg=cfg, task=task, sp=sp, ref_params=ref_params)
 
@@ -143,8 +171,9 @@ def _log_bon_weight(lt_count: jax.Array, le_count: jax.Array, total: int, n: int
   return bon.log_pi_bon(log_lt, log_le, n) - jnp.log((le_count - lt_count) / total)
 
 
-def _lm_metrics(lm: LMTask, params: Any, prompt_BxP, valid_BxP, ref_out, pol_out,
-                n: int | None) -> dict[str, jax.Array]:
+def _lm_metrics(
+  lm: LMTask, params: Any, prompt_BxP, valid_BxP, ref_out, pol_out, n: int | None
+) -> dict[str, jax.Array]:
   """Monte-Carlo metrics from K pi_ref samples and M policy samples per prompt."""
   b = prompt_BxP.shape[0]
   k = ref_out.tokens_BxG.shape[0] // b
@@ -153,8 +182,11 @@ def _lm_metrics(lm: LMTask, params: Any, prompt_BxP, valid_BxP, ref_out, pol_out
   def score(out, reps):
     prompt, valid = jnp.repeat(prompt_BxP, reps, 0), jnp.repeat(valid_BxP, reps, 0)
     reward = lm.task.reward(prompt, valid, out.tokens_BxG, out.mask_BxG).reshape(b, reps)
-    logp = lambda p: sampling.sequence_logprobs(  # noqa: E731
-        lm.cfg, p, prompt, valid, out.tokens_BxG, out.mask_BxG).sum(-1).reshape(b, reps)
+    logp = lambda p: (
+      sampling.sequence_logprobs(lm.cfg, p, prompt, valid, out.tokens_BxG, out.mask_BxG)
+      .sum(-1)
+      .reshape(b, reps)
+    )
     return reward, logp(params), logp(lm.ref_params)
 
   r_ref_BxK, logp_pi_ref_BxK, logp_ref_ref_BxK = score(ref_out, k)
@@ -163,19 +195,24 @@ def _lm_metrics(lm: LMTask, params: Any, prompt_BxP, valid_BxP, ref_out, pol_out
   lt_count = jnp.sum(r_ref_BxK[:, None, :] < r_pol_BxM[..., None], -1).astype(jnp.float32)
   # Quantile vs pi_ref, counting y itself among the K samples (finite; bon.mc_log_quantile).
   log_le_BxM = jnp.log1p(le_count) - math.log(k + 1)
-  out = {'reward': jnp.mean(r_pol_BxM), 'kl_ref': jnp.mean(logp_pi_BxM - logp_ref_BxM),
-         'log_quantile': jnp.mean(log_le_BxM)}
+  out = {
+    'reward': jnp.mean(r_pol_BxM),
+    'kl_ref': jnp.mean(logp_pi_BxM - logp_ref_BxM),
+    'log_quantile': jnp.mean(log_le_BxM),
+  }
   if n is None:
     return out
   # Backward KL(pi || pi_BoN) = E_pi[log pi - log pi_ref - log w(y)], with F, F_- from
   # {y} and the K samples (so the level of y always has mass).
-  out['kl_bwd'] = jnp.mean(logp_pi_BxM - logp_ref_BxM
-                           - _log_bon_weight(lt_count, 1.0 + le_count, k + 1, n))
+  out['kl_bwd'] = jnp.mean(
+    logp_pi_BxM - logp_ref_BxM - _log_bon_weight(lt_count, 1.0 + le_count, k + 1, n)
+  )
   # Forward KL(pi_BoN || pi) = E_{y ~ BoN}[log pi_ref + log w - log pi], y the best of n of
   # the K samples drawn without replacement: rank j (1 = worst) has weight C(j-1, n-1)/C(K, n).
   rank_BxK = jnp.argsort(jnp.argsort(r_ref_BxK, axis=-1, stable=True), axis=-1)
-  log_c = lambda a, c: (math.lgamma(a + 1) - math.lgamma(c + 1)  # noqa: E731
-                        - math.lgamma(a - c + 1)) if a >= c else -math.inf
+  log_c = lambda a, c: (
+    (math.lgamma(a + 1) - math.lgamma(c + 1) - math.lgamma(a - c + 1)) if a >= c else -math.inf
+  )
   log_w_K = jnp.asarray([log_c(j, n - 1) - log_c(k, n) for j in range(k)], jnp.float32)
   weight_BxK = jnp.exp(log_w_K[rank_BxK])
   le_k = jnp.sum(r_ref_BxK[:, None, :] <= r_ref_BxK[..., None], -1).astype(jnp.float32)
@@ -186,9 +223,15 @@ def _lm_metrics(lm: LMTask, params: Any, prompt_BxP, valid_BxP, ref_out, pol_out
   return out
 
 
-def lm_evaluator(lm: LMTask, *, num_prompts: int = 64, ref_samples: int = 32,
-                 policy_samples: int = 4, n: int | None = None, seed: int = 1
-                 ) -> Callable[[Any, int], dict[str, jax.Array]]:
+def lm_evaluator(
+  lm: LMTask,
+  *,
+  num_prompts: int = 64,
+  ref_samples: int = 32,
+  policy_samples: int = 4,
+  n: int | None = None,
+  seed: int = 1,
+) -> Callable[[Any, int], dict[str, jax.Array]]:
   """evaluate(params, step): MC metrics on fixed held-out prompts, fresh samples per step."""
   key = jax.random.fold_in(jax.random.PRNGKey(lm.config.seed), 1000 + seed)
   prompt, valid = lm.task.prompts(key, num_prompts)
@@ -196,35 +239,55 @@ def lm_evaluator(lm: LMTask, *, num_prompts: int = 64, ref_samples: int = 32,
 
   def evaluate(params, step):
     k_ref, k_pol = jax.random.split(jax.random.fold_in(key, step))
-    ref = sampling.sample_jit(lm.cfg, lm.ref_params, prompt, valid, k_ref, lm.sp,
-                              num_samples=ref_samples)
-    pol = sampling.sample_jit(lm.cfg, params, prompt, valid, k_pol, lm.sp,
-                              num_samples=policy_samples)
+    ref = sampling.sample_jit(
+      lm.cfg, lm.ref_params, prompt, valid, k_ref, lm.sp, num_samples=ref_samples
+    )
+    pol = sampling.sample_jit(
+      lm.cfg, params, prompt, valid, k_pol, lm.sp, num_samples=policy_samples
+    )
     return metrics(params, ref, pol)
 
   return evaluate
 
 
-def lm_curve(lm: LMTask, c: ml_collections.ConfigDict, *, eval_every: int,
-             evaluate: Callable[[Any, int], dict[str, jax.Array]], seed: int = 0,
-             label: str = '') -> Curve:
+def lm_curve(
+  lm: LMTask,
+  c: ml_collections.ConfigDict,
+  *,
+  eval_every: int,
+  evaluate: Callable[[Any, int], dict[str, jax.Array]],
+  seed: int = 0,
+  label: str = '',
+) -> Curve:
   """Train from pi_ref as config `c` says (bond, sampling, optim and train fields); the
   curve holds `evaluate`'s metrics every `eval_every` steps."""
   for field in _REFERENCE_FIELDS:
     if c[field] != lm.config[field]:
       raise ValueError(f'config.{field} differs from the one pi_ref was trained with.')
   fields = {f.name for f in dataclasses.fields(train.StepConfig)}
-  cfg = train.StepConfig(model=lm.cfg, sampling=config_lib.sampling_params(c),
-                         reward_fn=parameter_free(lm.task.reward),
-                         **{k: c.bond[k] for k in c.bond if k in fields})
+  cfg = train.StepConfig(
+    model=lm.cfg,
+    sampling=config_lib.sampling_params(c),
+    reward_fn=parameter_free(lm.task.reward),
+    **{k: c.bond[k] for k in c.bond if k in fields},
+  )
   o = c.optim
-  tx, schedule = train.make_optimizer(o.learning_rate, o.warmup_steps, o.b1, o.b2,
-                                      o.grad_clip_norm)
-  state = train.init_state(lm.ref_params, lm.ref_params, tx, jax.random.PRNGKey(seed),
-                           quantile_model=cfg.quantile == 'learned')
+  tx, schedule = train.make_optimizer(o.learning_rate, o.warmup_steps, o.b1, o.b2, o.grad_clip_norm)
+  state = train.init_state(
+    lm.ref_params,
+    lm.ref_params,
+    tx,
+    jax.random.PRNGKey(seed),
+    quantile_model=cfg.quantile == 'learned',
+  )
   data_key = jax.random.fold_in(jax.random.PRNGKey(c.seed), 2000 + seed)
   batch = c.train.batch_size
-  return _run_curve(train.make_train_step(cfg, tx, schedule), state,
-                    lambda i: lm.task.prompts(jax.random.fold_in(data_key, i), batch),
-                    lambda s, i: evaluate(s.params, i), steps=c.train.num_steps,
-                    eval_every=eval_every, label=f'lm {label}')
+  return _run_curve(
+    train.make_train_step(cfg, tx, schedule),
+    state,
+    lambda i: lm.task.prompts(jax.random.fold_in(data_key, i), batch),
+    lambda s, i: evaluate(s.params, i),
+    steps=c.train.num_steps,
+    eval_every=eval_every,
+    label=f'lm {label}',
+  )

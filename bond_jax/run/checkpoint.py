@@ -20,9 +20,9 @@ class Checkpoints:
 
   def __init__(self, directory: str | pathlib.Path, every: int, keep: int):
     self._ckpt = ocp.training.Checkpointer(
-        pathlib.Path(directory).absolute(),
-        save_decision_policy=ocp.training.save_decision_policies.FixedIntervalPolicy(every),
-        preservation_policy=ocp.training.preservation_policies.LatestN(keep),
+      pathlib.Path(directory).absolute(),
+      save_decision_policy=ocp.training.save_decision_policies.FixedIntervalPolicy(every),
+      preservation_policy=ocp.training.preservation_policies.LatestN(keep),
     )
 
   @property
@@ -42,14 +42,16 @@ class Checkpoints:
     custom = self._ckpt.metadata(latest).custom_metadata or {}
     return state, custom.get('data_position', {})
 
-  def save(self, step: int, state: Any, *, force: bool = False,
-           data_position: dict[str, Any] | None = None) -> bool:
+  def save(
+    self, step: int, state: Any, *, force: bool = False, data_position: dict[str, Any] | None = None
+  ) -> bool:
     """Save if the policy says so (or `force`). `data_position` (JSON) is stored in the
     same checkpoint's metadata, so state and prompt position are saved together."""
     if force and self.latest_step == step:
       return False  # already on disk
-    return self._ckpt.save(step, state, force=force,
-                           custom_metadata={'data_position': data_position or {}})
+    return self._ckpt.save(
+      step, state, force=force, custom_metadata={'data_position': data_position or {}}
+    )
 
   def close(self) -> None:
     self._ckpt.close()
@@ -58,7 +60,9 @@ class Checkpoints:
 def with_sharding(abstract_state: Any, sharding: Any) -> Any:
   """Attach a sharding (one for all leaves, or a matching pytree) to an abstract state."""
   if not isinstance(sharding, jax.sharding.Sharding):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_state, sharding)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      abstract_state)
+    return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, sharding
+    )
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state
+  )

@@ -31,8 +31,7 @@ SOURCES = ('tfds', 'jsonl')
 REWARD_SOURCES = ('model', 'programmatic')
 
 
-def load_config_file(path: str | pathlib.Path, arg: str | None = None
-                     ) -> ml_collections.ConfigDict:
+def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
   """`get_config()` (or `get_config(arg)`) of a config file, as the train script would."""
   path = pathlib.Path(path)
   if not path.is_file():
@@ -68,47 +67,104 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive_int(c, 'bond.anchor_period')
   _check(b.quantile in QUANTILES, 'bond.quantile', b.quantile, f'one of {QUANTILES}')
   if b.quantile == 'learned':
-    _check(b.algorithm == 'bond', 'bond.quantile', b.quantile,
-           "learned quantiles are used by algorithm 'bond' only; use 'mc' otherwise")
-    _check(not b.bon_correction, 'bond.bon_correction', b.bon_correction,
-           "the (B) correction needs p_lt, which the learned model does not estimate")
-    _check(b.quantile_learning_rate > 0, 'bond.quantile_learning_rate',
-           b.quantile_learning_rate, 'must be > 0')
+    _check(
+      b.algorithm == 'bond',
+      'bond.quantile',
+      b.quantile,
+      "learned quantiles are used by algorithm 'bond' only; use 'mc' otherwise",
+    )
+    _check(
+      not b.bon_correction,
+      'bond.bon_correction',
+      b.bon_correction,
+      'the (B) correction needs p_lt, which the learned model does not estimate',
+    )
+    _check(
+      b.quantile_learning_rate > 0,
+      'bond.quantile_learning_rate',
+      b.quantile_learning_rate,
+      'must be > 0',
+    )
   _positive_int(c, 'bond.num_quantile_samples')
   _check(b.beta_rl >= 0.0, 'bond.beta_rl', b.beta_rl, 'beta_RL must be >= 0')
-  _check(isinstance(b.num_policy_samples, int) and b.num_policy_samples >= 2,
-         'bond.num_policy_samples', b.num_policy_samples, 'REINFORCE needs >= 2 samples per prompt')
+  _check(
+    isinstance(b.num_policy_samples, int) and b.num_policy_samples >= 2,
+    'bond.num_policy_samples',
+    b.num_policy_samples,
+    'REINFORCE needs >= 2 samples per prompt',
+  )
 
-  for field in ('train.num_steps', 'train.batch_size', 'sampling.max_new_tokens',
-                'optim.warmup_steps', 'ckpt.every', 'ckpt.keep', 'eval.num_prompts',
-                'eval.samples_per_prompt', 'eval.policy_samples_per_prompt', 'mesh.data',
-                'mesh.model'):
+  for field in (
+    'train.num_steps',
+    'train.batch_size',
+    'sampling.max_new_tokens',
+    'optim.warmup_steps',
+    'ckpt.every',
+    'ckpt.keep',
+    'eval.num_prompts',
+    'eval.samples_per_prompt',
+    'eval.policy_samples_per_prompt',
+    'mesh.data',
+    'mesh.model',
+  ):
     if field == 'optim.warmup_steps':
-      _check(isinstance(c.optim.warmup_steps, int) and c.optim.warmup_steps >= 0, field,
-             c.optim.warmup_steps, 'must be an integer >= 0')
+      _check(
+        isinstance(c.optim.warmup_steps, int) and c.optim.warmup_steps >= 0,
+        field,
+        c.optim.warmup_steps,
+        'must be an integer >= 0',
+      )
       continue
     _positive_int(c, field)
   if b.use_baseline:
-    _check(c.train.batch_size >= 2, 'train.batch_size', c.train.batch_size,
-           'the leave-one-out baseline needs >= 2 prompts per batch')
-  _check(c.train.batch_size % c.mesh.data == 0, 'train.batch_size', c.train.batch_size,
-         f'must be divisible by mesh.data={c.mesh.data} (prompts are split across devices)')
+    _check(
+      c.train.batch_size >= 2,
+      'train.batch_size',
+      c.train.batch_size,
+      'the leave-one-out baseline needs >= 2 prompts per batch',
+    )
+  _check(
+    c.train.batch_size % c.mesh.data == 0,
+    'train.batch_size',
+    c.train.batch_size,
+    f'must be divisible by mesh.data={c.mesh.data} (prompts are split across devices)',
+  )
   n_dev = jax.device_count()
-  _check(c.mesh.data * c.mesh.model <= n_dev, 'mesh.data', c.mesh.data,
-         f'mesh.data * mesh.model = {c.mesh.data * c.mesh.model} exceeds the {n_dev} devices')
-  _check(c.train.batch_size % jax.process_count() == 0, 'train.batch_size', c.train.batch_size,
-         f'must split evenly over the {jax.process_count()} processes')
+  _check(
+    c.mesh.data * c.mesh.model <= n_dev,
+    'mesh.data',
+    c.mesh.data,
+    f'mesh.data * mesh.model = {c.mesh.data * c.mesh.model} exceeds the {n_dev} devices',
+  )
+  _check(
+    c.train.batch_size % jax.process_count() == 0,
+    'train.batch_size',
+    c.train.batch_size,
+    f'must split evenly over the {jax.process_count()} processes',
+  )
   _check(c.optim.learning_rate > 0, 'optim.learning_rate', c.optim.learning_rate, 'must be > 0')
-  _check(c.optim.grad_clip_norm >= 0, 'optim.grad_clip_norm', c.optim.grad_clip_norm,
-         'must be >= 0 (0 disables clipping)')
+  _check(
+    c.optim.grad_clip_norm >= 0,
+    'optim.grad_clip_norm',
+    c.optim.grad_clip_norm,
+    'must be >= 0 (0 disables clipping)',
+  )
   s = c.sampling
-  _check(s.temperature > 0, 'sampling.temperature', s.temperature,
-         'training samples must come from a temperature > 0')
+  _check(
+    s.temperature > 0,
+    'sampling.temperature',
+    s.temperature,
+    'training samples must come from a temperature > 0',
+  )
   _check(isinstance(s.top_k, int) and s.top_k >= 0, 'sampling.top_k', s.top_k, 'must be >= 0')
   _check(0.0 < s.top_p <= 1.0, 'sampling.top_p', s.top_p, 'must be in (0, 1]')
   ns = tuple(c.eval.bon_ns)
-  _check(all(isinstance(n, int) and 1 <= n <= c.eval.samples_per_prompt for n in ns),
-         'eval.bon_ns', ns, 'each N must be in [1, eval.samples_per_prompt]')
+  _check(
+    all(isinstance(n, int) and 1 <= n <= c.eval.samples_per_prompt for n in ns),
+    'eval.bon_ns',
+    ns,
+    'each N must be in [1, eval.samples_per_prompt]',
+  )
   _check(c.task.name in TASKS, 'task.name', c.task.name, f'one of {TASKS}')
   if c.task.name == 'hf':
     validate_real(c)
@@ -117,8 +173,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in ('task.prompt_len', 'reference.sft_steps', 'reference.sft_batch_size'):
     _positive_int(c, field)
   _check(0.0 < c.task.keep_prob <= 1.0, 'task.keep_prob', c.task.keep_prob, 'must be in (0, 1]')
-  _check(c.model.preset in model_lib.PRESETS, 'model.preset', c.model.preset,
-         f'one of {sorted(model_lib.PRESETS)}')
+  _check(
+    c.model.preset in model_lib.PRESETS,
+    'model.preset',
+    c.model.preset,
+    f'one of {sorted(model_lib.PRESETS)}',
+  )
 
 
 def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
@@ -126,19 +186,29 @@ def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
 
 
 def task(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> tasks.NoisyCopy:
-  return tasks.NoisyCopy(vocab_size=cfg.vocab_size, prompt_len=c.task.prompt_len,
-                         keep_prob=c.task.keep_prob)
+  return tasks.NoisyCopy(
+    vocab_size=cfg.vocab_size, prompt_len=c.task.prompt_len, keep_prob=c.task.keep_prob
+  )
 
 
 def sampling_params(c: ml_collections.ConfigDict) -> sampling.SamplingParams:
   s = c.sampling
-  return sampling.SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                 top_k=s.top_k, top_p=s.top_p, eos_id=tasks.EOS,
-                                 pad_id=tasks.PAD)
+  return sampling.SamplingParams(
+    max_new_tokens=s.max_new_tokens,
+    temperature=s.temperature,
+    top_k=s.top_k,
+    top_p=s.top_p,
+    eos_id=tasks.EOS,
+    pad_id=tasks.PAD,
+  )
 
 
-def step_config(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
-                reward_fn: RewardFn, sp: sampling.SamplingParams) -> train.StepConfig:
+def step_config(
+  c: ml_collections.ConfigDict,
+  cfg: model_lib.ModelConfig,
+  reward_fn: RewardFn,
+  sp: sampling.SamplingParams,
+) -> train.StepConfig:
   b = c.bond
   fields = {f.name for f in dataclasses.fields(train.StepConfig)}
   knobs = {k: b[k] for k in b if k in fields}
@@ -147,7 +217,6 @@ def step_config(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
 
 # ---------------------------------------------------------------------------
 # Real-model runs (task.name = 'hf'): paths, tokenizer, data and reward fields.
-
 
 
 def _fail(field: str, value, fix: str) -> None:
@@ -163,7 +232,6 @@ def _check_dir(field: str, path: str, what: str, needs: str | None = None) -> No
     _fail(field, path, f'no {needs} in it (expected a local {what})')
 
 
-
 def tokenizer_path(c: ml_collections.ConfigDict) -> str:
   """The policy tokenizer's directory: tokenizer.path, or model.hf_checkpoint when ''."""
   return c.tokenizer.path or c.model.hf_checkpoint
@@ -173,8 +241,12 @@ def validate_real(c: ml_collections.ConfigDict) -> None:
   """Reject missing paths and bad values of the real-model fields, naming the field."""
   if c.task.name != 'hf':
     _fail('task.name', c.task.name, "validate_real checks configs with task.name='hf'")
-  _check_dir('model.hf_checkpoint', c.model.hf_checkpoint,
-             'Hugging Face *ForCausalLM checkpoint directory', 'config.json')
+  _check_dir(
+    'model.hf_checkpoint',
+    c.model.hf_checkpoint,
+    'Hugging Face *ForCausalLM checkpoint directory',
+    'config.json',
+  )
   for field in ('model.dtype', 'model.param_dtype'):
     value = c.model.dtype if field == 'model.dtype' else c.model.param_dtype
     if value not in DTYPES:
@@ -210,8 +282,12 @@ def validate_real(c: ml_collections.ConfigDict) -> None:
   if r.source not in REWARD_SOURCES:
     _fail('reward.source', r.source, f'one of {REWARD_SOURCES}')
   if r.source == 'model':
-    _check_dir('reward.checkpoint', r.checkpoint,
-               'Hugging Face *ForSequenceClassification checkpoint directory', 'config.json')
+    _check_dir(
+      'reward.checkpoint',
+      r.checkpoint,
+      'Hugging Face *ForSequenceClassification checkpoint directory',
+      'config.json',
+    )
     if r.tokenizer_path:
       _check_dir('reward.tokenizer_path', r.tokenizer_path, 'tokenizer directory')
       _positive_int(c, 'reward.max_len')

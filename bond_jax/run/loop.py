@@ -29,24 +29,31 @@ from bond_jax.run.setup import log
 
 
 def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  return sharding.make_mesh(c.mesh.data, c.mesh.model,
-                            devices=jax.devices()[:c.mesh.data * c.mesh.model])
+  return sharding.make_mesh(
+    c.mesh.data, c.mesh.model, devices=jax.devices()[: c.mesh.data * c.mesh.model]
+  )
 
 
 def abstract_state(setup: run_setup.RunSetup) -> train.TrainState:
   """Shapes and dtypes of the TrainState (nothing allocated): what checkpoints restore into."""
+
   def shape():
     params = model_lib.init_params(setup.cfg, jax.random.PRNGKey(0))
-    return train.init_state(params, params, setup.tx, jax.random.PRNGKey(0),
-                            quantile_model=setup.uses_learned_quantiles)
+    return train.init_state(
+      params, params, setup.tx, jax.random.PRNGKey(0), quantile_model=setup.uses_learned_quantiles
+    )
+
   return jax.eval_shape(shape)
 
 
-def _global(batch_sharding: jax.sharding.NamedSharding, global_rows: int,
-            *local: Any) -> list[jax.Array]:
+def _global(
+  batch_sharding: jax.sharding.NamedSharding, global_rows: int, *local: Any
+) -> list[jax.Array]:
   """Global batch arrays from each process's rows."""
-  return [jax.make_array_from_process_local_data(batch_sharding, x,
-                                                 (global_rows, *x.shape[1:])) for x in local]
+  return [
+    jax.make_array_from_process_local_data(batch_sharding, x, (global_rows, *x.shape[1:]))
+    for x in local
+  ]
 
 
 def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -58,9 +65,11 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
   mesh = make_mesh(c)
   setup = run_setup.build(c, mesh)
   if not setup.step_cfg.sampling.is_exact:
-    log(f'note: training samples use temperature={c.sampling.temperature}, '
-        f'top_k={c.sampling.top_k}, top_p={c.sampling.top_p}; they are not draws from pi, '
-        'so the KL metrics are estimates under that sampler.')
+    log(
+      f'note: training samples use temperature={c.sampling.temperature}, '
+      f'top_k={c.sampling.top_k}, top_p={c.sampling.top_p}; they are not draws from pi, '
+      'so the KL metrics are estimates under that sampler.'
+    )
 
   abstract = abstract_state(setup)
   state_sharding = sharding.param_shardings(abstract, mesh)
@@ -69,11 +78,10 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
   restored = ckpts.restore_latest(checkpoint.with_sharding(abstract, state_sharding))
   if restored is None:
     ref_params = setup.reference(state_sharding.ref_params)
-    state = jax.jit(functools.partial(train.init_state, tx=setup.tx,
-                                      quantile_model=setup.uses_learned_quantiles),
-                    out_shardings=state_sharding)(
-                        ref_params, ref_params, rng=run_setup.stream_key(
-                            c.seed, run_setup.STATE_STREAM))
+    state = jax.jit(
+      functools.partial(train.init_state, tx=setup.tx, quantile_model=setup.uses_learned_quantiles),
+      out_shardings=state_sharding,
+    )(ref_params, ref_params, rng=run_setup.stream_key(c.seed, run_setup.STATE_STREAM))
   else:
     state, data_position = restored
     setup.prompts.restore(data_position)
@@ -81,13 +89,15 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
   sharding.assert_big_tensors_sharded(state.params, mesh)
 
   step_fn = jax.jit(
-      functools.partial(train.train_step, cfg=setup.step_cfg, tx=setup.tx,
-                        schedule=setup.schedule),
-      in_shardings=(state_sharding, batch_sharding, batch_sharding, None),
-      out_shardings=(state_sharding, None), donate_argnames='state')
+    functools.partial(train.train_step, cfg=setup.step_cfg, tx=setup.tx, schedule=setup.schedule),
+    in_shardings=(state_sharding, batch_sharding, batch_sharding, None),
+    out_shardings=(state_sharding, None),
+    donate_argnames='state',
+  )
   start = int(state.step)
-  writer = metrics.MetricWriter(workdir, c.train.num_steps, start, c.log.tensorboard,
-                                c.log.progress)
+  writer = metrics.MetricWriter(
+    workdir, c.train.num_steps, start, c.log.tensorboard, c.log.progress
+  )
   t_last = time.time()
   try:
     for step in range(start, c.train.num_steps):
@@ -107,24 +117,37 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
   return evaluate_state(c, setup, state, workdir)
 
 
-def evaluate_state(c: ml_collections.ConfigDict, setup: run_setup.RunSetup,
-                   state: train.TrainState, workdir: pathlib.Path) -> dict[str, Any]:
+def evaluate_state(
+  c: ml_collections.ConfigDict,
+  setup: run_setup.RunSetup,
+  state: train.TrainState,
+  workdir: pathlib.Path,
+) -> dict[str, Any]:
   """The BOND table for `state`, printed and written to workdir/summary.json."""
   prompt, valid = setup.eval_prompts
   table = evaluate.bon_table(
-      setup.cfg, state.ref_params, state.params, prompt, valid, setup.step_cfg.reward_fn,
-      setup.reward_params,
-      jax.random.fold_in(run_setup.stream_key(c.seed, run_setup.EVAL_STREAM), 1),
-      run_setup.eval_sampling(setup), samples_per_prompt=c.eval.samples_per_prompt,
-      bon_ns=tuple(c.eval.bon_ns), policy_samples_per_prompt=c.eval.policy_samples_per_prompt)
+    setup.cfg,
+    state.ref_params,
+    state.params,
+    prompt,
+    valid,
+    setup.step_cfg.reward_fn,
+    setup.reward_params,
+    jax.random.fold_in(run_setup.stream_key(c.seed, run_setup.EVAL_STREAM), 1),
+    run_setup.eval_sampling(setup),
+    samples_per_prompt=c.eval.samples_per_prompt,
+    bon_ns=tuple(c.eval.bon_ns),
+    policy_samples_per_prompt=c.eval.policy_samples_per_prompt,
+  )
   table['step'] = int(state.step)
   (workdir / 'summary.json').write_text(json.dumps(table, indent=2))
   print(evaluate.format_table(table), flush=True)
   return table
 
 
-def load_workdir(workdir: str | pathlib.Path
-                 ) -> tuple[ml_collections.ConfigDict, run_setup.RunSetup, train.TrainState]:
+def load_workdir(
+  workdir: str | pathlib.Path,
+) -> tuple[ml_collections.ConfigDict, run_setup.RunSetup, train.TrainState]:
   """A run's config, setup and latest TrainState, read back from its workdir."""
   workdir = pathlib.Path(workdir)
   config_path = workdir / 'config.json'
@@ -137,7 +160,8 @@ def load_workdir(workdir: str | pathlib.Path
   abstract = abstract_state(setup)
   ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep)
   restored = ckpts.restore_latest(
-      checkpoint.with_sharding(abstract, sharding.param_shardings(abstract, mesh)))
+    checkpoint.with_sharding(abstract, sharding.param_shardings(abstract, mesh))
+  )
   ckpts.close()
   if restored is None:
     raise FileNotFoundError(f'no checkpoint under {workdir / "checkpoints"}')
@@ -156,5 +180,6 @@ def export_policy(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> p
   tokenizer_dir = None
   if c.task.name == 'hf':
     tokenizer_dir = config_lib.tokenizer_path(c)
-  return pathlib.Path(hf.export_hf(setup.cfg, jax.device_get(state.params), out_dir,
-                                   tokenizer_dir=tokenizer_dir))
+  return pathlib.Path(
+    hf.export_hf(setup.cfg, jax.device_get(state.params), out_dir, tokenizer_dir=tokenizer_dir)
+  )

@@ -20,14 +20,24 @@ class NonFiniteError(FloatingPointError):
 
 
 class MetricWriter:
-
-  def __init__(self, workdir: str | pathlib.Path, total_steps: int, initial_step: int = 0,
-               tensorboard: bool = True, progress: bool = True):
+  def __init__(
+    self,
+    workdir: str | pathlib.Path,
+    total_steps: int,
+    initial_step: int = 0,
+    tensorboard: bool = True,
+    progress: bool = True,
+  ):
     workdir = pathlib.Path(workdir)
     self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115 (closed in close())
     self._tb = SummaryWriter(str(workdir / 'tensorboard')) if tensorboard else None
-    self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not progress,
-                          dynamic_ncols=True, desc='train')
+    self._bar = tqdm.tqdm(
+      total=total_steps,
+      initial=initial_step,
+      disable=not progress,
+      dynamic_ncols=True,
+      desc='train',
+    )
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}
@@ -39,8 +49,9 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, v, step)
-    self._bar.set_postfix({k: f'{scalars[k]:.3f}' for k in _BAR_KEYS if k in scalars},
-                          refresh=False)
+    self._bar.set_postfix(
+      {k: f'{scalars[k]:.3f}' for k in _BAR_KEYS if k in scalars}, refresh=False
+    )
     self._bar.update(1)
 
   def close(self) -> None:

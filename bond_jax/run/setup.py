@@ -86,8 +86,9 @@ class RunSetup:
 
 
 def _optimizer(c: ml_collections.ConfigDict):
-  return train.make_optimizer(c.optim.learning_rate, c.optim.warmup_steps, c.optim.b1,
-                              c.optim.b2, c.optim.grad_clip_norm)
+  return train.make_optimizer(
+    c.optim.learning_rate, c.optim.warmup_steps, c.optim.b1, c.optim.b2, c.optim.grad_clip_norm
+  )
 
 
 def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
@@ -100,32 +101,52 @@ def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
   def reference(shardings: Any) -> Any:
     t0 = time.time()
     params, loss = sft.train(
-        cfg, task.demonstrations, stream_key(c.seed, SFT_STREAM), steps=c.reference.sft_steps,
-        batch_size=c.reference.sft_batch_size, learning_rate=c.reference.sft_learning_rate,
-        log=lambda i, loss: log(f'pi_ref supervised step {i}/{c.reference.sft_steps}: '
-                                f'nll {loss:.3f}'))
+      cfg,
+      task.demonstrations,
+      stream_key(c.seed, SFT_STREAM),
+      steps=c.reference.sft_steps,
+      batch_size=c.reference.sft_batch_size,
+      learning_rate=c.reference.sft_learning_rate,
+      log=lambda i, loss: log(
+        f'pi_ref supervised step {i}/{c.reference.sft_steps}: nll {loss:.3f}'
+      ),
+    )
     log(f'pi_ref trained in {time.time() - t0:.0f}s (final nll per token {loss:.3f})')
     return jax.device_put(params, shardings)
 
   return RunSetup(
-      cfg=cfg, step_cfg=step_cfg, tx=tx, schedule=schedule, reward_params=None,
-      prompts=TaskPrompts(task, stream_key(c.seed, DATA_STREAM), c.train.batch_size),
-      eval_prompts=tuple(np.asarray(x) for x in task.prompts(stream_key(c.seed, EVAL_STREAM),
-                                                             c.eval.num_prompts)),
-      reference=reference, uses_learned_quantiles=c.bond.quantile == 'learned')
+    cfg=cfg,
+    step_cfg=step_cfg,
+    tx=tx,
+    schedule=schedule,
+    reward_params=None,
+    prompts=TaskPrompts(task, stream_key(c.seed, DATA_STREAM), c.train.batch_size),
+    eval_prompts=tuple(
+      np.asarray(x) for x in task.prompts(stream_key(c.seed, EVAL_STREAM), c.eval.num_prompts)
+    ),
+    reference=reference,
+    uses_learned_quantiles=c.bond.quantile == 'learned',
+  )
 
 
 def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunSetup:
-  tok = tokenizer_lib.load(config_lib.tokenizer_path(c), chat_template=c.tokenizer.chat_template,
-                           eos_token=c.tokenizer.eos_token)
+  tok = tokenizer_lib.load(
+    config_lib.tokenizer_path(c),
+    chat_template=c.tokenizer.chat_template,
+    eos_token=c.tokenizer.eos_token,
+  )
   # Read the architecture from config.json; keep float32 master weights if asked (Adam
   # steps of lr 3e-6 vanish in bfloat16), compute in model.dtype.
-  cfg = dataclasses.replace(hf.config_from_hf(hf.read_hf_config(c.model.hf_checkpoint)),
-                            dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+  cfg = dataclasses.replace(
+    hf.config_from_hf(hf.read_hf_config(c.model.hf_checkpoint)),
+    dtype=c.model.dtype,
+    param_dtype=c.model.param_dtype,
+  )
   tokenizer_lib.check_vocab(tok, cfg.vocab_size, 'model.hf_checkpoint')
   reward_fn, reward_params = rewards.make_reward(c.reward, tok, mesh=mesh)
-  sp = dataclasses.replace(config_lib.sampling_params(c), eos_id=tok.ids.eos_id,
-                           pad_id=tok.ids.pad_id)
+  sp = dataclasses.replace(
+    config_lib.sampling_params(c), eos_id=tok.ids.eos_id, pad_id=tok.ids.pad_id
+  )
   step_cfg = config_lib.step_config(c, cfg, reward_fn, sp)
   tx, schedule = _optimizer(c)
 
@@ -133,12 +154,20 @@ def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunS
     log(f'loading pi_ref from {c.model.hf_checkpoint}')
     return hf.load_params(c.model.hf_checkpoint, cfg=cfg, shardings=shardings)[1]
 
-  stream = data.from_config(c.data, tok, jax.process_index(), jax.process_count(),
-                            c.train.batch_size)
-  return RunSetup(cfg=cfg, step_cfg=step_cfg, tx=tx, schedule=schedule,
-                  reward_params=reward_params, prompts=stream,
-                  eval_prompts=data.eval_prompts(c.data, tok, c.eval.num_prompts),
-                  reference=reference, uses_learned_quantiles=c.bond.quantile == 'learned')
+  stream = data.from_config(
+    c.data, tok, jax.process_index(), jax.process_count(), c.train.batch_size
+  )
+  return RunSetup(
+    cfg=cfg,
+    step_cfg=step_cfg,
+    tx=tx,
+    schedule=schedule,
+    reward_params=reward_params,
+    prompts=stream,
+    eval_prompts=data.eval_prompts(c.data, tok, c.eval.num_prompts),
+    reference=reference,
+    uses_learned_quantiles=c.bond.quantile == 'learned',
+  )
 
 
 def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunSetup:
@@ -151,5 +180,6 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunSetup:
 def eval_sampling(setup: RunSetup) -> sampling_lib.SamplingParams:
   """Evaluation samples come from the models' own distributions (temperature 1, untruncated)."""
   sp = setup.step_cfg.sampling
-  return sampling_lib.SamplingParams(max_new_tokens=sp.max_new_tokens, eos_id=sp.eos_id,
-                                     pad_id=sp.pad_id)
+  return sampling_lib.SamplingParams(
+    max_new_tokens=sp.max_new_tokens, eos_id=sp.eos_id, pad_id=sp.pad_id
+  )

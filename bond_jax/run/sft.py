@@ -25,19 +25,27 @@ DataFn = Callable[[jax.Array, int], tuple[jax.Array, ...]]
 def nll(cfg: model_lib.ModelConfig, params: Any, batch: tuple[jax.Array, ...]) -> jax.Array:
   """Mean negative log-likelihood per response token."""
   prompt, prompt_valid, response, response_mask = batch
-  logp_BxG = sampling.sequence_logprobs(cfg, params, prompt, prompt_valid, response,
-                                        response_mask)
+  logp_BxG = sampling.sequence_logprobs(cfg, params, prompt, prompt_valid, response, response_mask)
   return -jnp.sum(logp_BxG) / jnp.maximum(jnp.sum(response_mask), 1)
 
 
-def train(cfg: model_lib.ModelConfig, data_fn: DataFn, rng: jax.Array, *, steps: int,
-          batch_size: int, learning_rate: float, chunk: int = 100,
-          log: Callable[[int, float], None] | None = None) -> tuple[Any, float]:
+def train(
+  cfg: model_lib.ModelConfig,
+  data_fn: DataFn,
+  rng: jax.Array,
+  *,
+  steps: int,
+  batch_size: int,
+  learning_rate: float,
+  chunk: int = 100,
+  log: Callable[[int, float], None] | None = None,
+) -> tuple[Any, float]:
   """Train a model from random init; returns (params, last chunk's mean loss)."""
   init_rng, data_rng = jax.random.split(rng)
   params = model_lib.init_params(cfg, init_rng)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10 + 1),
-                                                steps, end_value=learning_rate * 0.1)
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, learning_rate, min(100, steps // 10 + 1), steps, end_value=learning_rate * 0.1
+  )
   tx = optax.adamw(schedule, weight_decay=0.0)
   opt_state = tx.init(params)
 

@@ -43,7 +43,7 @@ def _jax_log_quantiles(pi: np.ndarray, reward: np.ndarray):
   return bon.log_quantiles(jnp.log(jnp.asarray(pi, jnp.float32)), jnp.asarray(reward))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize('seed', [0, 1])
 def test_quantiles_match_definition_with_index_tie_rule(seed):
   pi = _random_pi(np.random.default_rng(seed), 5)
   p_lt_ref, p_le_ref = _ref_quantiles(pi, TIED_REWARD)
@@ -69,7 +69,7 @@ def test_log_quantiles_batch_axes():
     np.testing.assert_allclose(np.exp(le[a, b]), p_le_ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize('n', [1, 2, 3, 4, 5])
 def test_pi_bon_matches_brute_force_and_theorem1(n):
   pi = _random_pi(np.random.default_rng(10 + n), 5)
   truth = _brute_force_bon(pi, TIED_REWARD, n)
@@ -80,7 +80,7 @@ def test_pi_bon_matches_brute_force_and_theorem1(n):
   np.testing.assert_allclose(np.exp(thm1), truth, rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 64, 1024])
+@pytest.mark.parametrize('n', [1, 2, 7, 64, 1024])
 def test_pi_bon_normalised_worst_and_correction_range(n):
   pi = _random_pi(np.random.default_rng(n), 6)
   reward = np.arange(6.0)[::-1].copy()  # outcome 5 is the worst
@@ -98,7 +98,7 @@ def test_pi_bon_normalised_worst_and_correction_range(n):
   assert np.all(log_b >= -1e-6) and np.all(log_b <= math.log(n) + 1e-5)
 
 
-@pytest.mark.parametrize("n", [2, 5, 1024])
+@pytest.mark.parametrize('n', [2, 5, 1024])
 def test_log_correction_b_against_float64(n):
   log_q = [-math.inf, -30.0, -1.0, -1e-2, -1e-4, -5e-7, -1e-12, 0.0]
   ref = [
@@ -114,7 +114,7 @@ def test_log_correction_b_against_float64(n):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("n", "m"), [(2, 3), (3, 2), (4, 2)])
+@pytest.mark.parametrize(('n', 'm'), [(2, 3), (3, 2), (4, 2)])
 def test_iterated_bon_equals_bon_of_power(n, m):
   pi = _random_pi(np.random.default_rng(7), 5)
   reward = jnp.asarray(TIED_REWARD)
@@ -200,8 +200,8 @@ def test_stability_n1024_tiny_masses_and_extreme_quantiles():
   np.testing.assert_allclose(jitted(log_pi), ref_bon, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("n_anchor", [2, 3])
-@pytest.mark.parametrize("reward", [np.array([0.2, -1.0, 3.0, 0.9, 1.5]), TIED_REWARD])
+@pytest.mark.parametrize('n_anchor', [2, 3])
+@pytest.mark.parametrize('reward', [np.array([0.2, -1.0, 3.0, 0.9, 1.5]), TIED_REWARD])
 def test_jbond_expected_reward_brute_force(n_anchor, reward):
   pi = _random_pi(np.random.default_rng(n_anchor), 5)
   tuples = np.array(list(itertools.product(range(5), repeat=n_anchor)))

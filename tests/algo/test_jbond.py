@@ -26,6 +26,7 @@ def test_jbond_terms_match_a_hand_computed_example():
   anchor_reward = jnp.array([[0.5, 0.2], [0.4, 0.6], [0.9, 0.1]])
 
   from bond_jax.algo import bon
+
   r_j = bon.jbond_reward(reward, anchor_reward, 2)
   # Only prompt 1 is worse than both anchors (0.1 < 0.4 and 0.1 < 0.6).
   np.testing.assert_allclose(r_j, [0.0, -LOG16, 0.0], atol=1e-6)
@@ -45,8 +46,9 @@ def test_jbond_terms_match_a_hand_computed_example():
   # Signs: descending each term moves each log-likelihood the intended way.
   g_fwd = jax.grad(obj.forward_kl_loss)(logp_bon)
   assert (g_fwd < 0).all()  # raise log pi(y_best): supervised learning on Best-of-2
-  g_bwd = jax.grad(lambda lp: obj.policy_gradient_loss(
-      lp, obj.backward_kl_advantage(r_j, lp, logp_anchor)))(logp)
+  g_bwd = jax.grad(
+    lambda lp: obj.policy_gradient_loss(lp, obj.backward_kl_advantage(r_j, lp, logp_anchor))
+  )(logp)
   np.testing.assert_allclose(g_bwd, -np.array(adv) / 3, rtol=1e-6)  # advantage held constant
   assert g_bwd[1] > 0 and g_bwd[2] < 0  # the penalised sample is pushed down, the other up
   g_reg = jax.grad(lambda lp: obj.kl_regularizer_loss(lp, logp_anchor))(logp)
@@ -68,8 +70,7 @@ def test_descending_gamma_term_lowers_kl_to_anchor():
     weights = jax.lax.stop_gradient(jnp.exp(logp))  # expectation under the sampling policy
     return jnp.sum(weights * jax.lax.stop_gradient(logp - log_anchor) * logp)
 
-  np.testing.assert_allclose(jax.grad(surrogate)(theta), jax.grad(kl)(theta), rtol=1e-5,
-                             atol=1e-7)
+  np.testing.assert_allclose(jax.grad(surrogate)(theta), jax.grad(kl)(theta), rtol=1e-5, atol=1e-7)
   stepped = theta - 0.1 * jax.grad(surrogate)(theta)
   assert kl(stepped) < kl(theta)
 
@@ -80,46 +81,68 @@ def _token_sum_reward(prompt, valid, response, mask):
   return jnp.sum(jnp.where(mask, response, 0), axis=-1).astype(jnp.float32)
 
 
-def _setup(tiny_cfg, tiny_params, copy_task, *, eta=0.1, anchor='ema', period=0, beta=0.5,
-           gamma=0.25, lr=1e-2):
-  sp = sampling.SamplingParams(max_new_tokens=copy_task.response_len + 1, eos_id=tasks_lib.EOS,
-                               pad_id=tasks_lib.PAD)
-  step_cfg = train.StepConfig(model=tiny_cfg, sampling=sp,
-                              reward_fn=parameter_free(_token_sum_reward),
-                              beta=beta, gamma=gamma, eta=eta, anchor=anchor,
-                              anchor_period=period)
+def _setup(
+  tiny_cfg,
+  tiny_params,
+  copy_task,
+  *,
+  eta=0.1,
+  anchor='ema',
+  period=0,
+  beta=0.5,
+  gamma=0.25,
+  lr=1e-2,
+):
+  sp = sampling.SamplingParams(
+    max_new_tokens=copy_task.response_len + 1, eos_id=tasks_lib.EOS, pad_id=tasks_lib.PAD
+  )
+  step_cfg = train.StepConfig(
+    model=tiny_cfg,
+    sampling=sp,
+    reward_fn=parameter_free(_token_sum_reward),
+    beta=beta,
+    gamma=gamma,
+    eta=eta,
+    anchor=anchor,
+    anchor_period=period,
+  )
   tx, schedule = train.make_optimizer(lr, warmup_steps=0)
   state = train.init_state(tiny_params, tiny_params, tx, jax.random.PRNGKey(4))
   # Make policy, anchor and reference all different, so every term is non-trivial.
-  noise = lambda k: jax.tree.map(  # noqa: E731
-      lambda x: x + 0.3 * jax.random.normal(k, x.shape), tiny_params)
-  state = state.replace(params=noise(jax.random.PRNGKey(5)),
-                        anchor_params=noise(jax.random.PRNGKey(6)))
+  noise = lambda k: jax.tree.map(lambda x: x + 0.3 * jax.random.normal(k, x.shape), tiny_params)
+  state = state.replace(
+    params=noise(jax.random.PRNGKey(5)), anchor_params=noise(jax.random.PRNGKey(6))
+  )
   prompt, valid = copy_task.prompts(jax.random.PRNGKey(7), 16)
   return step_cfg, tx, schedule, state, prompt, valid
 
 
 def test_train_step_matches_independent_recompute(tiny_cfg, tiny_params, copy_task):
   step_cfg, tx, schedule, state, prompt, valid = _setup(tiny_cfg, tiny_params, copy_task)
-  new_state, m = jax.jit(lambda s, p, v: train.train_step(s, p, v, cfg=step_cfg, tx=tx,
-                                                          schedule=schedule))(state, prompt, valid)
+  new_state, m = jax.jit(
+    lambda s, p, v: train.train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule)
+  )(state, prompt, valid)
 
   # Redraw the same samples (same keys) and rebuild every quantity with numpy.
   _, k_pol, k_anc = jax.random.split(state.rng, 3)
   sp, b = step_cfg.sampling, prompt.shape[0]
   pol = sampling.sample(tiny_cfg, state.params, prompt, valid, k_pol, sp)
   anc = sampling.sample(tiny_cfg, state.anchor_params, prompt, valid, k_anc, sp, num_samples=2)
-  rep = lambda x: jnp.repeat(x, 2, axis=0)  # noqa: E731
+  rep = lambda x: jnp.repeat(x, 2, axis=0)
   r = np.asarray(_token_sum_reward(prompt, valid, pol.tokens_BxG, pol.mask_BxG))
-  ra = np.asarray(_token_sum_reward(rep(prompt), rep(valid), anc.tokens_BxG,
-                                    anc.mask_BxG)).reshape(b, 2)
+  ra = np.asarray(_token_sum_reward(rep(prompt), rep(valid), anc.tokens_BxG, anc.mask_BxG)).reshape(
+    b, 2
+  )
   best = np.where(ra[:, 1] > ra[:, 0], 1, 0)  # ties -> first sample
   anc_tokens = np.asarray(anc.tokens_BxG).reshape(b, 2, -1)[np.arange(b), best]
   anc_mask = np.asarray(anc.mask_BxG).reshape(b, 2, -1)[np.arange(b), best]
 
   def seq_logp(params, tokens, mask):
-    return np.asarray(sampling.sequence_logprobs(tiny_cfg, params, prompt, valid,
-                                                 jnp.asarray(tokens), jnp.asarray(mask)).sum(-1))
+    return np.asarray(
+      sampling.sequence_logprobs(
+        tiny_cfg, params, prompt, valid, jnp.asarray(tokens), jnp.asarray(mask)
+      ).sum(-1)
+    )
 
   lp = seq_logp(state.params, pol.tokens_BxG, pol.mask_BxG)
   lp_anchor = seq_logp(state.anchor_params, pol.tokens_BxG, pol.mask_BxG)
@@ -129,14 +152,14 @@ def test_train_step_matches_independent_recompute(tiny_cfg, tiny_params, copy_ta
   ret = r_j - (lp - lp_anchor)
   adv = ret - (ret.sum() - ret) / (b - 1)
   want = {
-      'loss_fwd': -lp_bon.mean(),
-      'loss_bwd': -(adv * lp).mean(),
-      'loss_reg': ((lp - lp_anchor) * lp).mean(),
-      'frac_penalized': (r_j < 0).mean(),
-      'reward_policy': r.mean(),
-      'reward_anchor': ra.mean(),
-      'kl_ref': (lp - lp_ref).mean(),
-      'kl_anchor': (lp - lp_anchor).mean(),
+    'loss_fwd': -lp_bon.mean(),
+    'loss_bwd': -(adv * lp).mean(),
+    'loss_reg': ((lp - lp_anchor) * lp).mean(),
+    'frac_penalized': (r_j < 0).mean(),
+    'reward_policy': r.mean(),
+    'reward_anchor': ra.mean(),
+    'kl_ref': (lp - lp_ref).mean(),
+    'kl_anchor': (lp - lp_anchor).mean(),
   }
   want['loss'] = 0.5 * want['loss_fwd'] + 0.5 * want['loss_bwd'] + 0.25 * want['loss_reg']
   assert 0 < want['frac_penalized'] < 1, 'example should mix penalised and unpenalised samples'
@@ -144,9 +167,12 @@ def test_train_step_matches_independent_recompute(tiny_cfg, tiny_params, copy_ta
     np.testing.assert_allclose(m[k], v, rtol=2e-4, atol=2e-4, err_msg=k)
 
   # EMA anchor: theta_anchor' = (1 - eta) theta_anchor + eta theta' (Eq. 18).
-  jax.tree.map(lambda a0, p1, a1: np.testing.assert_allclose(a1, 0.9 * a0 + 0.1 * p1, rtol=1e-5,
-                                                             atol=1e-6),
-               state.anchor_params, new_state.params, new_state.anchor_params)
+  jax.tree.map(
+    lambda a0, p1, a1: np.testing.assert_allclose(a1, 0.9 * a0 + 0.1 * p1, rtol=1e-5, atol=1e-6),
+    state.anchor_params,
+    new_state.params,
+    new_state.anchor_params,
+  )
   # The reference never moves.
   jax.tree.map(np.testing.assert_array_equal, new_state.ref_params, state.ref_params)
   assert int(new_state.step) == 1
@@ -155,26 +181,31 @@ def test_train_step_matches_independent_recompute(tiny_cfg, tiny_params, copy_ta
 def test_ema_anchor_over_steps_equals_closed_form(tiny_cfg, tiny_params, copy_task):
   eta = 0.2
   step_cfg, tx, schedule, state, prompt, valid = _setup(tiny_cfg, tiny_params, copy_task, eta=eta)
-  step = jax.jit(lambda s, p, v: train.train_step(s, p, v, cfg=step_cfg, tx=tx,
-                                                  schedule=schedule))
+  step = jax.jit(lambda s, p, v: train.train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule))
   anchor0 = state.anchor_params
   thetas = []
   for _ in range(3):
     state, _ = step(state, prompt, valid)
     thetas.append(state.params)
   # anchor_3 = (1-eta)^3 anchor_0 + sum_j eta (1-eta)^(3-j) theta_j
-  want = jax.tree.map(lambda a0, t1, t2, t3: (1 - eta)**3 * a0 + eta * (1 - eta)**2 * t1
-                      + eta * (1 - eta) * t2 + eta * t3, anchor0, *thetas)
-  jax.tree.map(lambda w, a: np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6), want,
-               state.anchor_params)
+  want = jax.tree.map(
+    lambda a0, t1, t2, t3: (
+      (1 - eta) ** 3 * a0 + eta * (1 - eta) ** 2 * t1 + eta * (1 - eta) * t2 + eta * t3
+    ),
+    anchor0,
+    *thetas,
+  )
+  jax.tree.map(
+    lambda w, a: np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6), want, state.anchor_params
+  )
 
 
 @pytest.mark.parametrize('anchor', ['periodic', 'fixed'])
 def test_periodic_and_fixed_anchor(tiny_cfg, tiny_params, copy_task, anchor):
-  step_cfg, tx, schedule, state, prompt, valid = _setup(tiny_cfg, tiny_params, copy_task,
-                                                        anchor=anchor, period=2)
-  step = jax.jit(lambda s, p, v: train.train_step(s, p, v, cfg=step_cfg, tx=tx,
-                                                  schedule=schedule))
+  step_cfg, tx, schedule, state, prompt, valid = _setup(
+    tiny_cfg, tiny_params, copy_task, anchor=anchor, period=2
+  )
+  step = jax.jit(lambda s, p, v: train.train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule))
   anchor0 = state.anchor_params
   s1, _ = step(state, prompt, valid)
   jax.tree.map(np.testing.assert_array_equal, s1.anchor_params, anchor0)  # not yet
@@ -188,9 +219,11 @@ def test_no_gradient_reaches_anchor_or_reference(tiny_cfg, tiny_params, copy_tas
 
   def loss_through(field):
     def f(tree):
-      _, m = train.train_step(state.replace(**{field: tree}), prompt, valid, cfg=step_cfg, tx=tx,
-                              schedule=schedule)
+      _, m = train.train_step(
+        state.replace(**{field: tree}), prompt, valid, cfg=step_cfg, tx=tx, schedule=schedule
+      )
       return m['loss']
+
     return f
 
   # Forward-mode (the sampler's while_loop has no reverse mode): a random direction in the
@@ -198,15 +231,18 @@ def test_no_gradient_reaches_anchor_or_reference(tiny_cfg, tiny_params, copy_tas
   def tangent_of(tree, seed):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return treedef.unflatten([jax.random.normal(k, x.shape)
-                              for k, x in zip(keys, leaves, strict=True)])
+    return treedef.unflatten(
+      [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
 
   fields = ('anchor_params', 'ref_params', 'params')
 
   @jax.jit
   def directional_derivatives(trees):
-    return [jax.jvp(loss_through(f), (t,), (tangent_of(t, i),))[1]
-            for i, (f, t) in enumerate(zip(fields, trees, strict=True))]
+    return [
+      jax.jvp(loss_through(f), (t,), (tangent_of(t, i),))[1]
+      for i, (f, t) in enumerate(zip(fields, trees, strict=True))
+    ]
 
   d_anchor, d_ref, d_params = directional_derivatives([getattr(state, f) for f in fields])
   assert float(d_anchor) == 0.0 and float(d_ref) == 0.0

@@ -32,8 +32,13 @@ TB, REF = testbed.make(seed=0, num_prompts=2)
 def _perturb(params, scale, seed):
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [x + scale * jnp.std(x) * jax.random.normal(k, x.shape)
-                                      for x, k in zip(leaves, keys, strict=True)])
+  return jax.tree.unflatten(
+    treedef,
+    [
+      x + scale * jnp.std(x) * jax.random.normal(k, x.shape)
+      for x, k in zip(leaves, keys, strict=True)
+    ],
+  )
 
 
 # A policy and an anchor that differ from pi_ref and from each other (KL ~ 0.3 nats).
@@ -96,8 +101,9 @@ def test_backward_kl_surrogate_is_grad_of_kl_pi_to_bon(anchor, n):
     log_pi = TB.log_probs(params)
     log_anchor = _anchor_log_probs(anchor, log_pi)
     r_bond = bon.r_bond(*TB.log_quantiles(log_anchor), n, with_correction=True)
-    adv = obj.backward_kl_advantage(r_bond.reshape(-1), log_pi.reshape(-1),
-                                    log_anchor.reshape(-1), n - 1.0, use_baseline=False)
+    adv = obj.backward_kl_advantage(
+      r_bond.reshape(-1), log_pi.reshape(-1), log_anchor.reshape(-1), n - 1.0, use_baseline=False
+    )
     return _expect(jnp.exp(log_pi), obj.policy_gradient_loss, log_pi, adv.reshape(log_pi.shape))
 
   def exact(params):
@@ -115,7 +121,7 @@ def test_backward_kl_batch_baseline_is_unbiased_over_pairs():
 
   def surrogate(params):
     log_pi = TB.log_probs(params)
-    pair = lambda a: jnp.stack(jnp.broadcast_arrays(a[:, :, None], a[:, None, :]), -1)  # noqa: E731
+    pair = lambda a: jnp.stack(jnp.broadcast_arrays(a[:, :, None], a[:, None, :]), -1)
     lp, lr, r = pair(log_pi), pair(LOG_REF), pair(r_bond_PxY)  # [P, Y, Y, 2]
     weight = sg(jnp.exp(lp.sum(-1)))
 
@@ -140,8 +146,9 @@ def test_kl_regularizer_surrogate_is_grad_of_kl_pi_to_anchor():
     log_pi = TB.log_probs(params)
     return _expect(jnp.exp(log_pi), obj.kl_regularizer_loss, log_pi, LOG_ANCHOR)
 
-  _assert_same_grad(surrogate,
-                    lambda params: jnp.mean(testbed.kl(TB.log_probs(params), LOG_ANCHOR)))
+  _assert_same_grad(
+    surrogate, lambda params: jnp.mean(testbed.kl(TB.log_probs(params), LOG_ANCHOR))
+  )
 
 
 @pytest.mark.parametrize('n_anchor', [2, 3])
@@ -154,8 +161,9 @@ def test_jbond_backward_surrogate_is_grad_of_tilted_kl(n_anchor):
 
   def surrogate(params):
     log_pi = TB.log_probs(params)
-    adv = obj.backward_kl_advantage(r_j.reshape(-1), log_pi.reshape(-1), LOG_ANCHOR.reshape(-1),
-                                    1.0, use_baseline=False)
+    adv = obj.backward_kl_advantage(
+      r_j.reshape(-1), log_pi.reshape(-1), LOG_ANCHOR.reshape(-1), 1.0, use_baseline=False
+    )
     return _expect(jnp.exp(log_pi), obj.policy_gradient_loss, log_pi, adv.reshape(log_pi.shape))
 
   def exact(params):
@@ -174,7 +182,7 @@ def test_reinforce_surrogate_is_grad_of_kl_regularised_reward():
 
   def surrogate(params):
     log_pi = TB.log_probs(params)
-    pair = lambda a: jnp.stack(jnp.broadcast_arrays(a[:, :, None], a[:, None, :]), -1)  # noqa: E731
+    pair = lambda a: jnp.stack(jnp.broadcast_arrays(a[:, :, None], a[:, None, :]), -1)
     lp, lr, r = pair(log_pi), pair(LOG_REF), pair(reward_PxY)  # [P, Y, Y, 2]
     weight = sg(jnp.exp(lp.sum(-1)))
 
@@ -202,21 +210,29 @@ def _expected_mc_r_bond(cfg: train.StepConfig, p_lt, p_le):
   y, on y itself, or above it with probabilities (p_lt, pi_ref(y), 1 - p_le), so the
   counts are multinomial; the step's own estimator is evaluated on every count pattern."""
   k = cfg.num_quantile_samples
-  below_C, equal_C = map(np.array, zip(*[(a, e) for a in range(k + 1)
-                                         for e in range(k + 1 - a)], strict=True))
+  below_C, equal_C = map(
+    np.array, zip(*[(a, e) for a in range(k + 1) for e in range(k + 1 - a)], strict=True)
+  )
   j_K = np.arange(k)
-  anchors_CxK = np.where(j_K < below_C[:, None], -1.0,
-                         np.where(j_K < (below_C + equal_C)[:, None], 0.0, 1.0))
+  anchors_CxK = np.where(
+    j_K < below_C[:, None], -1.0, np.where(j_K < (below_C + equal_C)[:, None], 0.0, 1.0)
+  )
   r_C = train._r_bond(cfg, jnp.zeros(len(below_C)), jnp.asarray(anchors_CxK, jnp.float32))
   above_C = k - below_C - equal_C
-  log_multinomial_C = jnp.asarray([
-      jax.scipy.special.gammaln(k + 1.0) - sum(jax.scipy.special.gammaln(x + 1.0)
-                                                for x in (a, e, k - a - e))
-      for a, e in zip(below_C, equal_C, strict=True)])
+  log_multinomial_C = jnp.asarray(
+    [
+      jax.scipy.special.gammaln(k + 1.0)
+      - sum(jax.scipy.special.gammaln(x + 1.0) for x in (a, e, k - a - e))
+      for a, e in zip(below_C, equal_C, strict=True)
+    ]
+  )
   xlogy = jax.scipy.special.xlogy
-  log_pmf_PxYxC = (log_multinomial_C + xlogy(below_C, p_lt[..., None])
-                   + xlogy(equal_C, (p_le - p_lt)[..., None])
-                   + xlogy(above_C, (1.0 - p_le)[..., None]))
+  log_pmf_PxYxC = (
+    log_multinomial_C
+    + xlogy(below_C, p_lt[..., None])
+    + xlogy(equal_C, (p_le - p_lt)[..., None])
+    + xlogy(above_C, (1.0 - p_le)[..., None])
+  )
   return jnp.sum(jnp.exp(log_pmf_PxYxC) * r_C, axis=-1)
 
 
@@ -249,9 +265,15 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
   p_lt = (1 + #<)/(k+1): y counts among the samples for both, so a level that no sample
   ties has p_lt = p_le and (B) = N (the continuous limit)."""
   n, k = 4, 4
-  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(),
-                         reward_fn=parameter_free(TB.reward_fn),
-                         algorithm='bond', n=n, num_quantile_samples=k, bon_correction=True)
+  cfg = train.StepConfig(
+    model=TB.cfg,
+    sampling=TB.sampling_params(),
+    reward_fn=parameter_free(TB.reward_fn),
+    algorithm='bond',
+    n=n,
+    num_quantile_samples=k,
+    bon_correction=True,
+  )
   anchors = jnp.array([[-1.0, 0.0, 0.0, 1.0], [-1.0, -2.0, 1.0, 1.0]])
   got = train._r_bond(cfg, jnp.zeros(2), anchors)
   for row, (p_le, p_lt) in enumerate([(4 / 5, 2 / 5), (3 / 5, 3 / 5)]):
@@ -259,7 +281,9 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
     assert float(got[row]) == pytest.approx(np.log(p_le) + np.log(b) / (n - 1), rel=1e-5)
 
 
-@pytest.mark.parametrize('knobs', [
+@pytest.mark.parametrize(
+  'knobs',
+  [
     dict(algorithm='bond', n=4, beta=0.0),  # forward KL only: SFT on Best-of-4 of the anchor
     dict(algorithm='bond', n=4, beta=1.0, num_quantile_samples=16),  # backward, MC r_BOND
     # With (B): unbiased too. (Here (B) is nearly constant across y, so its expected
@@ -267,16 +291,23 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
     dict(algorithm='bond', n=4, beta=1.0, num_quantile_samples=8, bon_correction=True),
     dict(algorithm='jbond', n=2, beta=0.5, gamma=1.0),
     dict(algorithm='reinforce', beta_rl=0.1),
-], ids=lambda k: '-'.join(f'{v}' for v in k.values()))
+  ],
+  ids=lambda k: '-'.join(f'{v}' for v in k.values()),
+)
 def test_train_step_update_is_unbiased(knobs):
-  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(),
-                         reward_fn=parameter_free(TB.reward_fn),
-                         anchor='fixed', **knobs)
+  cfg = train.StepConfig(
+    model=TB.cfg,
+    sampling=TB.sampling_params(),
+    reward_fn=parameter_free(TB.reward_fn),
+    anchor='fixed',
+    **knobs,
+  )
   tx = optax.sgd(1.0)  # update = -gradient estimate
   state = train.init_state(THETA, REF, tx, jax.random.PRNGKey(0), quantile_model=False)
   state = state.replace(anchor_params=jax.tree.map(jnp.array, REF))
   new_state, _ = train.make_train_step(cfg, tx, optax.constant_schedule(1.0))(
-      state, *TB.prompts(4096))
+    state, *TB.prompts(4096)
+  )
   g_hat = _flat(THETA) - _flat(new_state.params)
   g = _flat(jax.grad(_expected_objective(cfg))(THETA))
   cos = g @ g_hat / np.linalg.norm(g) / np.linalg.norm(g_hat)

@@ -26,8 +26,9 @@ def test_init_is_a_copy_of_the_lm_predicting_the_median():
   params = qm.init_params(REF)
   assert 'lm_head' in REF and 'lm_head' not in params['decoder']  # the head is unused
   for name in ('embedder', 'layer_0', 'final_norm'):
-    for a, b in zip(jax.tree.leaves(params['decoder'][name]), jax.tree.leaves(REF[name]),
-                    strict=True):
+    for a, b in zip(
+      jax.tree.leaves(params['decoder'][name]), jax.tree.leaves(REF[name]), strict=True
+    ):
       np.testing.assert_array_equal(a, b)
       assert a is not b  # a copy: the train state is donated
   np.testing.assert_allclose(_predict(params), 0.5)
@@ -55,10 +56,16 @@ def test_learned_quantiles_approach_the_exact_quantiles():
   def error(quantile_params):
     return float(jnp.mean(jnp.sum(pi_ref * jnp.abs(_predict(quantile_params) - p_le), -1)))
 
-  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(),
-                         reward_fn=parameter_free(TB.reward_fn),
-                         algorithm='bond', n=4, anchor='fixed', quantile='learned',
-                         quantile_learning_rate=3e-3)
+  cfg = train.StepConfig(
+    model=TB.cfg,
+    sampling=TB.sampling_params(),
+    reward_fn=parameter_free(TB.reward_fn),
+    algorithm='bond',
+    n=4,
+    anchor='fixed',
+    quantile='learned',
+    quantile_learning_rate=3e-3,
+  )
   tx, schedule = train.make_optimizer(1e-12, warmup_steps=0)
   state = train.init_state(REF, REF, tx, jax.random.PRNGKey(0))  # quantile model by default
   assert error(state.quantile_params) > 0.2
@@ -71,21 +78,38 @@ def test_learned_quantiles_approach_the_exact_quantiles():
   # The ranking is learned too: p_theta orders the likely sequences as p_le does.
   q = _predict(state.quantile_params)
   top = np.argsort(-np.asarray(pi_ref[0]))[:32]
-  assert np.corrcoef(np.argsort(np.argsort(q[0, top])),
-                     np.argsort(np.argsort(p_le[0, top])))[0, 1] > 0.8
+  assert (
+    np.corrcoef(np.argsort(np.argsort(q[0, top])), np.argsort(np.argsort(p_le[0, top])))[0, 1] > 0.8
+  )
 
 
 def test_learned_quantile_errors_are_named():
   tx = optax.sgd(1.0)
   prompt, valid = TB.prompts(4)
-  base = dict(model=TB.cfg, sampling=TB.sampling_params(),
-              reward_fn=parameter_free(TB.reward_fn),
-              algorithm='bond', quantile='learned')
+  base = dict(
+    model=TB.cfg,
+    sampling=TB.sampling_params(),
+    reward_fn=parameter_free(TB.reward_fn),
+    algorithm='bond',
+    quantile='learned',
+  )
   no_model = train.init_state(REF, REF, tx, jax.random.PRNGKey(0), quantile_model=False)
   with pytest.raises(ValueError, match='quantile_model=True'):
-    train.train_step(no_model, prompt, valid, cfg=train.StepConfig(**base), tx=tx,
-                     schedule=optax.constant_schedule(1.0))
+    train.train_step(
+      no_model,
+      prompt,
+      valid,
+      cfg=train.StepConfig(**base),
+      tx=tx,
+      schedule=optax.constant_schedule(1.0),
+    )
   state = train.init_state(REF, REF, tx, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='bon_correction'):
-    train.train_step(state, prompt, valid, cfg=train.StepConfig(**base, bon_correction=True),
-                     tx=tx, schedule=optax.constant_schedule(1.0))
+    train.train_step(
+      state,
+      prompt,
+      valid,
+      cfg=train.StepConfig(**base, bon_correction=True),
+      tx=tx,
+      schedule=optax.constant_schedule(1.0),
+    )

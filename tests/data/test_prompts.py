@@ -33,9 +33,21 @@ def _rows(prompt_BxP, valid_BxP):
 
 
 def _data_cfg(**overrides):
-  fields = dict(source='jsonl', tfds_name='', tfds_data_dir='', split='train', eval_split='',
-                text_field='', jsonl_path='', eval_jsonl_path='', jsonl_field='prompt',
-                prompt_template=TEMPLATE, max_prompt_len=48, overlong='drop', shuffle_seed=0)
+  fields = dict(
+    source='jsonl',
+    tfds_name='',
+    tfds_data_dir='',
+    split='train',
+    eval_split='',
+    text_field='',
+    jsonl_path='',
+    eval_jsonl_path='',
+    jsonl_field='prompt',
+    prompt_template=TEMPLATE,
+    max_prompt_len=48,
+    overlong='drop',
+    shuffle_seed=0,
+  )
   return ml_collections.ConfigDict({**fields, **overrides})
 
 
@@ -54,8 +66,9 @@ def test_tfds_mock_source_without_tensorflow(tok):
   with hx.mock_tfds(num_examples=6):
     texts = data.tfds_texts('xsum', 'train', 'document')
     assert len(texts) == 6 and all(isinstance(texts[i], str) for i in range(6))
-    cfg = _data_cfg(source='tfds', tfds_name='xsum', text_field='document', max_prompt_len=64,
-                    overlong='truncate')
+    cfg = _data_cfg(
+      source='tfds', tfds_name='xsum', text_field='document', max_prompt_len=64, overlong='truncate'
+    )
     stream = data.from_config(cfg, tok, 0, 1, global_batch=3)
     prompt, valid = stream.next_batch()
     assert prompt.shape == (3, 64)
@@ -63,7 +76,7 @@ def test_tfds_mock_source_without_tensorflow(tok):
     for i, row in enumerate(_rows(prompt, valid)):
       text = tok.prompt_text(row)
       assert text.startswith('Summarize:\n') and text.endswith('\nSummary:')
-      assert texts[int(order[i])].startswith(text[len('Summarize:\n'):-len('\nSummary:')])
+      assert texts[int(order[i])].startswith(text[len('Summarize:\n') : -len('\nSummary:')])
     with pytest.raises(ConfigError, match=r"config\.data\.text_field='body' is invalid.*document"):
       data.tfds_texts('xsum', 'train', 'body')
   with pytest.raises(ConfigError, match=r"config\.data\.tfds_name='no_such_dataset'"):
@@ -96,8 +109,9 @@ def test_overlong_drop_and_truncate(tok):
   texts = ['short one', long_text, 'short two', 'short three']
   dropped = _stream(tok, texts, global_batch=3, shuffle=False)
   rows = _rows(*dropped.next_batch())
-  assert [tok.prompt_text(r) for r in rows] == [TEMPLATE.replace('{text}', t)
-                                               for t in ('short one', 'short two', 'short three')]
+  assert [tok.prompt_text(r) for r in rows] == [
+    TEMPLATE.replace('{text}', t) for t in ('short one', 'short two', 'short three')
+  ]
   assert dropped.num_dropped == 1
 
   cut = _stream(tok, texts, global_batch=2, overlong='truncate', shuffle=False)
@@ -106,17 +120,20 @@ def test_overlong_drop_and_truncate(tok):
   assert 40 <= len(row) <= 48  # filled up to the limit, not emptied
   text = tok.prompt_text(row)
   assert text.startswith('Summarize:\n') and text.endswith('\nSummary:')  # template kept
-  assert long_text.startswith(text[len('Summarize:\n'):-len('\nSummary:')])
+  assert long_text.startswith(text[len('Summarize:\n') : -len('\nSummary:')])
 
   with pytest.raises(ConfigError, match=r'config\.data\.max_prompt_len=4 is invalid.*template'):
     _stream(tok, texts, max_prompt_len=4, overlong='truncate').next_batch()
-  with pytest.raises(ConfigError, match=r"max_prompt_len=4 .*no prompt of the dataset fits"):
+  with pytest.raises(ConfigError, match=r'max_prompt_len=4 .*no prompt of the dataset fits'):
     _stream(tok, texts, max_prompt_len=4).next_batch()
 
 
 def test_shuffle_is_seeded_and_epochwise(tok):
-  a, b, c = _stream(tok, global_batch=5), _stream(tok, global_batch=5), _stream(
-      tok, global_batch=5, shuffle_seed=1)
+  a, b, c = (
+    _stream(tok, global_batch=5),
+    _stream(tok, global_batch=5),
+    _stream(tok, global_batch=5, shuffle_seed=1),
+  )
   epochs_a = [_rows(*a.next_batch()) + _rows(*a.next_batch()) for _ in range(2)]
   epochs_b = [_rows(*b.next_batch()) + _rows(*b.next_batch()) for _ in range(2)]
   epoch_c = _rows(*c.next_batch()) + _rows(*c.next_batch())
@@ -130,8 +147,7 @@ def test_shuffle_is_seeded_and_epochwise(tok):
 def test_processes_take_disjoint_slices_of_the_global_batch(tok):
   texts = [*TEXTS, 'the river ' * 40]  # one overlong prompt, dropped on every host alike
   whole = _stream(tok, texts, global_batch=4)
-  hosts = [_stream(tok, texts, global_batch=4, process_index=i, process_count=2)
-           for i in range(2)]
+  hosts = [_stream(tok, texts, global_batch=4, process_index=i, process_count=2) for i in range(2)]
   seen: list[set] = [set(), set()]
   for step in range(4):  # 10 usable prompts: the third batch crosses into epoch 1
     glob = _rows(*whole.next_batch())
@@ -168,7 +184,8 @@ def test_eval_prompts_in_stored_order(tok, tmp_path):
   held_out = hx.write_jsonl(tmp_path / 'eval.jsonl', ['held out a', 'held out b', 'held out c'])
   cfg = _data_cfg(jsonl_path=str(train), eval_jsonl_path=str(held_out))
   rows = _rows(*data.eval_prompts(cfg, tok, 2))
-  assert [tok.prompt_text(r) for r in rows] == [TEMPLATE.replace('{text}', f'held out {c}')
-                                               for c in 'ab']
+  assert [tok.prompt_text(r) for r in rows] == [
+    TEMPLATE.replace('{text}', f'held out {c}') for c in 'ab'
+  ]
   with pytest.raises(ConfigError, match=r'config\.eval\.num_prompts=5 .* only 3'):
     data.eval_prompts(cfg, tok, 5)

@@ -25,10 +25,18 @@ from tests import hf_fixtures as hx
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATE = 'Summarize:\n{text}\nSummary:'
-DOCS = ['The cat sat on the mat.', 'The city council voted to build a bridge.',
-        'Paris is the capital of France.', 'Scientists found the river was warmer.']
-ANSWERS = [' A cat sat.', ' A new bridge over the river will be built, the council said.',
-           ' Paris.', ' The river is warmer than last year.']
+DOCS = [
+  'The cat sat on the mat.',
+  'The city council voted to build a bridge.',
+  'Paris is the capital of France.',
+  'Scientists found the river was warmer.',
+]
+ANSWERS = [
+  ' A cat sat.',
+  ' A new bridge over the river will be built, the council said.',
+  ' Paris.',
+  ' The river is warmer than last year.',
+]
 
 
 @pytest.fixture(scope='module')
@@ -36,21 +44,33 @@ def dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp('hf')
   tok_a = hx.make_tokenizer_dir(root / 'tok_a')
   tok_b = hx.make_tokenizer_dir(root / 'tok_b', vocab_size=300, corpus=hx.CORPUS[2:])
-  return {'tok_a': tok_a, 'tok_b': tok_b, 'rm_a': hx.make_reward_dir(root / 'rm_a', tok_a),
-          'rm_b': hx.make_reward_dir(root / 'rm_b', tok_b, seed=2)}
+  return {
+    'tok_a': tok_a,
+    'tok_b': tok_b,
+    'rm_a': hx.make_reward_dir(root / 'rm_a', tok_a),
+    'rm_b': hx.make_reward_dir(root / 'rm_b', tok_b, seed=2),
+  }
 
 
 def _reward_cfg(**overrides):
-  fields = dict(source='model', checkpoint='', tokenizer_path='', chat_template=False,
-                max_len=96, dtype='float32', fn='')
+  fields = dict(
+    source='model',
+    checkpoint='',
+    tokenizer_path='',
+    chat_template=False,
+    max_len=96,
+    dtype='float32',
+    fn='',
+  )
   return ml_collections.ConfigDict({**fields, **overrides})
 
 
 def _batch(policy: tokenizer_lib.Tokenizer):
   """Left-padded prompts and sampler-style responses: rows 0, 2, 3 end with EOS, row 1 fills
   the whole buffer G without one (a response cut off by the buffer)."""
-  stream = data.PromptStream(DOCS, policy, max_prompt_len=80, global_batch=4,
-                             prompt_template=TEMPLATE, shuffle=False)
+  stream = data.PromptStream(
+    DOCS, policy, max_prompt_len=80, global_batch=4, prompt_template=TEMPLATE, shuffle=False
+  )
   prompt, valid = stream.next_batch()
   ids = [policy.hf.encode(a, add_special_tokens=False) for a in ANSWERS]
   g = len(ids[1])
@@ -59,7 +79,7 @@ def _batch(policy: tokenizer_lib.Tokenizer):
   for i, row in enumerate(ids):
     row = row if i == 1 else [*row, policy.ids.eos_id]
     assert len(row) <= g
-    response[i, :len(row)], mask[i, :len(row)] = row, True
+    response[i, : len(row)], mask[i, : len(row)] = row, True
   return prompt, valid, response, mask
 
 
@@ -67,7 +87,7 @@ def _left_pad(rows, width, pad_id):
   tokens = np.full((len(rows), width), pad_id, np.int32)
   valid = np.zeros((len(rows), width), bool)
   for i, r in enumerate(rows):
-    tokens[i, width - len(r):], valid[i, width - len(r):] = r, True
+    tokens[i, width - len(r) :], valid[i, width - len(r) :] = r, True
   return tokens, valid
 
 
@@ -84,28 +104,35 @@ def test_same_tokenizer_scores_prompt_and_response_ids(dirs):
   # up to and including EOS where the response ended.
   torch = pytest.importorskip('torch')
   import transformers
+
   model = transformers.AutoModelForSequenceClassification.from_pretrained(dirs['rm_a']).eval()
   prompt, valid, response, mask = batch
   with torch.no_grad():
-    ref = [model(input_ids=torch.tensor([[*p[v], *r[m]]])).logits[0, 0].item()
-           for p, v, r, m in zip(prompt, valid, response, mask, strict=True)]
+    ref = [
+      model(input_ids=torch.tensor([[*p[v], *r[m]]])).logits[0, 0].item()
+      for p, v, r, m in zip(prompt, valid, response, mask, strict=True)
+    ]
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('chat', [False, True], ids=['plain', 'chat'])
 def test_other_tokenizer_scores_the_retokenized_text(dirs, chat):
   policy = tokenizer_lib.load(dirs['tok_a'], chat_template=chat)
-  cfg = _reward_cfg(checkpoint=str(dirs['rm_b']), tokenizer_path=str(dirs['tok_b']),
-                    chat_template=chat)
+  cfg = _reward_cfg(
+    checkpoint=str(dirs['rm_b']), tokenizer_path=str(dirs['tok_b']), chat_template=chat
+  )
   fn, params = rewards.make_reward(cfg, policy)
   got = jax.jit(fn)(params, *_batch(policy))
 
   # The same texts, tokenized by the reward tokenizer directly.
   reward_tok = tokenizer_lib.load(dirs['tok_b'], chat_template=chat)
   assert not reward_tok.same_vocab(policy)
-  rows = [reward_tok.encode_conversation(TEMPLATE.replace('{text}', d), a.strip() if chat else a,
-                                         ended=i != 1)
-          for i, (d, a) in enumerate(zip(DOCS, ANSWERS, strict=True))]
+  rows = [
+    reward_tok.encode_conversation(
+      TEMPLATE.replace('{text}', d), a.strip() if chat else a, ended=i != 1
+    )
+    for i, (d, a) in enumerate(zip(DOCS, ANSWERS, strict=True))
+  ]
   assert max(map(len, rows)) <= cfg.max_len
   rm_cfg, _ = hf.load_reward_params(dirs['rm_b'])
   want = reward_model.score(rm_cfg, params, *_left_pad(rows, cfg.max_len, reward_tok.ids.pad_id))
@@ -144,11 +171,10 @@ def test_mesh_path_equals_default_device(dirs):
   batch = _batch(policy)
   fn, params = rewards.make_reward(cfg, policy)
   fn_mesh, params_mesh = rewards.make_reward(cfg, policy, mesh=sharding.make_mesh(1, 1))
-  np.testing.assert_allclose(jax.jit(fn_mesh)(params_mesh, *batch), fn(params, *batch),
-                             rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(fn_mesh)(params_mesh, *batch), fn(params, *batch), rtol=1e-5)
 
 
-_MESH_SCRIPT = textwrap.dedent('''
+_MESH_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     jax.config.update('jax_num_cpu_devices', 4)
@@ -168,18 +194,28 @@ _MESH_SCRIPT = textwrap.dedent('''
       fn, params = rewards.make_reward(ml_collections.ConfigDict(cfg), policy, mesh=mesh)
       out[name] = np.asarray(jax.jit(fn)(params, *placed)).tolist()
     print(json.dumps(out))
-''')
+""")
 
 
 def test_sharded_reward_on_a_2x2_mesh_matches_one_device(dirs):
   policy = tokenizer_lib.load(dirs['tok_a'])
   batch = _batch(policy)
-  cfgs = {'same': _reward_cfg(checkpoint=str(dirs['rm_a'])),
-          'retok': _reward_cfg(checkpoint=str(dirs['rm_b']), tokenizer_path=str(dirs['tok_b']))}
-  args = {'policy': str(dirs['tok_a']), 'batch': [x.tolist() for x in batch],
-          'cfgs': {k: c.to_dict() for k, c in cfgs.items()}}
-  proc = subprocess.run([sys.executable, '-c', _MESH_SCRIPT, json.dumps(args)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  cfgs = {
+    'same': _reward_cfg(checkpoint=str(dirs['rm_a'])),
+    'retok': _reward_cfg(checkpoint=str(dirs['rm_b']), tokenizer_path=str(dirs['tok_b'])),
+  }
+  args = {
+    'policy': str(dirs['tok_a']),
+    'batch': [x.tolist() for x in batch],
+    'cfgs': {k: c.to_dict() for k, c in cfgs.items()},
+  }
+  proc = subprocess.run(
+    [sys.executable, '-c', _MESH_SCRIPT, json.dumps(args)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   sharded = json.loads(proc.stdout.strip().splitlines()[-1])
   for name, cfg in cfgs.items():
@@ -223,8 +259,9 @@ def test_missing_or_inconsistent_reward_fields(dirs, tmp_path):
   with pytest.raises(ConfigError, match=r'config\.reward\.checkpoint=.*nope.* does not exist'):
     rewards.make_reward(_reward_cfg(checkpoint=str(tmp_path / 'nope')), policy)
   with pytest.raises(ConfigError, match=r'config\.reward\.tokenizer_path=.*nope'):
-    rewards.make_reward(_reward_cfg(checkpoint=str(dirs['rm_b']),
-                                    tokenizer_path=str(tmp_path / 'nope')), policy)
+    rewards.make_reward(
+      _reward_cfg(checkpoint=str(dirs['rm_b']), tokenizer_path=str(tmp_path / 'nope')), policy
+    )
   with pytest.raises(ConfigError, match=r'config\.reward\.chat_template=True is invalid'):
     rewards.make_reward(_reward_cfg(checkpoint=str(dirs['rm_a']), chat_template=True), policy)
   with pytest.raises(ConfigError, match=r'config\.reward\.checkpoint: .*vocab_size'):
@@ -261,7 +298,11 @@ def test_xsum_config_takes_beta_from_its_argument():
   assert [load_config_file(path, b).bond.beta for b in ('0', '0.5', '1')] == [0.0, 0.5, 1.0]
   c = load_config_file(path)
   assert (c.bond.algorithm, c.bond.n, c.bond.num_quantile_samples, c.bond.anchor) == (
-      'bond', 8, 16, 'fixed')
+    'bond',
+    8,
+    16,
+    'fixed',
+  )
   assert (c.data.tfds_name, c.data.text_field) == ('xsum', 'document')
   with pytest.raises(ValueError, match='beta must be in'):
     load_config_file(path, '2')

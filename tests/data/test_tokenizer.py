@@ -55,12 +55,14 @@ def test_plain_prompt_has_one_bos_and_no_eos(plain):
 
 def test_chat_template_single_user_turn_with_generation_prompt(chat):
   ids = chat.encode(TEXT)
-  expected = chat.hf.apply_chat_template([{'role': 'user', 'content': TEXT}], tokenize=True,
-                                         add_generation_prompt=True)['input_ids']
+  expected = chat.hf.apply_chat_template(
+    [{'role': 'user', 'content': TEXT}], tokenize=True, add_generation_prompt=True
+  )['input_ids']
   assert ids == list(expected)
   assert ids.count(chat.ids.bos_id) == 1 and ids[0] == chat.ids.bos_id  # template's BOS only
-  assert chat.hf.decode(ids) == (f'<bos><start_of_turn>user\n{TEXT}<end_of_turn>\n'
-                                 '<start_of_turn>model\n')
+  assert chat.hf.decode(ids) == (
+    f'<bos><start_of_turn>user\n{TEXT}<end_of_turn>\n<start_of_turn>model\n'
+  )
   assert chat.prompt_text(ids) == TEXT  # the user's text back, markup stripped
 
 
@@ -93,8 +95,10 @@ def test_encode_conversation(plain, chat):
   assert plain.encode_conversation(prompt, response, ended=True) == [2, *body, 1]
   assert plain.encode_conversation(prompt, response, ended=False) == [2, *body]
   text = chat.hf.decode(chat.encode_conversation(prompt, response, ended=False))
-  assert text == ('<bos><start_of_turn>user\nSummary:<end_of_turn>\n'
-                  '<start_of_turn>model\nThe cat sat.<end_of_turn>\n')
+  assert text == (
+    '<bos><start_of_turn>user\nSummary:<end_of_turn>\n'
+    '<start_of_turn>model\nThe cat sat.<end_of_turn>\n'
+  )
 
 
 def test_check_vocab(plain):

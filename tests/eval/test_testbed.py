@@ -22,8 +22,15 @@ LOG_REF = TB.log_probs(REF)
 
 def _sample(params, num_samples, seed):
   prompt, valid = TB.prompts(TB.num_prompts)
-  out = sampling.sample_jit(TB.cfg, params, prompt, valid, jax.random.PRNGKey(seed),
-                            TB.sampling_params(), num_samples=num_samples)
+  out = sampling.sample_jit(
+    TB.cfg,
+    params,
+    prompt,
+    valid,
+    jax.random.PRNGKey(seed),
+    TB.sampling_params(),
+    num_samples=num_samples,
+  )
   return jnp.repeat(prompt, num_samples, axis=0), valid, out
 
 
@@ -41,8 +48,9 @@ def test_codes_and_reward_lookup():
   assert seqs_YxG.shape == (256, 4) and len({tuple(s) for s in seqs_YxG}) == 256
   np.testing.assert_array_equal(testbed.sequence_code(jnp.asarray(seqs_YxG), 4), np.arange(256))
   prompt, valid, tokens, mask = TB.all_rows()
-  np.testing.assert_array_equal(TB.reward_fn(prompt, valid, tokens, mask),
-                                TB.reward_PxY.reshape(-1))
+  np.testing.assert_array_equal(
+    TB.reward_fn(prompt, valid, tokens, mask), TB.reward_PxY.reshape(-1)
+  )
   assert len(np.unique(TB.reward_PxY[0])) == 256  # distinct: no tie rule needed
 
 
@@ -71,7 +79,8 @@ def test_exact_pi_bon_is_best_of_n_of_samples(n):
   metrics = TB.evaluate(REF, REF, n, beta=0.25)
   assert float(metrics['kl_ref']) == pytest.approx(0.0, abs=1e-6)
   assert float(metrics['jeffreys']) == pytest.approx(
-      0.75 * float(metrics['kl_fwd']) + 0.25 * float(metrics['kl_bwd']), rel=1e-6)
+    0.75 * float(metrics['kl_fwd']) + 0.25 * float(metrics['kl_bwd']), rel=1e-6
+  )
   assert float(metrics['reward_bon']) > float(metrics['reward'])
 
 
@@ -80,10 +89,12 @@ def _run(knobs, steps, batch, learning_rate=3e-3, seed=0, watch=None, reward_sca
 
   With `reward_scale` the reward takes parameters, passed as the step's 4th argument.
   """
-  reward_fn = parameter_free(TB.reward_fn) if reward_scale is None else (
-      lambda scale, *batch: scale * TB.reward_fn(*batch))
-  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=reward_fn,
-                         **knobs)
+  reward_fn = (
+    parameter_free(TB.reward_fn)
+    if reward_scale is None
+    else (lambda scale, *batch: scale * TB.reward_fn(*batch))
+  )
+  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=reward_fn, **knobs)
   tx, schedule = train.make_optimizer(learning_rate, warmup_steps=0)
   state = train.init_state(REF, REF, tx, jax.random.PRNGKey(seed), quantile_model=False)
   step_fn = train.make_train_step(cfg, tx, schedule)
@@ -101,8 +112,9 @@ def _run(knobs, steps, batch, learning_rate=3e-3, seed=0, watch=None, reward_sca
 
 
 def _same(a, b):
-  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                  strict=True))
+  return all(
+    np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
 
 
 def test_moving_anchor_modes():
@@ -133,8 +145,9 @@ def test_jbond_with_three_anchor_samples_penalises_at_the_exact_rate():
   The reward here takes parameters (a scale of 2, the step's 4th argument): J-BOND only
   sees ranks, so the rate is unchanged while the reported rewards double.
   """
-  state, metrics = _run(dict(algorithm='jbond', n=3, anchor='fixed'), 2, 8192,
-                        learning_rate=1e-9, reward_scale=2.0)
+  state, metrics = _run(
+    dict(algorithm='jbond', n=3, anchor='fixed'), 2, 8192, learning_rate=1e-9, reward_scale=2.0
+  )
   assert _same(state.anchor_params, REF)  # a fixed anchor stays pi_ref (plain BOND)
   expect_reward = 2.0 * float(jnp.mean(jnp.sum(jnp.exp(LOG_REF) * TB.reward_PxY, -1)))
   assert float(metrics['reward_anchor']) == pytest.approx(expect_reward, abs=0.1)
@@ -154,10 +167,10 @@ def test_bond_jeffreys_half_converges_to_pi_bon():
   """
   n = 4
   start = TB.evaluate(REF, REF, n, beta=0.5)
-  state, _ = _run(dict(algorithm='bond', n=n, beta=0.5, num_quantile_samples=16,
-                       anchor='fixed'), 400, 64)
+  state, _ = _run(
+    dict(algorithm='bond', n=n, beta=0.5, num_quantile_samples=16, anchor='fixed'), 400, 64
+  )
   end = TB.evaluate(state.params, REF, n, beta=0.5)
   assert float(start['jeffreys']) > 1.0
   assert float(end['jeffreys']) < 0.15, {k: float(v) for k, v in end.items()}
   assert float(end['kl_fwd']) < 0.2 and float(end['kl_bwd']) < 0.2
-

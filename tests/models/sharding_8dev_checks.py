@@ -19,23 +19,34 @@ from bond_jax.models import decoder as model  # noqa: E402
 from bond_jax.models import hf, reward_model, sharding  # noqa: E402
 
 # D=64, N=4, K=1 (multi-query: k/v heads cannot split 4 ways, so they shard D), F=128, V=96.
-CFG = model.ModelConfig(vocab_size=96, num_layers=2, embed_dim=64, hidden_dim=128, num_heads=4,
-                        num_kv_heads=1, head_dim=16, layer_types=('local', 'global'),
-                        sliding_window=4, use_post_norms=True, use_qk_norm=True,
-                        query_pre_attn_scalar=16, rope_local_base=1e4)
+CFG = model.ModelConfig(
+  vocab_size=96,
+  num_layers=2,
+  embed_dim=64,
+  hidden_dim=128,
+  num_heads=4,
+  num_kv_heads=1,
+  head_dim=16,
+  layer_types=('local', 'global'),
+  sliding_window=4,
+  use_post_norms=True,
+  use_qk_norm=True,
+  query_pre_attn_scalar=16,
+  rope_local_base=1e4,
+)
 EXPECTED = {  # our parameter -> spec on a (data=2, model=4) mesh
-    'embedder/embedding': P('model', None),
-    'layer_0/attn/q_proj/kernel': P(None, 'model', None),
-    'layer_0/attn/k_proj/kernel': P('model', None, None),  # K=1: falls back to D
-    'layer_0/attn/v_proj/kernel': P('model', None, None),
-    'layer_0/attn/o_proj/kernel': P('model', None, None),
-    'layer_0/attn/q_norm/scale': P(),
-    'layer_0/mlp/gate_proj/kernel': P(None, 'model'),
-    'layer_0/mlp/up_proj/kernel': P(None, 'model'),
-    'layer_0/mlp/down_proj/kernel': P('model', None),
-    'layer_0/pre_attn_norm/scale': P(),
-    'layer_0/post_ffw_norm/scale': P(),
-    'final_norm/scale': P(),
+  'embedder/embedding': P('model', None),
+  'layer_0/attn/q_proj/kernel': P(None, 'model', None),
+  'layer_0/attn/k_proj/kernel': P('model', None, None),  # K=1: falls back to D
+  'layer_0/attn/v_proj/kernel': P('model', None, None),
+  'layer_0/attn/o_proj/kernel': P('model', None, None),
+  'layer_0/attn/q_norm/scale': P(),
+  'layer_0/mlp/gate_proj/kernel': P(None, 'model'),
+  'layer_0/mlp/up_proj/kernel': P(None, 'model'),
+  'layer_0/mlp/down_proj/kernel': P('model', None),
+  'layer_0/pre_attn_norm/scale': P(),
+  'layer_0/post_ffw_norm/scale': P(),
+  'final_norm/scale': P(),
 }
 
 
@@ -45,8 +56,7 @@ def mesh():
 
 
 def _specs(tree) -> dict[str, P]:
-  return {sharding.path_name(p): s.spec
-          for p, s in jax.tree_util.tree_leaves_with_path(tree)}
+  return {sharding.path_name(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def test_mesh(mesh):
@@ -61,8 +71,16 @@ def test_rule_table(mesh):
   for name, spec in EXPECTED.items():
     assert specs[name] == spec, (name, specs[name], spec)
   # Nothing divides by 4 (vocab 30, D 30, F 30, heads 3): everything is replicated.
-  odd = model.ModelConfig(vocab_size=30, num_layers=1, embed_dim=30, hidden_dim=30,
-                          num_heads=3, num_kv_heads=3, head_dim=10, tie_embeddings=False)
+  odd = model.ModelConfig(
+    vocab_size=30,
+    num_layers=1,
+    embed_dim=30,
+    hidden_dim=30,
+    num_heads=3,
+    num_kv_heads=3,
+    head_dim=10,
+    tie_embeddings=False,
+  )
   abstract = jax.eval_shape(lambda: model.init_params(odd, jax.random.key(0)))
   assert set(_specs(sharding.param_shardings(abstract, mesh)).values()) == {P()}
 
@@ -74,9 +92,12 @@ def test_sharded_load_places_each_tensor(mesh, tmp_path):
   assert cfg == CFG
   abstract = jax.eval_shape(lambda: model.init_params(CFG, jax.random.key(0)))
   want = sharding.param_shardings(abstract, mesh)
-  for (path, x), s, ref in zip(jax.tree_util.tree_leaves_with_path(loaded),
-                               jax.tree_util.tree_leaves(want),
-                               jax.tree_util.tree_leaves(params), strict=True):
+  for (path, x), s, ref in zip(
+    jax.tree_util.tree_leaves_with_path(loaded),
+    jax.tree_util.tree_leaves(want),
+    jax.tree_util.tree_leaves(params),
+    strict=True,
+  ):
     name = sharding.path_name(path)
     assert isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh, name
     assert x.sharding.spec == s.spec, (name, x.sharding.spec, s.spec)
@@ -108,7 +129,8 @@ def test_big_tensor_check_names_the_replicated_tensor(mesh):
   shardings = sharding.param_shardings(params, mesh)
   placed = jax.device_put(params, shardings)
   placed['layer_1']['mlp']['up_proj']['kernel'] = jax.device_put(
-      params['layer_1']['mlp']['up_proj']['kernel'], NamedSharding(mesh, P()))
+    params['layer_1']['mlp']['up_proj']['kernel'], NamedSharding(mesh, P())
+  )
   with pytest.raises(AssertionError, match=r'layer_1/mlp/up_proj/kernel \(64, 128\)'):
     sharding.assert_big_tensors_sharded(placed, mesh, min_size=1024)
   sharding.assert_big_tensors_sharded(placed, mesh, min_size=10**6)  # small: not checked

@@ -31,9 +31,17 @@ transformers = pytest.importorskip('transformers')
 
 RTOL = 1e-5
 V = 96
-_COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-               head_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-               eos_token_id=2)
+_COMMON = dict(
+  vocab_size=V,
+  hidden_size=32,
+  intermediate_size=64,
+  num_attention_heads=4,
+  head_dim=16,
+  max_position_embeddings=64,
+  pad_token_id=0,
+  bos_token_id=1,
+  eos_token_id=2,
+)
 
 
 def _hf_config(family: str):
@@ -41,25 +49,46 @@ def _hf_config(family: str):
     return transformers.GemmaConfig(num_hidden_layers=2, num_key_value_heads=1, **_COMMON)
   if family == 'gemma2':
     return transformers.Gemma2Config(
-        num_hidden_layers=3, num_key_value_heads=2, query_pre_attn_scalar=24,
-        attn_logit_softcapping=3.0, final_logit_softcapping=2.0, sliding_window=4, **_COMMON)
+      num_hidden_layers=3,
+      num_key_value_heads=2,
+      query_pre_attn_scalar=24,
+      attn_logit_softcapping=3.0,
+      final_logit_softcapping=2.0,
+      sliding_window=4,
+      **_COMMON,
+    )
   if family == 'gemma3_text':
     return transformers.Gemma3TextConfig(
-        num_hidden_layers=3, num_key_value_heads=2, query_pre_attn_scalar=16, sliding_window=4,
-        layer_types=['sliding_attention', 'full_attention', 'sliding_attention'],
-        rope_parameters={
-            'full_attention': {'rope_type': 'linear', 'factor': 8.0, 'rope_theta': 1e6},
-            'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e4}},
-        **_COMMON)
+      num_hidden_layers=3,
+      num_key_value_heads=2,
+      query_pre_attn_scalar=16,
+      sliding_window=4,
+      layer_types=['sliding_attention', 'full_attention', 'sliding_attention'],
+      rope_parameters={
+        'full_attention': {'rope_type': 'linear', 'factor': 8.0, 'rope_theta': 1e6},
+        'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e4},
+      },
+      **_COMMON,
+    )
   if family == 'llama':
     return transformers.LlamaConfig(
-        num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=False,
-        rope_parameters={'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 4.0,
-                         'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-                         'original_max_position_embeddings': 32}, **_COMMON)
+      num_hidden_layers=2,
+      num_key_value_heads=2,
+      tie_word_embeddings=False,
+      rope_parameters={
+        'rope_type': 'llama3',
+        'rope_theta': 1e4,
+        'factor': 4.0,
+        'low_freq_factor': 1.0,
+        'high_freq_factor': 4.0,
+        'original_max_position_embeddings': 32,
+      },
+      **_COMMON,
+    )
   if family == 'qwen2':
-    return transformers.Qwen2Config(num_hidden_layers=2, num_key_value_heads=2,
-                                    tie_word_embeddings=False, **_COMMON)
+    return transformers.Qwen2Config(
+      num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=False, **_COMMON
+    )
   raise AssertionError(family)
 
 
@@ -77,8 +106,9 @@ def _randomize(module, seed: int) -> None:
       p.copy_(noise)
 
 
-def _save(tmp_path, family: str, cls_name: str = 'AutoModelForCausalLM', seed: int = 0,
-          **overrides):
+def _save(
+  tmp_path, family: str, cls_name: str = 'AutoModelForCausalLM', seed: int = 0, **overrides
+):
   config = _hf_config(family)
   for k, v in overrides.items():
     setattr(config, k, v)
@@ -108,8 +138,9 @@ def _torch_run(torch_model, tokens, valid, padded: bool):
   kwargs = {}
   if padded:  # transformers does not derive positions from the mask outside generate()
     positions = np.maximum(np.cumsum(valid, axis=-1) - 1, 0)
-    kwargs = dict(attention_mask=torch.tensor(valid.astype(np.int64)),
-                  position_ids=torch.tensor(positions))
+    kwargs = dict(
+      attention_mask=torch.tensor(valid.astype(np.int64)), position_ids=torch.tensor(positions)
+    )
   with torch.no_grad():
     return torch_model(torch.tensor(tokens), **kwargs).logits.numpy()
 
@@ -123,13 +154,21 @@ def _rel_err(ours, theirs, valid=None) -> float:
 
 # Switching one of these off must break parity, so the configs above really test them.
 _FEATURES = {
-    'gemma': [dict(scale_embeddings=False), dict(norm_plus_one=False)],
-    'gemma2': [dict(sliding_window=None, layer_types=()), dict(attn_logit_softcap=None),
-               dict(final_logit_softcap=None), dict(query_pre_attn_scalar=None)],
-    'gemma3_text': [dict(rope_scale=1.0), dict(rope_local_base=None),
-                    dict(sliding_window=None, layer_types=()), dict(use_qk_norm=False)],
-    'llama': [dict(rope_llama3=None)],
-    'qwen2': [dict(qkv_bias=False)],
+  'gemma': [dict(scale_embeddings=False), dict(norm_plus_one=False)],
+  'gemma2': [
+    dict(sliding_window=None, layer_types=()),
+    dict(attn_logit_softcap=None),
+    dict(final_logit_softcap=None),
+    dict(query_pre_attn_scalar=None),
+  ],
+  'gemma3_text': [
+    dict(rope_scale=1.0),
+    dict(rope_local_base=None),
+    dict(sliding_window=None, layer_types=()),
+    dict(use_qk_norm=False),
+  ],
+  'llama': [dict(rope_llama3=None)],
+  'qwen2': [dict(qkv_bias=False)],
 }
 
 
@@ -139,8 +178,7 @@ def test_logits_match_transformers(tmp_path, family):
   cfg, params = hf.load_params(path)
   tokens, valid = _batch(left=True)
   unpadded = np.ones_like(valid)
-  for toks, mask, padded in ((tokens[:1].repeat(2, 0), unpadded[:2], False),
-                             (tokens, valid, True)):
+  for toks, mask, padded in ((tokens[:1].repeat(2, 0), unpadded[:2], False), (tokens, valid, True)):
     ours = model.forward(cfg, params, jnp.asarray(toks), jnp.asarray(mask))
     theirs = _torch_run(torch_model, toks, mask, padded)
     err = _rel_err(ours, theirs, mask)
@@ -154,9 +192,19 @@ def test_logits_match_transformers(tmp_path, family):
 
 
 def _drop_biases(params):
-  return {k: ({**v, 'attn': {n: {'kernel': p['kernel']} if n.endswith('proj') else p
-                             for n, p in v['attn'].items()}} if k.startswith('layer_') else v)
-          for k, v in params.items()}
+  return {
+    k: (
+      {
+        **v,
+        'attn': {
+          n: {'kernel': p['kernel']} if n.endswith('proj') else p for n, p in v['attn'].items()
+        },
+      }
+      if k.startswith('layer_')
+      else v
+    )
+    for k, v in params.items()
+  }
 
 
 def test_config_mapping_switches_features(tmp_path):
@@ -166,8 +214,7 @@ def test_config_mapping_switches_features(tmp_path):
   assert (cfg.attn_logit_softcap, cfg.final_logit_softcap) == (3.0, 2.0)
   assert cfg.query_pre_attn_scalar == 24 and cfg.use_post_norms
   cfg = hf.config_from_hf(_hf_config('gemma3_text').to_dict())
-  assert cfg.use_qk_norm and (cfg.rope_base, cfg.rope_local_base, cfg.rope_scale) == (
-      1e6, 1e4, 8.0)
+  assert cfg.use_qk_norm and (cfg.rope_base, cfg.rope_local_base, cfg.rope_scale) == (1e6, 1e4, 8.0)
   cfg = hf.config_from_hf(_hf_config('llama').to_dict())
   assert cfg.rope_llama3 == (4.0, 1.0, 4.0, 32) and not cfg.norm_plus_one
   assert hf.config_from_hf(_hf_config('qwen2').to_dict()).qkv_bias
@@ -177,41 +224,116 @@ def test_config_mapping_switches_features(tmp_path):
 
 
 # The Hub's config.json files (written from memory: no network here), legacy fields and all.
-_G1 = dict(model_type='gemma', hidden_act='gelu', head_dim=256, rope_theta=10000.0,
-           vocab_size=256000, rms_norm_eps=1e-6, torch_dtype='bfloat16')
-_G2 = dict(model_type='gemma2', hidden_act='gelu_pytorch_tanh', attn_logit_softcapping=50.0,
-           hidden_activation='gelu_pytorch_tanh', final_logit_softcapping=30.0, head_dim=256,
-           query_pre_attn_scalar=256, rope_theta=10000.0, sliding_window=4096,
-           cache_implementation='hybrid', vocab_size=256000, torch_dtype='float32')
+_G1 = dict(
+  model_type='gemma',
+  hidden_act='gelu',
+  head_dim=256,
+  rope_theta=10000.0,
+  vocab_size=256000,
+  rms_norm_eps=1e-6,
+  torch_dtype='bfloat16',
+)
+_G2 = dict(
+  model_type='gemma2',
+  hidden_act='gelu_pytorch_tanh',
+  attn_logit_softcapping=50.0,
+  hidden_activation='gelu_pytorch_tanh',
+  final_logit_softcapping=30.0,
+  head_dim=256,
+  query_pre_attn_scalar=256,
+  rope_theta=10000.0,
+  sliding_window=4096,
+  cache_implementation='hybrid',
+  vocab_size=256000,
+  torch_dtype='float32',
+)
 HUB_CONFIGS = {
-    'gemma_2b': dict(_G1, hidden_size=2048, intermediate_size=16384, num_attention_heads=8,
-                     num_hidden_layers=18, num_key_value_heads=1),
-    'gemma_7b': dict(_G1, hidden_size=3072, intermediate_size=24576, num_attention_heads=16,
-                     num_hidden_layers=28, num_key_value_heads=16),
-    'gemma2_2b': dict(_G2, hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
-                      num_hidden_layers=26, num_key_value_heads=4),
-    'gemma2_9b': dict(_G2, hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
-                      num_hidden_layers=42, num_key_value_heads=8),
-    'gemma2_27b': dict(_G2, hidden_size=4608, intermediate_size=36864, num_attention_heads=32,
-                       num_hidden_layers=46, num_key_value_heads=16, head_dim=128,
-                       query_pre_attn_scalar=144),
-    'gemma3_1b': dict(model_type='gemma3_text', attn_logit_softcapping=None,
-                      final_logit_softcapping=None, head_dim=256,
-                      hidden_activation='gelu_pytorch_tanh', hidden_size=1152,
-                      intermediate_size=6912, max_position_embeddings=32768,
-                      num_attention_heads=4, num_hidden_layers=26, num_key_value_heads=1,
-                      query_pre_attn_scalar=256, rms_norm_eps=1e-6, rope_local_base_freq=10000,
-                      rope_scaling=None, rope_theta=1000000, sliding_window=512,
-                      sliding_window_pattern=6, vocab_size=262144),
-    'gemma3_4b': dict(model_type='gemma3', mm_tokens_per_image=256, torch_dtype='bfloat16',
-                      text_config=dict(hidden_size=2560, intermediate_size=10240,
-                                       model_type='gemma3_text', num_hidden_layers=34,
-                                       rope_scaling={'factor': 8.0, 'rope_type': 'linear'},
-                                       sliding_window=1024),
-                      vision_config=dict(hidden_size=1152, image_size=896,
-                                         intermediate_size=4304, model_type='siglip_vision_model',
-                                         num_attention_heads=16, num_hidden_layers=27,
-                                         patch_size=14, vision_use_head=False)),
+  'gemma_2b': dict(
+    _G1,
+    hidden_size=2048,
+    intermediate_size=16384,
+    num_attention_heads=8,
+    num_hidden_layers=18,
+    num_key_value_heads=1,
+  ),
+  'gemma_7b': dict(
+    _G1,
+    hidden_size=3072,
+    intermediate_size=24576,
+    num_attention_heads=16,
+    num_hidden_layers=28,
+    num_key_value_heads=16,
+  ),
+  'gemma2_2b': dict(
+    _G2,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_attention_heads=8,
+    num_hidden_layers=26,
+    num_key_value_heads=4,
+  ),
+  'gemma2_9b': dict(
+    _G2,
+    hidden_size=3584,
+    intermediate_size=14336,
+    num_attention_heads=16,
+    num_hidden_layers=42,
+    num_key_value_heads=8,
+  ),
+  'gemma2_27b': dict(
+    _G2,
+    hidden_size=4608,
+    intermediate_size=36864,
+    num_attention_heads=32,
+    num_hidden_layers=46,
+    num_key_value_heads=16,
+    head_dim=128,
+    query_pre_attn_scalar=144,
+  ),
+  'gemma3_1b': dict(
+    model_type='gemma3_text',
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
+    head_dim=256,
+    hidden_activation='gelu_pytorch_tanh',
+    hidden_size=1152,
+    intermediate_size=6912,
+    max_position_embeddings=32768,
+    num_attention_heads=4,
+    num_hidden_layers=26,
+    num_key_value_heads=1,
+    query_pre_attn_scalar=256,
+    rms_norm_eps=1e-6,
+    rope_local_base_freq=10000,
+    rope_scaling=None,
+    rope_theta=1000000,
+    sliding_window=512,
+    sliding_window_pattern=6,
+    vocab_size=262144,
+  ),
+  'gemma3_4b': dict(
+    model_type='gemma3',
+    mm_tokens_per_image=256,
+    torch_dtype='bfloat16',
+    text_config=dict(
+      hidden_size=2560,
+      intermediate_size=10240,
+      model_type='gemma3_text',
+      num_hidden_layers=34,
+      rope_scaling={'factor': 8.0, 'rope_type': 'linear'},
+      sliding_window=1024,
+    ),
+    vision_config=dict(
+      hidden_size=1152,
+      image_size=896,
+      intermediate_size=4304,
+      model_type='siglip_vision_model',
+      num_attention_heads=16,
+      num_hidden_layers=27,
+      patch_size=14,
+      vision_use_head=False,
+    ),
+  ),
 }
 
 
@@ -220,8 +342,10 @@ def test_presets_match_hub_configs(name):
   assert hf.config_from_hf(HUB_CONFIGS[name]) == model.PRESETS[name]
 
 
-@pytest.mark.parametrize('family,cls_name', [('gemma', 'GemmaForSequenceClassification'),
-                                             ('llama', 'LlamaForSequenceClassification')])
+@pytest.mark.parametrize(
+  'family,cls_name',
+  [('gemma', 'GemmaForSequenceClassification'), ('llama', 'LlamaForSequenceClassification')],
+)
 def test_reward_scores_match_transformers(tmp_path, family, cls_name):
   torch_model, path = _save(tmp_path, family, cls_name, num_labels=1)
   cfg, params = hf.load_reward_params(path)
@@ -248,36 +372,52 @@ def test_export_round_trip(tmp_path, family):
   tok_dir = tmp_path / 'tok'
   tok_dir.mkdir()
   (tok_dir / 'tokenizer_config.json').write_text('{}')
-  out = hf.export_hf(cfg, params, tmp_path / 'export', tokenizer_dir=tok_dir,
-                     max_shard_bytes=shard)
+  out = hf.export_hf(cfg, params, tmp_path / 'export', tokenizer_dir=tok_dir, max_shard_bytes=shard)
   assert (out / 'tokenizer_config.json').is_file()
   assert (out / 'model.safetensors.index.json').is_file() == (family == 'gemma2')
   cfg2, params2 = hf.load_params(out)
   assert cfg2 == cfg
-  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2),
-                  strict=True):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2), strict=True
+  ):
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
-      out, attn_implementation='eager', dtype=torch.float32).eval()
+    out, attn_implementation='eager', dtype=torch.float32
+  ).eval()
   assert type(reloaded) is type(torch_model)
   tokens, valid = _batch()
-  np.testing.assert_array_equal(_torch_run(reloaded, tokens, valid, True),
-                                _torch_run(torch_model, tokens, valid, True))
+  np.testing.assert_array_equal(
+    _torch_run(reloaded, tokens, valid, True), _torch_run(torch_model, tokens, valid, True)
+  )
 
 
 def test_export_of_our_random_init_loads_in_transformers(tmp_path):
   """The other direction: params born in JAX (Gemma 3 style, bf16) read by transformers."""
-  cfg = model.ModelConfig(vocab_size=V, num_layers=2, embed_dim=32, hidden_dim=64, num_heads=4,
-                          num_kv_heads=2, head_dim=16, layer_types=('local', 'global'),
-                          sliding_window=4, use_post_norms=True, use_qk_norm=True,
-                          query_pre_attn_scalar=16, rope_base=1e6, rope_local_base=1e4,
-                          dtype='float32', param_dtype='bfloat16')
+  cfg = model.ModelConfig(
+    vocab_size=V,
+    num_layers=2,
+    embed_dim=32,
+    hidden_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    layer_types=('local', 'global'),
+    sliding_window=4,
+    use_post_norms=True,
+    use_qk_norm=True,
+    query_pre_attn_scalar=16,
+    rope_base=1e6,
+    rope_local_base=1e4,
+    dtype='float32',
+    param_dtype='bfloat16',
+  )
   params = model.init_params(cfg, jax.random.key(0))
   params = jax.tree_util.tree_map(lambda x: x + 0.1 * jnp.ones_like(x), params)  # nonzero norms
   out = hf.export_hf(cfg, params, tmp_path / 'ours')
   assert json.loads((out / 'config.json').read_text())['model_type'] == 'gemma3_text'
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
-      out, attn_implementation='eager', dtype=torch.float32).eval()
+    out, attn_implementation='eager', dtype=torch.float32
+  ).eval()
   tokens, valid = _batch()
   cfg32 = dataclasses.replace(cfg, param_dtype='float32')
   params32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
@@ -311,8 +451,9 @@ def test_multimodal_gemma3_checkpoint_layout(tmp_path, prefix):
   (mm / 'config.json').write_text(json.dumps(nested))
   cfg2, params2 = hf.load_params(mm)
   assert cfg2 == cfg
-  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2),
-                  strict=True):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2), strict=True
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -339,12 +480,15 @@ def test_missing_and_misshapen_tensor_errors(tmp_path):
   _, path = _save(tmp_path, 'gemma')
   weights = load_file(path / 'model.safetensors')
   name = 'model.layers.1.mlp.down_proj.weight'
-  save_file({k: v for k, v in weights.items() if k != name}, path / 'model.safetensors',
-            metadata={'format': 'pt'})
+  save_file(
+    {k: v for k, v in weights.items() if k != name},
+    path / 'model.safetensors',
+    metadata={'format': 'pt'},
+  )
   with pytest.raises(KeyError, match=f'missing tensor.*{name}'):
     hf.load_params(path)
   name = 'model.layers.0.self_attn.k_proj.weight'
   bad = {**weights, name: np.zeros((32, 32), np.float32)}
   save_file(bad, path / 'model.safetensors', metadata={'format': 'pt'})
-  with pytest.raises(ValueError, match=rf"{name}.*shape \(32, 32\), expected \(16, 32\)"):
+  with pytest.raises(ValueError, match=rf'{name}.*shape \(32, 32\), expected \(16, 32\)'):
     hf.load_params(path)

@@ -16,8 +16,8 @@ def _left_padded_prompts(vocab, lengths, width, seed=0):
   tokens = np.zeros((len(lengths), width), np.int32)
   valid = np.zeros((len(lengths), width), bool)
   for i, n in enumerate(lengths):
-    tokens[i, width - n:] = rng.integers(3, vocab, n)
-    valid[i, width - n:] = True
+    tokens[i, width - n :] = rng.integers(3, vocab, n)
+    valid[i, width - n :] = True
   return jnp.asarray(tokens), jnp.asarray(valid)
 
 
@@ -25,10 +25,21 @@ def _left_padded_prompts(vocab, lengths, width, seed=0):
 def test_cached_decoding_equals_full_forward(tiny_cfg, family):
   cfg = tiny_cfg
   if family == 'gemma2_local':  # soft-capping, post-norms, a 3-token window on layer 0
-    cfg = model_lib.preset('tiny', num_layers=2, embed_dim=32, hidden_dim=64, num_heads=4,
-                           num_kv_heads=2, head_dim=8, layer_types=('local', 'global'),
-                           sliding_window=3, attn_logit_softcap=5.0, final_logit_softcap=3.0,
-                           use_post_norms=True, use_qk_norm=True)
+    cfg = model_lib.preset(
+      'tiny',
+      num_layers=2,
+      embed_dim=32,
+      hidden_dim=64,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=8,
+      layer_types=('local', 'global'),
+      sliding_window=3,
+      attn_logit_softcap=5.0,
+      final_logit_softcap=3.0,
+      use_post_norms=True,
+      use_qk_norm=True,
+    )
   params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
   tokens, valid = _left_padded_prompts(cfg.vocab_size, [9, 5, 2], 9)
   full = model_lib.forward(cfg, params, tokens, valid)
@@ -36,16 +47,29 @@ def test_cached_decoding_equals_full_forward(tiny_cfg, family):
   decoder = model_lib.Decoder(cfg)
   cache = model_lib.init_cache(cfg, 3, 9)
   positions = model_lib.positions_from_mask(valid)
-  logits, cache = decoder.apply({'params': params}, tokens[:, :4], positions[:, :4],
-                                model_lib.attention_mask(jnp.arange(4), valid), cache, 0)
+  logits, cache = decoder.apply(
+    {'params': params},
+    tokens[:, :4],
+    positions[:, :4],
+    model_lib.attention_mask(jnp.arange(4), valid),
+    cache,
+    0,
+  )
   pieces = [logits]
   for t in range(4, 9):  # then one token at a time
-    logits, cache = decoder.apply({'params': params}, tokens[:, t:t + 1], positions[:, t:t + 1],
-                                  model_lib.attention_mask(jnp.arange(t, t + 1), valid), cache, t)
+    logits, cache = decoder.apply(
+      {'params': params},
+      tokens[:, t : t + 1],
+      positions[:, t : t + 1],
+      model_lib.attention_mask(jnp.arange(t, t + 1), valid),
+      cache,
+      t,
+    )
     pieces.append(logits)
   cached = jnp.concatenate(pieces, axis=1)
-  np.testing.assert_allclose(np.asarray(cached)[np.asarray(valid)],
-                             np.asarray(full)[np.asarray(valid)], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(cached)[np.asarray(valid)], np.asarray(full)[np.asarray(valid)], rtol=1e-5, atol=1e-5
+  )
 
 
 def test_left_padding_does_not_change_logits(tiny_cfg, tiny_params):
@@ -60,11 +84,13 @@ def test_left_padding_does_not_change_logits(tiny_cfg, tiny_params):
 def test_sampler_logprobs_equal_teacher_forced(tiny_cfg, tiny_params):
   prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [6, 3, 1, 4], 6)
   sp = sampling.SamplingParams(max_new_tokens=12, eos_id=EOS, pad_id=PAD)
-  out = sampling.sample_jit(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(3), sp,
-                            num_samples=3)
-  rep = lambda x: jnp.repeat(x, 3, axis=0)  # noqa: E731
-  forced = sampling.sequence_logprobs(tiny_cfg, tiny_params, rep(prompt), rep(valid),
-                                      out.tokens_BxG, out.mask_BxG)
+  out = sampling.sample_jit(
+    tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(3), sp, num_samples=3
+  )
+  rep = lambda x: jnp.repeat(x, 3, axis=0)
+  forced = sampling.sequence_logprobs(
+    tiny_cfg, tiny_params, rep(prompt), rep(valid), out.tokens_BxG, out.mask_BxG
+  )
   assert out.mask_BxG.any()
   np.testing.assert_allclose(forced, out.logprobs_BxG, rtol=1e-5, atol=1e-5)
   assert jnp.all(out.logprobs_BxG[out.mask_BxG] < 0)
@@ -74,23 +100,36 @@ def test_eos_masks_the_rest_and_stops_early(tiny_cfg, tiny_params):
   # Two rows with the same real tokens (one left-padded) decode identically under greedy.
   prompt = jnp.array([[0, 0, 5, 9, 4], [3, 8, 5, 9, 4]])
   valid = jnp.array([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]], bool)
-  free = sampling.sample(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(0),
-                         sampling.SamplingParams(max_new_tokens=8, temperature=0.0))
+  free = sampling.sample(
+    tiny_cfg,
+    tiny_params,
+    prompt,
+    valid,
+    jax.random.PRNGKey(0),
+    sampling.SamplingParams(max_new_tokens=8, temperature=0.0),
+  )
   assert int(free.num_steps) == 8 and bool(free.mask_BxG.all())
   np.testing.assert_array_equal(free.tokens_BxG[0], free.tokens_BxG[1])
   # Call the token greedy decoding emits third "EOS": both rows stop right there.
   eos = int(free.tokens_BxG[0, 2])
   first = int(np.argmax(np.asarray(free.tokens_BxG[0]) == eos))
-  out = sampling.sample(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(0),
-                        sampling.SamplingParams(max_new_tokens=8, temperature=0.0, eos_id=eos,
-                                                pad_id=PAD))
+  out = sampling.sample(
+    tiny_cfg,
+    tiny_params,
+    prompt,
+    valid,
+    jax.random.PRNGKey(0),
+    sampling.SamplingParams(max_new_tokens=8, temperature=0.0, eos_id=eos, pad_id=PAD),
+  )
   assert int(out.num_steps) == first + 1  # the loop ended early
   expected_mask = np.arange(8) <= first
   for row in range(2):
     np.testing.assert_array_equal(out.mask_BxG[row], expected_mask)
-    np.testing.assert_array_equal(out.tokens_BxG[row, :first + 1], free.tokens_BxG[row, :first + 1])
-    assert (np.asarray(out.tokens_BxG[row, first + 1:]) == PAD).all()
-    assert (np.asarray(out.logprobs_BxG[row, first + 1:]) == 0).all()
+    np.testing.assert_array_equal(
+      out.tokens_BxG[row, : first + 1], free.tokens_BxG[row, : first + 1]
+    )
+    assert (np.asarray(out.tokens_BxG[row, first + 1 :]) == PAD).all()
+    assert (np.asarray(out.logprobs_BxG[row, first + 1 :]) == 0).all()
 
 
 def test_sequence_logprobs_ignore_prompt_and_padding(tiny_cfg, tiny_params):
@@ -102,8 +141,7 @@ def test_sequence_logprobs_ignore_prompt_and_padding(tiny_cfg, tiny_params):
   # Changing what sits in padded slots (prompt or response) changes nothing.
   junk_prompt = jnp.where(valid, prompt, 9)
   junk_response = jnp.where(mask, response, 11)
-  other = sampling.sequence_logprobs(tiny_cfg, tiny_params, junk_prompt, valid, junk_response,
-                                     mask)
+  other = sampling.sequence_logprobs(tiny_cfg, tiny_params, junk_prompt, valid, junk_response, mask)
   np.testing.assert_allclose(other, base, rtol=1e-6, atol=1e-6)
   # The prompt conditions the response but is never scored: a longer prompt of real tokens
   # still gives exactly G scored positions.
@@ -113,11 +151,22 @@ def test_sequence_logprobs_ignore_prompt_and_padding(tiny_cfg, tiny_params):
 @pytest.mark.parametrize('top_k,top_p', [(1, 1.0), (0, 1e-6)])
 def test_truncation_to_one_token_is_greedy(tiny_cfg, tiny_params, top_k, top_p):
   prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [3, 3], 3)
-  greedy = sampling.sample(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(0),
-                           sampling.SamplingParams(max_new_tokens=5, temperature=0.0))
-  truncated = sampling.sample(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(5),
-                              sampling.SamplingParams(max_new_tokens=5, top_k=top_k,
-                                                      top_p=top_p))
+  greedy = sampling.sample(
+    tiny_cfg,
+    tiny_params,
+    prompt,
+    valid,
+    jax.random.PRNGKey(0),
+    sampling.SamplingParams(max_new_tokens=5, temperature=0.0),
+  )
+  truncated = sampling.sample(
+    tiny_cfg,
+    tiny_params,
+    prompt,
+    valid,
+    jax.random.PRNGKey(5),
+    sampling.SamplingParams(max_new_tokens=5, top_k=top_k, top_p=top_p),
+  )
   np.testing.assert_array_equal(truncated.tokens_BxG, greedy.tokens_BxG)
 
 
@@ -125,8 +174,9 @@ def test_samples_follow_model_distribution(tiny_cfg, tiny_params):
   """First-token frequencies over many samples match the model's softmax."""
   prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [3], 3)
   sp = sampling.SamplingParams(max_new_tokens=1)
-  out = sampling.sample_jit(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(2), sp,
-                            num_samples=20_000)
+  out = sampling.sample_jit(
+    tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(2), sp, num_samples=20_000
+  )
   probs = jax.nn.softmax(model_lib.forward(tiny_cfg, tiny_params, prompt, valid)[0, -1])
   freq = np.bincount(np.asarray(out.tokens_BxG[:, 0]), minlength=tiny_cfg.vocab_size) / 20_000
   assert np.abs(freq - np.asarray(probs)).max() < 0.015

@@ -17,13 +17,28 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_on_eight_fake_devices():
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+  env = {
+    **os.environ,
+    'JAX_PLATFORMS': 'cpu',
+    'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
+  }
   env.pop('XLA_FLAGS', None)
   proc = subprocess.run(
-      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-       str(ROOT / 'tests' / 'models' / 'sharding_8dev_checks.py')],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'pytest',
+      '-q',
+      '-p',
+      'no:cacheprovider',
+      str(ROOT / 'tests' / 'models' / 'sharding_8dev_checks.py'),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 

@@ -19,7 +19,9 @@ def test_default_config_is_valid():
   config_lib.validate(load_config())
 
 
-@pytest.mark.parametrize('field,value,message', [
+@pytest.mark.parametrize(
+  'field,value,message',
+  [
     ('bond.beta', 1.5, r'bond\.beta=1\.5 .*\[0, 1\]'),
     ('bond.beta', -0.1, r'bond\.beta=-0\.1 .*\[0, 1\]'),
     ('bond.eta', 2.0, r'bond\.eta=2\.0 .*\[0, 1\]'),
@@ -48,7 +50,8 @@ def test_default_config_is_valid():
     ('model.preset', 'gpt5', r"model\.preset='gpt5' .*one of"),
     ('eval.bon_ns', (2, 64), r'eval\.bon_ns=\(2, 64\) .*samples_per_prompt'),
     ('reference.sft_steps', 0, r'reference\.sft_steps=0 .*> 0'),
-])
+  ],
+)
 def test_bad_value_is_rejected_with_its_name(field, value, message):
   c = load_config()
   section, key = field.split('.')
@@ -84,9 +87,18 @@ def test_periodic_anchor_needs_a_period():
 
 
 def _run_script(*flags):
-  return subprocess.run([sys.executable, str(ROOT / 'scripts' / 'train.py'),
-                         '--config=' + str(ROOT / 'configs' / 'jbond_tiny.py'), *flags],
-                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+  return subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / 'scripts' / 'train.py'),
+      '--config=' + str(ROOT / 'configs' / 'jbond_tiny.py'),
+      *flags,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+  )
 
 
 def test_script_rejects_misspelt_override_and_bad_value(tmp_path):

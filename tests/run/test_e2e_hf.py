@@ -22,8 +22,14 @@ def artefacts(tmp_path_factory):
   tok = hf_fixtures.make_tokenizer_dir(d / 'tokenizer')
   policy = hf_fixtures.make_policy_dir(d / 'policy', tok)
   reward = hf_fixtures.make_reward_dir(d / 'reward', tok)
-  texts = ['the cat sat on the mat', 'summarise the news today', 'a short story about rain',
-           'why is the sky blue', 'list three fruits', 'write a haiku about code']
+  texts = [
+    'the cat sat on the mat',
+    'summarise the news today',
+    'a short story about rain',
+    'why is the sky blue',
+    'list three fruits',
+    'write a haiku about code',
+  ]
   jsonl = hf_fixtures.write_jsonl(d / 'prompts.jsonl', texts)
   return {'policy': str(policy), 'reward': str(reward), 'jsonl': str(jsonl)}
 
@@ -75,8 +81,11 @@ def test_two_jbond_steps_from_hf_checkpoints(artefacts, source, tmp_path):
   ckpts = checkpoint.Checkpoints(tmp_path / 'checkpoints', 1, 2)
   meta = ckpts._ckpt.metadata(ckpts._ckpt.latest).custom_metadata
   ckpts.close()
-  assert meta['data_position']['index'] + meta['data_position']['epoch'] * meta[
-      'data_position']['num_examples'] >= 2 * c.train.batch_size
+  assert (
+    meta['data_position']['index']
+    + meta['data_position']['epoch'] * meta['data_position']['num_examples']
+    >= 2 * c.train.batch_size
+  )
 
 
 def test_missing_paths_fail_before_loading(artefacts, tmp_path):

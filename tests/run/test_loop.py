@@ -47,22 +47,37 @@ def test_resume_continues_at_the_right_step_with_the_same_anchor(tmp_path):
   a, b = _final_state(straight), _final_state(split)
   assert int(a.step) == int(b.step) == 4
   for field in ('params', 'anchor_params', 'ref_params', 'opt_state', 'rng'):
-    jax.tree.map(lambda x, y, f=field: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6,
-                                                                  err_msg=f),
-                 getattr(a, field), getattr(b, field))
+    jax.tree.map(
+      lambda x, y, f=field: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f),
+      getattr(a, field),
+      getattr(b, field),
+    )
   # The anchor really moved (EMA), so equality above is not trivial.
-  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.anchor_params),
-                                                       jax.tree.leaves(a.ref_params),
-                                                       strict=True))
+  assert any(
+    not np.array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(a.anchor_params), jax.tree.leaves(a.ref_params), strict=True)
+  )
 
   rows = [json.loads(line) for line in (split / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
-  straight_rows = [json.loads(line) for line in
-                   (straight / 'metrics.jsonl').read_text().splitlines()]
+  straight_rows = [
+    json.loads(line) for line in (straight / 'metrics.jsonl').read_text().splitlines()
+  ]
   for k in ('reward_policy', 'kl_ref', 'loss'):  # same prompts, same samples after resuming
     np.testing.assert_allclose(rows[2][k], straight_rows[2][k], rtol=1e-4, atol=1e-5)
-  for k in ('reward_policy', 'reward_anchor', 'kl_ref', 'kl_anchor', 'frac_penalized',
-            'loss_fwd', 'loss_bwd', 'loss_reg', 'grad_norm', 'learning_rate', 'tokens_per_s'):
+  for k in (
+    'reward_policy',
+    'reward_anchor',
+    'kl_ref',
+    'kl_anchor',
+    'frac_penalized',
+    'loss_fwd',
+    'loss_bwd',
+    'loss_reg',
+    'grad_norm',
+    'learning_rate',
+    'tokens_per_s',
+  ):
     assert k in rows[0], k
 
   # The trained policy exports as a Hugging Face checkpoint with the same logits.

@@ -12,8 +12,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_sharded_runs_match_single_device(tmp_path):
-  proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'run' / 'multidevice_checks.py'),
-                         str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / 'tests' / 'run' / 'multidevice_checks.py'), str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads((tmp_path / 'results.json').read_text())
   one = results['one']
@@ -24,5 +29,6 @@ def test_sharded_runs_match_single_device(tmp_path):
       for k in ('reward_policy', 'reward_anchor', 'kl_ref', 'kl_anchor', 'loss', 'grad_norm'):
         np.testing.assert_allclose(r2[k], r1[k], rtol=2e-3, atol=2e-4, err_msg=f'{name} {k}')
     for k in ('reward_ref', 'reward_policy', 'kl_policy_ref'):
-      np.testing.assert_allclose(other['summary'][k], one['summary'][k], rtol=2e-3, atol=2e-4,
-                                 err_msg=f'{name} {k}')
+      np.testing.assert_allclose(
+        other['summary'][k], one['summary'][k], rtol=2e-3, atol=2e-4, err_msg=f'{name} {k}'
+      )
