@@ -53,9 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.preset = 'gemma_2b'  # expected architecture (model.PRESETS); the checkpoint's config.json is what is loaded
   c.model.hf_checkpoint = ''  # pi_ref: local HF *ForCausalLM dir fine-tuned on XSum; the fixed anchor and the policy's start
   c.model.dtype = 'bfloat16'  # activation dtype
-  c.model.param_dtype = (
-    'float32'  # master weights: Adam updates of lr 3e-6 are below bfloat16 resolution
-  )
+  c.model.param_dtype = 'float32'  # master weights: Adam updates of lr 3e-6 are below bfloat16 resolution
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # local tokenizer dir; '' = model.hf_checkpoint
@@ -82,26 +80,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.jsonl_path = ''  # local JSONL of training prompts (data.source='jsonl')
   c.data.eval_jsonl_path = ''  # JSONL of evaluation prompts ('' = data.jsonl_path)
   c.data.jsonl_field = 'prompt'  # key of each JSONL object that holds the text
-  c.data.prompt_template = (
-    'Summarize:\n{text}\nSummary:'  # x = template with {text} replaced, before the chat template
-  )
+  c.data.prompt_template = 'Summarize:\n{text}\nSummary:'  # x = template with {text} replaced, before the chat template
   c.data.max_prompt_len = 1024  # P: prompts are left-padded to this many tokens
-  c.data.overlong = (
-    'truncate'  # prompts longer than P: 'drop' them | 'truncate' their text (template kept)
-  )
+  c.data.overlong = 'truncate'  # prompts longer than P: 'drop' them | 'truncate' their text (template kept)
   c.data.shuffle_seed = 0  # epoch e visits the prompts in the permutation of (shuffle_seed, e)
 
   c.reward = ml_collections.ConfigDict()
   c.reward.source = 'model'  # r(x, y): 'model' (a reward model) | 'programmatic' (reward.fn)
-  c.reward.checkpoint = (
-    ''  # local HF *ForSequenceClassification dir, num_labels=1 (paper: T5 NLI, not supported)
-  )
-  c.reward.tokenizer_path = (
-    ''  # reward model's tokenizer; '' = the policy's (ids shared, no re-tokenization)
-  )
-  c.reward.chat_template = (
-    False  # re-tokenized input as user + assistant turns (other tokenizer only)
-  )
+  c.reward.checkpoint = ''  # local HF *ForSequenceClassification dir, num_labels=1 (paper: T5 NLI, not supported)
+  c.reward.tokenizer_path = ''  # reward model's tokenizer; '' = the policy's (ids shared, no re-tokenization)
+  c.reward.chat_template = False  # re-tokenized input as user + assistant turns (other tokenizer only)
   c.reward.max_len = 1152  # T: width of re-tokenized reward inputs (other tokenizer only)
   c.reward.dtype = 'bfloat16'  # reward model activations and weights (frozen)
   c.reward.fn = ''  # reward.source='programmatic': one of rewards.PROGRAMMATIC
@@ -113,17 +101,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.bond.eta = 0.02  # eta: EMA rate of the anchor (Eq. 18); unused with a fixed anchor
   c.bond.gamma = 0.0  # gamma: weight of the extra KL(pi || anchor) term (Eq. 19)
   c.bond.use_baseline = True  # leave-one-out baseline b in the backward-KL return
-  c.bond.anchor = (
-    'fixed'  # BOND distils BoN of pi_ref | 'periodic' (iterative BOND, Fig. 4: T = 1000) | 'ema'
-  )
+  c.bond.anchor = 'fixed'  # BOND distils BoN of pi_ref | 'periodic' (iterative BOND, Fig. 4: T = 1000) | 'ema'
   c.bond.anchor_period = 0  # T: steps between anchor <- policy when periodic
   c.bond.quantile = 'mc'  # 'bond' only: how p_le is estimated: 'mc' (Eq. 10) | 'learned' (App. B.1)
   c.bond.quantile_learning_rate = 1e-4  # 'bond' + 'learned' only: Adam step size of p_theta
   c.bond.num_quantile_samples = 16  # k: anchor samples for the MC quantile (Eq. 10; paper: 16)
   c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8)
-  c.bond.beta_rl = (
-    0.01  # beta_RL: KL weight of the REINFORCE baseline (Eq. 1; Fig. 7 sweeps 1e-3..1)
-  )
+  c.bond.beta_rl = 0.01  # beta_RL: KL weight of the REINFORCE baseline (Eq. 1; Fig. 7 sweeps 1e-3..1)
   c.bond.num_policy_samples = 2  # REINFORCE: policy samples per prompt (leave-one-out)
 
   c.sampling = ml_collections.ConfigDict()
@@ -133,9 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampling.top_p = 1.0  # 1.0: off
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = (
-    3e-6  # Adam step size after warm-up (not stated for Section 4: the J-BOND value)
-  )
+  c.optim.learning_rate = 3e-6  # Adam step size after warm-up (not stated for Section 4: the J-BOND value)
   c.optim.warmup_steps = 100  # linear warm-up from 0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
@@ -155,9 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_prompts = 128  # evaluation prompts (data.eval_split / data.eval_jsonl_path)
-  c.eval.samples_per_prompt = (
-    32  # K pi_ref samples per prompt for Best-of-N / KL estimates (paper: 32)
-  )
+  c.eval.samples_per_prompt = 32  # K pi_ref samples per prompt for Best-of-N / KL estimates (paper: 32)
   c.eval.bon_ns = (4, 8, 16)  # N of the Best-of-N rows
   c.eval.policy_samples_per_prompt = 4  # policy samples per prompt
 

@@ -47,18 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.preset = 'gemma_2b'  # expected architecture (model.PRESETS); the checkpoint's config.json is what is loaded
   c.model.hf_checkpoint = ''  # pi_ref: local HF *ForCausalLM dir (config.json + safetensors); policy and anchor start from it
   c.model.dtype = 'bfloat16'  # activation dtype
-  c.model.param_dtype = (
-    'float32'  # master weights: Adam updates of lr 3e-6 are below bfloat16 resolution
-  )
+  c.model.param_dtype = 'float32'  # master weights: Adam updates of lr 3e-6 are below bfloat16 resolution
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # local tokenizer dir; '' = model.hf_checkpoint
-  c.tokenizer.chat_template = (
-    True  # prompt = one user turn + generation prompt (instruction-tuned policy)
-  )
-  c.tokenizer.eos_token = (
-    '<end_of_turn>'  # where a response ends ('' = the tokenizer's EOS); Gemma IT ends turns here
-  )
+  c.tokenizer.chat_template = True  # prompt = one user turn + generation prompt (instruction-tuned policy)
+  c.tokenizer.eos_token = '<end_of_turn>'  # where a response ends ('' = the tokenizer's EOS); Gemma IT ends turns here
 
   c.task = ml_collections.ConfigDict()
   c.task.name = 'hf'  # prompts from `data`, pi_ref from model.hf_checkpoint, reward from `reward`
@@ -82,20 +76,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.jsonl_field = 'prompt'  # key of each JSONL object that holds the text
   c.data.prompt_template = '{text}'  # x = template with {text} replaced, before the chat template
   c.data.max_prompt_len = 512  # P: prompts are left-padded to this many tokens
-  c.data.overlong = (
-    'drop'  # prompts longer than P: 'drop' them | 'truncate' their text (template kept)
-  )
+  c.data.overlong = 'drop'  # prompts longer than P: 'drop' them | 'truncate' their text (template kept)
   c.data.shuffle_seed = 0  # epoch e visits the prompts in the permutation of (shuffle_seed, e)
 
   c.reward = ml_collections.ConfigDict()
   c.reward.source = 'model'  # r(x, y): 'model' (a reward model) | 'programmatic' (reward.fn)
   c.reward.checkpoint = ''  # local HF *ForSequenceClassification dir, num_labels=1
-  c.reward.tokenizer_path = (
-    ''  # reward model's tokenizer; '' = the policy's (ids shared, no re-tokenization)
-  )
-  c.reward.chat_template = (
-    False  # re-tokenized input as user + assistant turns (other tokenizer only)
-  )
+  c.reward.tokenizer_path = ''  # reward model's tokenizer; '' = the policy's (ids shared, no re-tokenization)
+  c.reward.chat_template = False  # re-tokenized input as user + assistant turns (other tokenizer only)
   c.reward.max_len = 1024  # T: width of re-tokenized reward inputs (other tokenizer only)
   c.reward.dtype = 'bfloat16'  # reward model activations and weights (frozen)
   c.reward.fn = ''  # reward.source='programmatic': one of rewards.PROGRAMMATIC
@@ -113,9 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.bond.quantile_learning_rate = 1e-4  # 'bond' + 'learned' only: Adam step size of p_theta
   c.bond.num_quantile_samples = 16  # k: 'bond' only, anchor samples for the MC quantile (Eq. 10)
   c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8)
-  c.bond.beta_rl = (
-    0.01  # beta_RL: KL weight of the REINFORCE baseline (Eq. 1; Fig. 7 sweeps 1e-3..1)
-  )
+  c.bond.beta_rl = 0.01  # beta_RL: KL weight of the REINFORCE baseline (Eq. 1; Fig. 7 sweeps 1e-3..1)
   c.bond.num_policy_samples = 2  # REINFORCE: policy samples per prompt (leave-one-out)
 
   c.sampling = ml_collections.ConfigDict()
