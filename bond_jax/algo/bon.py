@@ -144,19 +144,43 @@ def r_bond(log_p_lt: Array, log_p_le: Array, n: int, with_correction: bool = Fal
   return log_p_le + beta_bond(n) * log_correction_b(log_p_lt, log_p_le, n)
 
 
-def mc_log_quantile(reward_B: Array, anchor_rewards_BxK: Array) -> Array:
-  """Finite Monte-Carlo log p_le from k reference/anchor samples per row (Eq. 10).
+def mc_counts(reward_B: Array, samples_BxK: Array) -> tuple[Array, Array]:
+  """#{j : r(y_j) < r(y)} and #{j : r(y_j) <= r(y)} over K samples per row (Eq. 10), float32.
+
+  The one place sample-based quantiles count: every estimator below (and the
+  evaluation's) is built on these counts. Rewards only, no index rule.
+  """
+  below_BxK = samples_BxK < reward_B[..., None]
+  at_or_below_BxK = samples_BxK <= reward_B[..., None]
+  return (
+    jnp.sum(below_BxK, axis=-1).astype(jnp.float32),
+    jnp.sum(at_or_below_BxK, axis=-1).astype(jnp.float32),
+  )
+
+
+def mc_log_quantiles(reward_B: Array, samples_BxK: Array) -> tuple[Array, Array]:
+  """Finite Monte-Carlo (log p_lt, log p_le) from k samples per row (Eq. 10).
 
   Our estimator counts y itself among the samples:
-  ``p_hat = (1 + #{j : r(y_j) <= r(y)}) / (k + 1)``, so it lies in [1/(k+1), 1]
-  and its log is never -inf. Ties with a sample count as "<=" (rewards only,
-  no index rule). Bias: for a continuous reward law C ~ Binomial(k, p_le), so
-  E[p_hat] = (1 + k p_le)/(k + 1) = p_le + (1 - p_le)/(k + 1) >= p_le; see
+  ``p_hat = (1 + #{j : r(y_j) <= r(y)}) / (k + 1)`` (and likewise with ``<`` for
+  p_lt), so it lies in [1/(k+1), 1] and its log is never -inf. Ties with a
+  sample count as "<=". Bias: for a continuous reward law C ~ Binomial(k, p_le),
+  so E[p_hat] = (1 + k p_le)/(k + 1) = p_le + (1 - p_le)/(k + 1) >= p_le; see
   ``mc_quantile_expectation``.
+
+  Because y itself is counted in both, the two estimates are equal unless a
+  sample ties r(y): the (B) correction built from them (``log_correction_b``) is
+  then the constant N, and r_BOND with (B) differs from r_BOND without it by the
+  constant log(N)/(N-1), which the leave-one-out baseline removes.
   """
-  k = anchor_rewards_BxK.shape[-1]
-  count_B = jnp.sum(anchor_rewards_BxK <= reward_B[..., None], axis=-1)
-  return jnp.log1p(count_B.astype(jnp.float32)) - math.log(k + 1)
+  k = samples_BxK.shape[-1]
+  lt_B, le_B = mc_counts(reward_B, samples_BxK)
+  return jnp.log1p(lt_B) - math.log(k + 1), jnp.log1p(le_B) - math.log(k + 1)
+
+
+def mc_log_quantile(reward_B: Array, samples_BxK: Array) -> Array:
+  """The log p_le half of ``mc_log_quantiles``: the r_BOND of Eq. 10 without (B)."""
+  return mc_log_quantiles(reward_B, samples_BxK)[1]
 
 
 def mc_quantile_expectation(p_le: Array, k: int) -> Array:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bond_jax.models import reward_model
+from bond_jax.models import decoder, reward_model
 from bond_jax.models.decoder import ModelConfig
 
 
@@ -50,11 +50,11 @@ def logits(
   response_mask_BxG: jax.Array,
 ) -> jax.Array:
   """logit p_theta(x, y) [B], float32, read at the last generated token."""
-  tokens_BxT = jnp.concatenate([prompt_BxP, response_BxG], axis=1)
-  valid_BxT = jnp.concatenate(
-    [prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)], axis=1
+  return reward_model.score(
+    cfg,
+    params,
+    *decoder.concat_prompt_response(prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG),
   )
-  return reward_model.score(cfg, params, tokens_BxT, valid_BxT)
 
 
 def log_quantile(logit_B: jax.Array) -> jax.Array:

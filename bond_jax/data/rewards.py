@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from bond_jax.data import tokenizer as tokenizer_lib
-from bond_jax.models import hf, reward_model, sharding
+from bond_jax.models import decoder, hf, reward_model, sharding
 from bond_jax.models.decoder import ModelConfig
 from bond_jax.types import ConfigError, RewardFn
 
@@ -112,20 +112,6 @@ PROGRAMMATIC: dict[str, Callable[..., jax.Array]] = {
 # Reward models.
 
 
-def concat_prompt_response(
-  prompt_BxP: jax.Array,
-  prompt_valid_BxP: jax.Array,
-  response_BxG: jax.Array,
-  response_mask_BxG: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-  """(tokens_BxT, valid_BxT), T = P + G: what a same-vocabulary reward model reads."""
-  tokens_BxT = jnp.concatenate([prompt_BxP, response_BxG], axis=1)
-  valid_BxT = jnp.concatenate(
-    [prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)], axis=1
-  )
-  return tokens_BxT, valid_BxT
-
-
 def _same_vocab_reward(
   cfg: ModelConfig,
   params: Any,
@@ -137,7 +123,7 @@ def _same_vocab_reward(
   return reward_model.score(
     cfg,
     params,
-    *concat_prompt_response(prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG),
+    *decoder.concat_prompt_response(prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG),
   )
 
 

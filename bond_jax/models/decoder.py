@@ -132,6 +132,25 @@ def attention_mask(query_slots_T: jax.Array, key_valid_BxS: jax.Array) -> jax.Ar
   return causal_TxS[None] & key_valid_BxS[:, None, :].astype(bool)
 
 
+def sequence_inputs(valid_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(positions_BxT, mask_BxTxT) of a whole padded sequence read in one pass (no cache)."""
+  return positions_from_mask(valid_BxT), attention_mask(jnp.arange(valid_BxT.shape[-1]), valid_BxT)
+
+
+def concat_prompt_response(
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """(tokens_BxT, valid_BxT), T = P + G: a left-padded prompt followed by its response."""
+  tokens_BxT = jnp.concatenate([prompt_BxP, response_BxG], axis=1)
+  valid_BxT = jnp.concatenate(
+    [prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)], axis=1
+  )
+  return tokens_BxT, valid_BxT
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
   return [
@@ -394,8 +413,7 @@ def forward(
   cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, valid_BxT: jax.Array
 ) -> jax.Array:
   """Full-sequence logits [B, T, V] for left- or right-padded rows (no cache)."""
-  positions_BxT = positions_from_mask(valid_BxT)
-  mask_BxTxT = attention_mask(jnp.arange(tokens_BxT.shape[1]), valid_BxT)
+  positions_BxT, mask_BxTxT = sequence_inputs(valid_BxT)
   logits, _ = Decoder(cfg).apply({'params': params}, tokens_BxT, positions_BxT, mask_BxTxT)
   return logits
 

@@ -59,8 +59,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
 
 def score(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, valid_BxT: jax.Array) -> jax.Array:
   """Rewards [B] (float32) of left- or right-padded rows."""
-  positions_BxT = model_lib.positions_from_mask(valid_BxT)
-  mask_BxTxT = model_lib.attention_mask(jnp.arange(tokens_BxT.shape[1]), valid_BxT)
+  positions_BxT, mask_BxTxT = model_lib.sequence_inputs(valid_BxT)
   return RewardModel(cfg).apply(
     {'params': params}, tokens_BxT, positions_BxT, mask_BxTxT, last_valid_index(valid_BxT)
   )

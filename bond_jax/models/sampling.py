@@ -196,12 +196,10 @@ def sequence_logprobs(
   prompt and padding never contribute.
   """
   p = prompt_BxP.shape[1]
-  tokens_BxL = jnp.concatenate([prompt_BxP, response_BxG], axis=1)
-  valid_BxL = jnp.concatenate(
-    [prompt_valid_BxP.astype(bool), response_mask_BxG.astype(bool)], axis=1
+  tokens_BxL, valid_BxL = model_lib.concat_prompt_response(
+    prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG
   )
-  positions_BxL = model_lib.positions_from_mask(valid_BxL)
-  mask_BxLxL = model_lib.attention_mask(jnp.arange(tokens_BxL.shape[1]), valid_BxL)
+  positions_BxL, mask_BxLxL = model_lib.sequence_inputs(valid_BxL)
 
   def response_logits(decoder: model_lib.Decoder) -> jax.Array:
     h_BxLxD, _ = decoder.hidden(tokens_BxL, positions_BxL, mask_BxLxL)

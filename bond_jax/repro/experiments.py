@@ -28,13 +28,16 @@ import jax.numpy as jnp
 import ml_collections
 
 from bond_jax.algo import bon
-from bond_jax.algo import step as train
+from bond_jax.algo import state as state_lib
+from bond_jax.algo import step as step_lib
+from bond_jax.algo.algorithms import BondConfig
+from bond_jax.algo.step import StepConfig
 from bond_jax.data import tasks
 from bond_jax.eval import testbed
 from bond_jax.models import decoder as model_lib
 from bond_jax.models import sampling
 from bond_jax.run import config as config_lib
-from bond_jax.run import sft
+from bond_jax.run import setup as run_setup
 from bond_jax.types import parameter_free
 
 Curve = dict[str, list[float]]
@@ -47,9 +50,9 @@ def _log(msg: str) -> None:
 
 def _run_curve(
   step_fn: Callable,
-  state: train.TrainState,
+  state: state_lib.TrainState,
   batch_fn: Callable[[int], tuple],
-  evaluate: Callable[[train.TrainState, int], dict[str, Any]],
+  evaluate: Callable[[state_lib.TrainState, int], dict[str, Any]],
   *,
   steps: int,
   eval_every: int,
@@ -89,17 +92,18 @@ def testbed_curve(
   label: str = '',
 ) -> Curve:
   """Exact metrics (`Testbed.evaluate` against Best-of-`eval_n` of pi_ref) along training."""
-  cfg = train.StepConfig(
-    model=tb.cfg, sampling=tb.sampling_params(), reward_fn=parameter_free(tb.reward_fn), **knobs
+  cfg = StepConfig(
+    model=tb.cfg,
+    sampling=tb.sampling_params(),
+    reward_fn=parameter_free(tb.reward_fn),
+    bond=BondConfig(**knobs),
   )
-  tx, schedule = train.make_optimizer(learning_rate, warmup_steps=0)
-  state = train.init_state(
-    ref_params, ref_params, tx, jax.random.PRNGKey(seed), quantile_model=cfg.quantile == 'learned'
-  )
+  tx, schedule = state_lib.make_optimizer(learning_rate, warmup_steps=0)
+  state = state_lib.init_state(cfg.bond, ref_params, ref_params, tx, jax.random.PRNGKey(seed))
   evaluate = jax.jit(lambda params: tb.evaluate(params, ref_params, eval_n))
   prompt, valid = tb.prompts(batch)
   return _run_curve(
-    train.make_train_step(cfg, tx, schedule),
+    step_lib.make_train_step(cfg, tx, schedule),
     state,
     lambda _: (prompt, valid),
     lambda s, _: evaluate(s.params),
@@ -150,16 +154,7 @@ def lm_task(c: ml_collections.ConfigDict) -> LMTask:
   sp = sampling.SamplingParams(
     max_new_tokens=c.sampling.max_new_tokens, eos_id=tasks.EOS, pad_id=tasks.PAD
   )
-  t0 = time.time()
-  ref_params, nll = sft.train(
-    cfg,
-    task.demonstrations,
-    jax.random.fold_in(jax.random.PRNGKey(c.seed), 0),
-    steps=c.reference.sft_steps,
-    batch_size=c.reference.sft_batch_size,
-    learning_rate=c.reference.sft_learning_rate,
-  )
-  _log(f'pi_ref trained in {time.time() - t0:.0f}s (nll per token {nll:.3f})')
+  ref_params = run_setup.train_reference(c, cfg, task)
   return LMTask(config=c, cfg=cfg, task=task, sp=sp, ref_params=ref_params)
 
 
@@ -264,26 +259,15 @@ def lm_curve(
   for field in _REFERENCE_FIELDS:
     if c[field] != lm.config[field]:
       raise ValueError(f'config.{field} differs from the one pi_ref was trained with.')
-  fields = {f.name for f in dataclasses.fields(train.StepConfig)}
-  cfg = train.StepConfig(
-    model=lm.cfg,
-    sampling=config_lib.sampling_params(c),
-    reward_fn=parameter_free(lm.task.reward),
-    **{k: c.bond[k] for k in c.bond if k in fields},
+  cfg = config_lib.step_config(
+    c, lm.cfg, parameter_free(lm.task.reward), config_lib.sampling_params(c)
   )
-  o = c.optim
-  tx, schedule = train.make_optimizer(o.learning_rate, o.warmup_steps, o.b1, o.b2, o.grad_clip_norm)
-  state = train.init_state(
-    lm.ref_params,
-    lm.ref_params,
-    tx,
-    jax.random.PRNGKey(seed),
-    quantile_model=cfg.quantile == 'learned',
-  )
+  tx, schedule = run_setup.optimizer(c)
+  state = state_lib.init_state(cfg.bond, lm.ref_params, lm.ref_params, tx, jax.random.PRNGKey(seed))
   data_key = jax.random.fold_in(jax.random.PRNGKey(c.seed), 2000 + seed)
   batch = c.train.batch_size
   return _run_curve(
-    train.make_train_step(cfg, tx, schedule),
+    step_lib.make_train_step(cfg, tx, schedule),
     state,
     lambda i: lm.task.prompts(jax.random.fold_in(data_key, i), batch),
     lambda s, i: evaluate(s.params, i),

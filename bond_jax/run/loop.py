@@ -18,7 +18,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from bond_jax.algo import step as train
+from bond_jax.algo import state as state_lib
+from bond_jax.algo import step as step_lib
 from bond_jax.eval import bon_table as evaluate
 from bond_jax.models import decoder as model_lib
 from bond_jax.models import hf, sharding
@@ -34,13 +35,13 @@ def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   )
 
 
-def abstract_state(setup: run_setup.RunSetup) -> train.TrainState:
+def abstract_state(setup: run_setup.RunSetup) -> state_lib.TrainState:
   """Shapes and dtypes of the TrainState (nothing allocated): what checkpoints restore into."""
 
   def shape():
     params = model_lib.init_params(setup.cfg, jax.random.PRNGKey(0))
-    return train.init_state(
-      params, params, setup.tx, jax.random.PRNGKey(0), quantile_model=setup.uses_learned_quantiles
+    return state_lib.init_state(
+      setup.step_cfg.bond, params, params, setup.tx, jax.random.PRNGKey(0)
     )
 
   return jax.eval_shape(shape)
@@ -79,7 +80,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
   if restored is None:
     ref_params = setup.reference(state_sharding.ref_params)
     state = jax.jit(
-      functools.partial(train.init_state, tx=setup.tx, quantile_model=setup.uses_learned_quantiles),
+      functools.partial(state_lib.init_state, setup.step_cfg.bond, tx=setup.tx),
       out_shardings=state_sharding,
     )(ref_params, ref_params, rng=run_setup.stream_key(c.seed, run_setup.STATE_STREAM))
   else:
@@ -89,7 +90,9 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
   sharding.assert_big_tensors_sharded(state.params, mesh)
 
   step_fn = jax.jit(
-    functools.partial(train.train_step, cfg=setup.step_cfg, tx=setup.tx, schedule=setup.schedule),
+    functools.partial(
+      step_lib.train_step, cfg=setup.step_cfg, tx=setup.tx, schedule=setup.schedule
+    ),
     in_shardings=(state_sharding, batch_sharding, batch_sharding, None),
     out_shardings=(state_sharding, None),
     donate_argnames='state',
@@ -120,7 +123,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
 def evaluate_state(
   c: ml_collections.ConfigDict,
   setup: run_setup.RunSetup,
-  state: train.TrainState,
+  state: state_lib.TrainState,
   workdir: pathlib.Path,
 ) -> dict[str, Any]:
   """The BOND table for `state`, printed and written to workdir/summary.json."""
@@ -147,7 +150,7 @@ def evaluate_state(
 
 def load_workdir(
   workdir: str | pathlib.Path,
-) -> tuple[ml_collections.ConfigDict, run_setup.RunSetup, train.TrainState]:
+) -> tuple[ml_collections.ConfigDict, run_setup.RunSetup, state_lib.TrainState]:
   """A run's config, setup and latest TrainState, read back from its workdir."""
   workdir = pathlib.Path(workdir)
   config_path = workdir / 'config.json'

@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from bond_jax.algo import step as train
+from bond_jax.algo import state as state_lib
+from bond_jax.algo.step import StepConfig
 from bond_jax.data import prompts as data
 from bond_jax.data import rewards, tasks
 from bond_jax.data import tokenizer as tokenizer_lib
@@ -34,7 +35,7 @@ from bond_jax.models import hf
 from bond_jax.models import sampling as sampling_lib
 from bond_jax.run import config as config_lib
 from bond_jax.run import sft
-from bond_jax.types import parameter_free
+from bond_jax.types import PyTree, parameter_free
 
 # Independent random streams derived from config.seed.
 SFT_STREAM, STATE_STREAM, DATA_STREAM, EVAL_STREAM = range(4)
@@ -75,20 +76,45 @@ class TaskPrompts:
 @dataclasses.dataclass
 class RunSetup:
   cfg: model_lib.ModelConfig
-  step_cfg: train.StepConfig
+  step_cfg: StepConfig
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   reward_params: Any  # frozen reward-model parameters, or None
   prompts: Any  # next_batch() -> (prompt_BxP, valid_BxP) of this process; state(); restore()
   eval_prompts: tuple[np.ndarray, np.ndarray]  # (prompt_BxP, valid_BxP), all processes
   reference: Callable[[Any], Any]  # shardings -> pi_ref's parameters, placed on them
-  uses_learned_quantiles: bool
 
 
-def _optimizer(c: ml_collections.ConfigDict):
-  return train.make_optimizer(
+def optimizer(c: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam with warm-up from the `optim` block."""
+  return state_lib.make_optimizer(
     c.optim.learning_rate, c.optim.warmup_steps, c.optim.b1, c.optim.b2, c.optim.grad_clip_norm
   )
+
+
+def train_reference(
+  c: ml_collections.ConfigDict,
+  cfg: model_lib.ModelConfig,
+  task: tasks.NoisyCopy,
+  verbose: bool = False,
+) -> PyTree:
+  """pi_ref of the embedded task: supervised learning on its noisy demonstrations, a pure
+  function of the config's seed, model, task and reference fields."""
+  t0 = time.time()
+  progress = lambda i, nll: log(
+    f'pi_ref supervised step {i}/{c.reference.sft_steps}: nll {nll:.3f}'
+  )
+  params, nll = sft.train(
+    cfg,
+    task.demonstrations,
+    stream_key(c.seed, SFT_STREAM),
+    steps=c.reference.sft_steps,
+    batch_size=c.reference.sft_batch_size,
+    learning_rate=c.reference.sft_learning_rate,
+    log=progress if verbose else None,
+  )
+  log(f'pi_ref trained in {time.time() - t0:.0f}s (final nll per token {nll:.3f})')
+  return params
 
 
 def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
@@ -96,23 +122,10 @@ def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
   task = config_lib.task(c, cfg)
   reward_fn = parameter_free(task.reward)
   step_cfg = config_lib.step_config(c, cfg, reward_fn, config_lib.sampling_params(c))
-  tx, schedule = _optimizer(c)
+  tx, schedule = optimizer(c)
 
   def reference(shardings: Any) -> Any:
-    t0 = time.time()
-    params, loss = sft.train(
-      cfg,
-      task.demonstrations,
-      stream_key(c.seed, SFT_STREAM),
-      steps=c.reference.sft_steps,
-      batch_size=c.reference.sft_batch_size,
-      learning_rate=c.reference.sft_learning_rate,
-      log=lambda i, loss: log(
-        f'pi_ref supervised step {i}/{c.reference.sft_steps}: nll {loss:.3f}'
-      ),
-    )
-    log(f'pi_ref trained in {time.time() - t0:.0f}s (final nll per token {loss:.3f})')
-    return jax.device_put(params, shardings)
+    return jax.device_put(train_reference(c, cfg, task, verbose=True), shardings)
 
   return RunSetup(
     cfg=cfg,
@@ -125,7 +138,6 @@ def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
       np.asarray(x) for x in task.prompts(stream_key(c.seed, EVAL_STREAM), c.eval.num_prompts)
     ),
     reference=reference,
-    uses_learned_quantiles=c.bond.quantile == 'learned',
   )
 
 
@@ -148,7 +160,7 @@ def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunS
     config_lib.sampling_params(c), eos_id=tok.ids.eos_id, pad_id=tok.ids.pad_id
   )
   step_cfg = config_lib.step_config(c, cfg, reward_fn, sp)
-  tx, schedule = _optimizer(c)
+  tx, schedule = optimizer(c)
 
   def reference(shardings: Any) -> Any:
     log(f'loading pi_ref from {c.model.hf_checkpoint}')
@@ -166,7 +178,6 @@ def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunS
     prompts=stream,
     eval_prompts=data.eval_prompts(c.data, tok, c.eval.num_prompts),
     reference=reference,
-    uses_learned_quantiles=c.bond.quantile == 'learned',
   )
 
 

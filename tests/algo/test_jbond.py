@@ -6,10 +6,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from bond_jax.algo import objectives as obj
-from bond_jax.algo import step as train
+from bond_jax.algo.algorithms import BondConfig
+from bond_jax.algo.state import init_state, make_optimizer
+from bond_jax.algo.step import StepConfig, train_step
 from bond_jax.data import tasks as tasks_lib
 from bond_jax.models import sampling
 from bond_jax.types import parameter_free
@@ -96,23 +97,19 @@ def _setup(
   sp = sampling.SamplingParams(
     max_new_tokens=copy_task.response_len + 1, eos_id=tasks_lib.EOS, pad_id=tasks_lib.PAD
   )
-  step_cfg = train.StepConfig(
+  step_cfg = StepConfig(
     model=tiny_cfg,
     sampling=sp,
     reward_fn=parameter_free(_token_sum_reward),
-    beta=beta,
-    gamma=gamma,
-    eta=eta,
-    anchor=anchor,
-    anchor_period=period,
+    bond=BondConfig(beta=beta, gamma=gamma, eta=eta, anchor=anchor, anchor_period=period),
   )
-  tx, schedule = train.make_optimizer(lr, warmup_steps=0)
-  state = train.init_state(tiny_params, tiny_params, tx, jax.random.PRNGKey(4))
+  tx, schedule = make_optimizer(lr, warmup_steps=0)
+  state = init_state(step_cfg.bond, tiny_params, tiny_params, tx, jax.random.PRNGKey(4))
   # Make policy, anchor and reference all different, so every term is non-trivial.
   noise = lambda k: jax.tree.map(lambda x: x + 0.3 * jax.random.normal(k, x.shape), tiny_params)
-  state = state.replace(
-    params=noise(jax.random.PRNGKey(5)), anchor_params=noise(jax.random.PRNGKey(6))
-  )
+  state = state.replace(params=noise(jax.random.PRNGKey(5)))
+  if state.anchor_params is not None:
+    state = state.replace(anchor_params=noise(jax.random.PRNGKey(6)))
   prompt, valid = copy_task.prompts(jax.random.PRNGKey(7), 16)
   return step_cfg, tx, schedule, state, prompt, valid
 
@@ -120,7 +117,7 @@ def _setup(
 def test_train_step_matches_independent_recompute(tiny_cfg, tiny_params, copy_task):
   step_cfg, tx, schedule, state, prompt, valid = _setup(tiny_cfg, tiny_params, copy_task)
   new_state, m = jax.jit(
-    lambda s, p, v: train.train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule)
+    lambda s, p, v: train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule)
   )(state, prompt, valid)
 
   # Redraw the same samples (same keys) and rebuild every quantity with numpy.
@@ -181,7 +178,7 @@ def test_train_step_matches_independent_recompute(tiny_cfg, tiny_params, copy_ta
 def test_ema_anchor_over_steps_equals_closed_form(tiny_cfg, tiny_params, copy_task):
   eta = 0.2
   step_cfg, tx, schedule, state, prompt, valid = _setup(tiny_cfg, tiny_params, copy_task, eta=eta)
-  step = jax.jit(lambda s, p, v: train.train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule))
+  step = jax.jit(lambda s, p, v: train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule))
   anchor0 = state.anchor_params
   thetas = []
   for _ in range(3):
@@ -200,18 +197,38 @@ def test_ema_anchor_over_steps_equals_closed_form(tiny_cfg, tiny_params, copy_ta
   )
 
 
-@pytest.mark.parametrize('anchor', ['periodic', 'fixed'])
-def test_periodic_and_fixed_anchor(tiny_cfg, tiny_params, copy_task, anchor):
+def test_periodic_anchor_is_a_copy_every_period(tiny_cfg, tiny_params, copy_task):
   step_cfg, tx, schedule, state, prompt, valid = _setup(
-    tiny_cfg, tiny_params, copy_task, anchor=anchor, period=2
+    tiny_cfg, tiny_params, copy_task, anchor='periodic', period=2
   )
-  step = jax.jit(lambda s, p, v: train.train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule))
+  step = jax.jit(lambda s, p, v: train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule))
   anchor0 = state.anchor_params
   s1, _ = step(state, prompt, valid)
   jax.tree.map(np.testing.assert_array_equal, s1.anchor_params, anchor0)  # not yet
   s2, _ = step(s1, prompt, valid)
-  want = s2.params if anchor == 'periodic' else anchor0  # anchor <- policy every 2 steps
-  jax.tree.map(np.testing.assert_array_equal, s2.anchor_params, want)
+  jax.tree.map(np.testing.assert_array_equal, s2.anchor_params, s2.params)  # anchor <- policy
+
+
+def test_fixed_anchor_is_pi_ref_and_carries_no_copy(tiny_cfg, tiny_params, copy_task):
+  """A fixed anchor is pi_ref: the state holds no anchor tree, the KL to the anchor is the
+  KL to pi_ref (reported once, as kl_ref), and the step draws anchor samples from pi_ref."""
+  step_cfg, tx, schedule, state, prompt, valid = _setup(
+    tiny_cfg, tiny_params, copy_task, anchor='fixed'
+  )
+  assert state.anchor_params is None
+  new_state, m = jax.jit(
+    lambda s, p, v: train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule)
+  )(state, prompt, valid)
+  assert new_state.anchor_params is None and 'kl_anchor' not in m
+  # The loss's regulariser is KL(pi || pi_ref): recompute it from the policy samples.
+  _, k_pol, _ = jax.random.split(state.rng, 3)
+  pol = sampling.sample(tiny_cfg, state.params, prompt, valid, k_pol, step_cfg.sampling)
+  logp = lambda params: sampling.sequence_logprobs(
+    tiny_cfg, params, prompt, valid, pol.tokens_BxG, pol.mask_BxG
+  ).sum(-1)
+  lp, lp_ref = np.asarray(logp(state.params)), np.asarray(logp(state.ref_params))
+  np.testing.assert_allclose(m['loss_reg'], ((lp - lp_ref) * lp).mean(), rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(m['kl_ref'], (lp - lp_ref).mean(), rtol=2e-4, atol=2e-4)
 
 
 def test_no_gradient_reaches_anchor_or_reference(tiny_cfg, tiny_params, copy_task):
@@ -219,7 +236,7 @@ def test_no_gradient_reaches_anchor_or_reference(tiny_cfg, tiny_params, copy_tas
 
   def loss_through(field):
     def f(tree):
-      _, m = train.train_step(
+      _, m = train_step(
         state.replace(**{field: tree}), prompt, valid, cfg=step_cfg, tx=tx, schedule=schedule
       )
       return m['loss']

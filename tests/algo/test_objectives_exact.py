@@ -19,9 +19,11 @@ import numpy as np
 import optax
 import pytest
 
-from bond_jax.algo import bon
+from bond_jax.algo import algorithms, bon
 from bond_jax.algo import objectives as obj
-from bond_jax.algo import step as train
+from bond_jax.algo.algorithms import BondConfig
+from bond_jax.algo.state import init_state
+from bond_jax.algo.step import StepConfig, make_train_step
 from bond_jax.eval import testbed
 from bond_jax.types import parameter_free
 
@@ -205,11 +207,11 @@ def test_reinforce_surrogate_is_grad_of_kl_regularised_reward():
 # The real train step: its update is an unbiased estimate of the exact gradient.
 
 
-def _expected_mc_r_bond(cfg: train.StepConfig, p_lt, p_le):
+def _expected_mc_r_bond(cfg: StepConfig, p_lt, p_le):
   """E[the step's MC r_BOND estimate] of every y, exactly: the k anchor samples fall below
   y, on y itself, or above it with probabilities (p_lt, pi_ref(y), 1 - p_le), so the
   counts are multinomial; the step's own estimator is evaluated on every count pattern."""
-  k = cfg.num_quantile_samples
+  k = cfg.bond.num_quantile_samples
   below_C, equal_C = map(
     np.array, zip(*[(a, e) for a in range(k + 1) for e in range(k + 1 - a)], strict=True)
   )
@@ -217,7 +219,9 @@ def _expected_mc_r_bond(cfg: train.StepConfig, p_lt, p_le):
   anchors_CxK = np.where(
     j_K < below_C[:, None], -1.0, np.where(j_K < (below_C + equal_C)[:, None], 0.0, 1.0)
   )
-  r_C = train._r_bond(cfg, jnp.zeros(len(below_C)), jnp.asarray(anchors_CxK, jnp.float32))
+  r_C = algorithms.mc_r_bond(
+    cfg.bond, jnp.zeros(len(below_C)), jnp.asarray(anchors_CxK, jnp.float32)
+  )
   above_C = k - below_C - equal_C
   log_multinomial_C = jnp.asarray(
     [
@@ -236,7 +240,7 @@ def _expected_mc_r_bond(cfg: train.StepConfig, p_lt, p_le):
   return jnp.sum(jnp.exp(log_pmf_PxYxC) * r_C, axis=-1)
 
 
-def _expected_objective(cfg: train.StepConfig):
+def _expected_objective(cfg: StepConfig):
   """What train_step descends in expectation, with the anchor fixed at pi_ref."""
   log_p_lt, log_p_le = TB.log_quantiles(LOG_REF)
   p_le = jnp.exp(log_p_le)
@@ -245,17 +249,17 @@ def _expected_objective(cfg: train.StepConfig):
   def objective(params):
     log_pi = TB.log_probs(params)
     kl_ref = testbed.kl(log_pi, LOG_REF)
-    if cfg.algorithm == 'reinforce':
-      return -jnp.mean(jnp.sum(jnp.exp(log_pi) * reward_PxY, -1) - cfg.beta_rl * kl_ref)
-    if cfg.algorithm == 'bond' and cfg.bon_correction:
-      r = (cfg.n - 1) * _expected_mc_r_bond(cfg, jnp.exp(log_p_lt), p_le)
-    elif cfg.algorithm == 'bond':  # MC quantiles: E[log p_hat] is the reward actually followed
-      r = (cfg.n - 1) * bon.mc_log_quantile_expectation(p_le, cfg.num_quantile_samples)
+    if cfg.bond.algorithm == 'reinforce':
+      return -jnp.mean(jnp.sum(jnp.exp(log_pi) * reward_PxY, -1) - cfg.bond.beta_rl * kl_ref)
+    if cfg.bond.algorithm == 'bond' and cfg.bond.bon_correction:
+      r = (cfg.bond.n - 1) * _expected_mc_r_bond(cfg, jnp.exp(log_p_lt), p_le)
+    elif cfg.bond.algorithm == 'bond':  # MC quantiles: E[log p_hat] is the reward actually followed
+      r = (cfg.bond.n - 1) * bon.mc_log_quantile_expectation(p_le, cfg.bond.num_quantile_samples)
     else:
-      r = bon.expected_jbond_reward(p_le, cfg.n)
+      r = bon.expected_jbond_reward(p_le, cfg.bond.n)
     bwd = kl_ref - jnp.sum(jnp.exp(log_pi) * r, -1)
-    fwd = testbed.kl(TB.log_pi_bon(LOG_REF, cfg.n), log_pi)
-    return jnp.mean((1 - cfg.beta) * fwd + cfg.beta * bwd + cfg.gamma * kl_ref)
+    fwd = testbed.kl(TB.log_pi_bon(LOG_REF, cfg.bond.n), log_pi)
+    return jnp.mean((1 - cfg.bond.beta) * fwd + cfg.bond.beta * bwd + cfg.bond.gamma * kl_ref)
 
   return objective
 
@@ -265,17 +269,14 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
   p_lt = (1 + #<)/(k+1): y counts among the samples for both, so a level that no sample
   ties has p_lt = p_le and (B) = N (the continuous limit)."""
   n, k = 4, 4
-  cfg = train.StepConfig(
+  cfg = StepConfig(
     model=TB.cfg,
     sampling=TB.sampling_params(),
     reward_fn=parameter_free(TB.reward_fn),
-    algorithm='bond',
-    n=n,
-    num_quantile_samples=k,
-    bon_correction=True,
+    bond=BondConfig(algorithm='bond', n=n, num_quantile_samples=k, bon_correction=True),
   )
   anchors = jnp.array([[-1.0, 0.0, 0.0, 1.0], [-1.0, -2.0, 1.0, 1.0]])
-  got = train._r_bond(cfg, jnp.zeros(2), anchors)
+  got = algorithms.mc_r_bond(cfg.bond, jnp.zeros(2), anchors)
   for row, (p_le, p_lt) in enumerate([(4 / 5, 2 / 5), (3 / 5, 3 / 5)]):
     b = sum((p_lt / p_le) ** i for i in range(n))
     assert float(got[row]) == pytest.approx(np.log(p_le) + np.log(b) / (n - 1), rel=1e-5)
@@ -295,19 +296,15 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
   ids=lambda k: '-'.join(f'{v}' for v in k.values()),
 )
 def test_train_step_update_is_unbiased(knobs):
-  cfg = train.StepConfig(
+  cfg = StepConfig(
     model=TB.cfg,
     sampling=TB.sampling_params(),
     reward_fn=parameter_free(TB.reward_fn),
-    anchor='fixed',
-    **knobs,
+    bond=BondConfig(anchor='fixed', **knobs),
   )
   tx = optax.sgd(1.0)  # update = -gradient estimate
-  state = train.init_state(THETA, REF, tx, jax.random.PRNGKey(0), quantile_model=False)
-  state = state.replace(anchor_params=jax.tree.map(jnp.array, REF))
-  new_state, _ = train.make_train_step(cfg, tx, optax.constant_schedule(1.0))(
-    state, *TB.prompts(4096)
-  )
+  state = init_state(cfg.bond, THETA, REF, tx, jax.random.PRNGKey(0))  # fixed anchor: pi_ref
+  new_state, _ = make_train_step(cfg, tx, optax.constant_schedule(1.0))(state, *TB.prompts(4096))
   g_hat = _flat(THETA) - _flat(new_state.params)
   g = _flat(jax.grad(_expected_objective(cfg))(THETA))
   cos = g @ g_hat / np.linalg.norm(g) / np.linalg.norm(g_hat)

@@ -8,9 +8,11 @@ import optax
 import pytest
 
 from bond_jax.algo import quantile_model as qm
-from bond_jax.algo import step as train
+from bond_jax.algo.algorithms import BondConfig
+from bond_jax.algo.state import init_state, make_optimizer
+from bond_jax.algo.step import StepConfig, make_train_step, train_step
 from bond_jax.eval import testbed
-from bond_jax.types import parameter_free
+from bond_jax.types import ConfigError, parameter_free
 
 TB, REF = testbed.make(seed=0, num_prompts=2)
 LOG_REF = TB.log_probs(REF)
@@ -56,20 +58,18 @@ def test_learned_quantiles_approach_the_exact_quantiles():
   def error(quantile_params):
     return float(jnp.mean(jnp.sum(pi_ref * jnp.abs(_predict(quantile_params) - p_le), -1)))
 
-  cfg = train.StepConfig(
+  cfg = StepConfig(
     model=TB.cfg,
     sampling=TB.sampling_params(),
     reward_fn=parameter_free(TB.reward_fn),
-    algorithm='bond',
-    n=4,
-    anchor='fixed',
-    quantile='learned',
-    quantile_learning_rate=3e-3,
+    bond=BondConfig(
+      algorithm='bond', n=4, anchor='fixed', quantile='learned', quantile_learning_rate=3e-3
+    ),
   )
-  tx, schedule = train.make_optimizer(1e-12, warmup_steps=0)
-  state = train.init_state(REF, REF, tx, jax.random.PRNGKey(0))  # quantile model by default
+  tx, schedule = make_optimizer(1e-12, warmup_steps=0)
+  state = init_state(cfg.bond, REF, REF, tx, jax.random.PRNGKey(0))
   assert error(state.quantile_params) > 0.2
-  step_fn = train.make_train_step(cfg, tx, schedule)
+  step_fn = make_train_step(cfg, tx, schedule)
   prompt, valid = TB.prompts(256)
   for _ in range(300):
     state, metrics = step_fn(state, prompt, valid)
@@ -86,30 +86,14 @@ def test_learned_quantiles_approach_the_exact_quantiles():
 def test_learned_quantile_errors_are_named():
   tx = optax.sgd(1.0)
   prompt, valid = TB.prompts(4)
-  base = dict(
-    model=TB.cfg,
-    sampling=TB.sampling_params(),
-    reward_fn=parameter_free(TB.reward_fn),
-    algorithm='bond',
-    quantile='learned',
-  )
-  no_model = train.init_state(REF, REF, tx, jax.random.PRNGKey(0), quantile_model=False)
-  with pytest.raises(ValueError, match='quantile_model=True'):
-    train.train_step(
-      no_model,
-      prompt,
-      valid,
-      cfg=train.StepConfig(**base),
-      tx=tx,
-      schedule=optax.constant_schedule(1.0),
-    )
-  state = train.init_state(REF, REF, tx, jax.random.PRNGKey(0))
-  with pytest.raises(ValueError, match='bon_correction'):
-    train.train_step(
-      state,
-      prompt,
-      valid,
-      cfg=train.StepConfig(**base, bon_correction=True),
-      tx=tx,
-      schedule=optax.constant_schedule(1.0),
-    )
+  learned = BondConfig(algorithm='bond', quantile='learned')
+  cfg = StepConfig(model=TB.cfg, sampling=TB.sampling_params(),
+                   reward_fn=parameter_free(TB.reward_fn), bond=learned)  # fmt: skip
+  no_model = init_state(BondConfig(algorithm='bond'), REF, REF, tx, jax.random.PRNGKey(0))
+  assert no_model.quantile_params is None  # MC quantiles carry no quantile model
+  with pytest.raises(ValueError, match="bond.quantile='learned'"):
+    train_step(no_model, prompt, valid, cfg=cfg, tx=tx, schedule=optax.constant_schedule(1.0))
+  with pytest.raises(ConfigError, match='bon_correction'):
+    BondConfig(algorithm='bond', quantile='learned', bon_correction=True)
+  with pytest.raises(ConfigError, match="algorithm 'bond' only"):
+    BondConfig(algorithm='jbond', quantile='learned')

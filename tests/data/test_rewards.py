@@ -17,7 +17,7 @@ import pytest
 from bond_jax.data import prompts as data
 from bond_jax.data import rewards
 from bond_jax.data import tokenizer as tokenizer_lib
-from bond_jax.models import hf, reward_model, sharding
+from bond_jax.models import decoder, hf, reward_model, sharding
 from bond_jax.run import config as config_lib
 from bond_jax.run.config import load_config_file
 from bond_jax.types import ConfigError
@@ -97,7 +97,7 @@ def test_same_tokenizer_scores_prompt_and_response_ids(dirs):
   batch = _batch(policy)
   got = jax.jit(fn)(params, *batch)
   cfg, _ = hf.load_reward_params(dirs['rm_a'])
-  want = reward_model.score(cfg, params, *rewards.concat_prompt_response(*batch))
+  want = reward_model.score(cfg, params, *decoder.concat_prompt_response(*batch))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # jit vs eager rounding
 
   # transformers' model on the unpadded text reads the same sequences (holes are masked),
@@ -220,7 +220,9 @@ def test_sharded_reward_on_a_2x2_mesh_matches_one_device(dirs):
   sharded = json.loads(proc.stdout.strip().splitlines()[-1])
   for name, cfg in cfgs.items():
     fn, params = rewards.make_reward(cfg, policy)
-    np.testing.assert_allclose(sharded[name], fn(params, *batch), rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+      sharded[name], fn(params, *batch), rtol=1e-5, atol=1e-5, err_msg=name
+    )
 
 
 def test_programmatic_rewards(dirs):

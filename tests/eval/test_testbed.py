@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond_jax.algo import step as train
+from bond_jax.algo.algorithms import BondConfig
+from bond_jax.algo.state import init_state, make_optimizer
+from bond_jax.algo.step import StepConfig, make_train_step, move_anchor
 from bond_jax.eval import testbed
 from bond_jax.models import sampling
 from bond_jax.types import parameter_free
@@ -94,10 +96,12 @@ def _run(knobs, steps, batch, learning_rate=3e-3, seed=0, watch=None, reward_sca
     if reward_scale is None
     else (lambda scale, *batch: scale * TB.reward_fn(*batch))
   )
-  cfg = train.StepConfig(model=TB.cfg, sampling=TB.sampling_params(), reward_fn=reward_fn, **knobs)
-  tx, schedule = train.make_optimizer(learning_rate, warmup_steps=0)
-  state = train.init_state(REF, REF, tx, jax.random.PRNGKey(seed), quantile_model=False)
-  step_fn = train.make_train_step(cfg, tx, schedule)
+  cfg = StepConfig(
+    model=TB.cfg, sampling=TB.sampling_params(), reward_fn=reward_fn, bond=BondConfig(**knobs)
+  )
+  tx, schedule = make_optimizer(learning_rate, warmup_steps=0)
+  state = init_state(cfg.bond, REF, REF, tx, jax.random.PRNGKey(seed))
+  step_fn = make_train_step(cfg, tx, schedule)
   prompt, valid = TB.prompts(batch)
   extra = () if reward_scale is None else (jnp.float32(reward_scale),)
   metrics = None
@@ -119,23 +123,25 @@ def _same(a, b):
 
 def test_moving_anchor_modes():
   """periodic T: anchor <- policy at steps T, 2T, ... (iterative BOND, Algorithm 1);
-  ema: anchor <- (1 - eta) anchor + eta policy (Eq. 18). ('fixed' is checked below.)"""
-  # REINFORCE never reads the anchor (one sampler less to compile), but moves it all the same.
-  base = dict(algorithm='reinforce', beta_rl=0.1)
+  ema: anchor <- (1 - eta) anchor + eta policy (Eq. 18); the anchor phase on its own."""
+  periodic = BondConfig(anchor='periodic', anchor_period=3)
+  policy = jax.tree.map(lambda x: x + 1.0, REF)
+  for step in range(1, 7):
+    moved = move_anchor(periodic, REF, policy, jnp.int32(step))
+    assert _same(moved, policy if step % 3 == 0 else REF), step
+  moved = move_anchor(BondConfig(anchor='ema', eta=0.25), REF, policy, jnp.int32(1))
+  expect = jax.tree.map(lambda a, p: 0.75 * a + 0.25 * p, REF, policy)
+  for x, y in zip(jax.tree.leaves(moved), jax.tree.leaves(expect), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  assert move_anchor(BondConfig(anchor='fixed'), None, policy, jnp.int32(1)) is None
 
-  def periodic(state, before):
-    if int(state.step) % 3 == 0:
-      assert _same(state.anchor_params, state.params)
-    else:
-      assert _same(state.anchor_params, before) and not _same(state.params, before)
 
-  def ema(state, before):
-    expect = jax.tree.map(lambda a, p: 0.75 * a + 0.25 * p, before, state.params)
-    for x, y in zip(jax.tree.leaves(state.anchor_params), jax.tree.leaves(expect), strict=True):
-      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-
-  _run({**base, 'anchor': 'periodic', 'anchor_period': 3}, 6, 8, watch=periodic)
-  _run({**base, 'anchor': 'ema', 'eta': 0.25}, 2, 8, watch=ema)
+def test_reinforce_carries_no_anchor():
+  """REINFORCE has no anchor: no copy in the state or its checkpoints, no kl_anchor metric."""
+  state, metrics = _run(dict(algorithm='reinforce', beta_rl=0.1, anchor='ema'), 1, 8)
+  assert state.anchor_params is None
+  assert 'kl_anchor' not in metrics and 'reward_anchor' not in metrics
+  assert {'loss_pg', 'kl_ref', 'reward_policy'} <= set(metrics)
 
 
 def test_jbond_with_three_anchor_samples_penalises_at_the_exact_rate():
@@ -148,7 +154,7 @@ def test_jbond_with_three_anchor_samples_penalises_at_the_exact_rate():
   state, metrics = _run(
     dict(algorithm='jbond', n=3, anchor='fixed'), 2, 8192, learning_rate=1e-9, reward_scale=2.0
   )
-  assert _same(state.anchor_params, REF)  # a fixed anchor stays pi_ref (plain BOND)
+  assert state.anchor_params is None  # a fixed anchor is pi_ref itself (plain BOND)
   expect_reward = 2.0 * float(jnp.mean(jnp.sum(jnp.exp(LOG_REF) * TB.reward_PxY, -1)))
   assert float(metrics['reward_anchor']) == pytest.approx(expect_reward, abs=0.1)
   _, log_p_le = TB.log_quantiles(LOG_REF)
