@@ -208,14 +208,17 @@ def mc_log_quantile_expectation(p_le: Array, k: int) -> Array:
 
 
 def jbond_alpha(n_anchor: int) -> float:
-  """Penalty alpha_n = -2^n log 2 (alpha_2 = -log 16, Eq. 17).
+  """Penalty alpha_n = -(n - 1) 2^n log 2 in nats (alpha_2 = -log 16, Eq. 17).
 
-  The n-anchor generalisation is ours (not in the paper): it keeps the
-  calibration E[r_J] = alpha_n (1 - p_le)^n = log p_le at the median p_le = 1/2.
+  With n anchor samples the forward term distils Best-of-n of the anchor, whose
+  backward-KL reward is (n - 1) log p_le (Eq. 15 with N = n). alpha_n makes
+  E[r_J] = alpha_n (1 - p_le)^n equal that at the median p_le = 1/2, so both
+  halves of the Jeffreys mix aim at the same Best-of-n. The n > 2 generalisation
+  is ours (ALGORITHMS.md section 6, with its erratum).
   """
   if n_anchor < 1:
     raise ValueError(f'n_anchor must be >= 1, got {n_anchor}')
-  return -(2.0**n_anchor) * math.log(2.0)
+  return -(n_anchor - 1) * (2.0**n_anchor) * math.log(2.0)
 
 
 def jbond_reward(reward_B: Array, anchor_rewards_BxN: Array, n_anchor: int) -> Array:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bond_jax.algo import bon
+from bond_jax.eval import testbed
 
 # Five outcomes with tied rewards (indices 1, 3 and 2, 4), so the index tie rule matters.
 TIED_REWARD = np.array([0.3, -1.0, 2.0, -1.0, 2.0])
@@ -219,13 +220,45 @@ def test_jbond_expected_reward_brute_force(n_anchor, reward):
     )
 
 
-def test_jbond_alpha_median_calibration():
-  assert bon.jbond_alpha(2) == pytest.approx(-math.log(16))
-  assert bon.jbond_alpha(2) / 4 == pytest.approx(math.log(0.5))
-  for n in range(1, 6):
-    assert bon.expected_jbond_reward(0.5, n) == pytest.approx(math.log(0.5), rel=1e-6)
+def test_jbond_alpha_values():
+  assert bon.jbond_alpha(2) == pytest.approx(-math.log(16))  # Eq. 17
+  assert bon.jbond_alpha(3) == pytest.approx(-16 * math.log(2))  # (n - 1) 2^n log 2
   with pytest.raises(ValueError):
     bon.jbond_reward(jnp.zeros(3), jnp.zeros((3, 2)), 3)
+
+
+@pytest.mark.parametrize('n_anchor', [2, 3, 4])
+def test_jbond_penalty_matches_best_of_n_reward_at_the_median(n_anchor):
+  """With n anchors the forward term distils Best-of-n of the anchor, whose backward-KL
+  reward is (n - 1) log p_le (Eq. 15, N = n): the expected r_J of a sample at the median
+  p_le = 1/2 must be (n - 1) log 1/2 (ALGORITHMS.md section 6, with its erratum)."""
+  want = (n_anchor - 1) * math.log(0.5)
+  # Closed form.
+  assert float(bon.expected_jbond_reward(0.5, n_anchor)) == pytest.approx(want, rel=1e-6)
+
+  # Every anchor draw of a uniform 4-outcome pi_ref, where outcome 1 has p_le = 1/2 exactly.
+  reward = np.array([0.0, 1.0, 2.0, 3.0])
+  tuples = np.array(list(itertools.product(range(4), repeat=n_anchor)))
+  r_j = bon.jbond_reward(jnp.full(len(tuples), reward[1]), jnp.asarray(reward[tuples]), n_anchor)
+  assert float(np.mean(np.asarray(r_j))) == pytest.approx(want, rel=1e-6)
+
+  # Every anchor draw on the exact testbed (its decoder's pi_ref over 2^3 sequences): the
+  # code's r_J has expectation alpha_n (1 - p_le)^n for every y, which at 1/2 is `want`.
+  tb, ref_params = testbed.make(seed=n_anchor, num_prompts=1, vocab=2, length=3)
+  pi_ref = np.exp(np.asarray(tb.log_probs(ref_params), np.float64))[0]
+  p_le = np.exp(np.asarray(tb.log_quantiles(tb.log_probs(ref_params))[1], np.float64))[0]
+  rewards_Y = tb.reward_PxY[0]
+  tuples = np.array(list(itertools.product(range(len(pi_ref)), repeat=n_anchor)))
+  weight_T = np.prod(pi_ref[tuples], axis=-1)
+  anchors_TxN = jnp.asarray(rewards_Y[tuples], jnp.float32)
+  for y in range(len(pi_ref)):
+    r_j = bon.jbond_reward(jnp.full(len(tuples), rewards_Y[y], jnp.float32), anchors_TxN, n_anchor)
+    expected = float(np.sum(weight_T * np.asarray(r_j, np.float64)))
+    if p_le[y] < 1.0 - 1e-6:
+      alpha_hat = expected / (1.0 - p_le[y]) ** n_anchor  # the penalty applied, in nats
+      assert alpha_hat * 0.5**n_anchor == pytest.approx(want, rel=2e-4)
+    else:
+      assert expected == 0.0  # the best sequence is never penalised
 
 
 def test_mc_log_quantile_finite_and_exact_expectation():
