@@ -41,7 +41,7 @@ from bond_jax.run import setup as run_setup
 from bond_jax.types import parameter_free
 
 Curve = dict[str, list[float]]
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / 'configs'
 
 
 def _log(msg: str) -> None:
@@ -119,7 +119,7 @@ def testbed_curve(
 
 def load_config(name: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
   """configs/`name` with dotted-field overrides, e.g. {'bond.beta': 0.0}; validated."""
-  c = config_lib.load_config_file(ROOT / 'configs' / name)
+  c = config_lib.load_config_file(CONFIGS / name)
   for field, value in (overrides or {}).items():
     *path, leaf = field.split('.')
     node = c
