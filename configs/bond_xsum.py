@@ -126,6 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 5000  # BOND updates (the paper evaluates every 500)
   c.train.batch_size = 32  # prompts per update, over all hosts (not stated for Section 4)
+  c.train.max_bad_steps = 5  # consecutive steps with a non-finite loss, gradient, reward or log-prob (each skipped) that stop the run
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 2  # devices the batch is split over (data parallel)

@@ -120,6 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 2000  # J-BOND updates (the paper does not state its run length)
   c.train.batch_size = 128  # prompts per update, over all hosts (paper)
+  c.train.max_bad_steps = 5  # consecutive steps with a non-finite loss, gradient, reward or log-prob (each skipped) that stop the run
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 2  # devices the batch is split over (data parallel)

@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 200  # BOND updates
   c.train.batch_size = 128  # prompts per update
+  c.train.max_bad_steps = 5  # consecutive steps with a non-finite loss, gradient, reward or log-prob (each skipped) that stop the run
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # devices the batch is split over (data parallel)
