@@ -30,6 +30,7 @@ import numpy as np
 from bond_jax.algo import bon
 from bond_jax.models import decoder as model_lib
 from bond_jax.models import sampling
+from bond_jax.types import PyTree
 
 
 def tiny_model(vocab: int = 4, tied: bool = False) -> model_lib.ModelConfig:
@@ -142,7 +143,7 @@ class Testbed:
       jnp.ones_like(tokens_BxG, bool),
     )
 
-  def log_probs(self, params: Any) -> jax.Array:
+  def log_probs(self, params: PyTree) -> jax.Array:
     """Exact log pi(y | x_p) [P, Y] by teacher forcing every sequence after every prompt."""
     logp_BxG = sampling.sequence_logprobs(self.cfg, params, *self.all_rows())
     return logp_BxG.sum(-1).reshape(self.num_prompts, self.num_sequences)
@@ -157,7 +158,7 @@ class Testbed:
     return bon.log_pi_bon_theorem1(log_pi_ref_PxY, log_p_lt, log_p_le, n)
 
   def evaluate(
-    self, params: Any, ref_params: Any, n: int, beta: float = 0.5
+    self, params: PyTree, ref_params: PyTree, n: int, beta: float = 0.5
   ) -> dict[str, jax.Array]:
     """Exact metrics of the policy `params`, averaged over prompts.
 
@@ -201,7 +202,8 @@ def make(
   pi_ref is the decoder at init: entropy ~3.8-4.5 nats of log 256 = 5.5, its most
   likely sequence at 0.1-0.2, so Best-of-N changes it everywhere. (Tied
   embeddings alone would repeat the input token with probability ~0.9, so the
-  tied model's table is scaled by 1/2.)
+  tied model's embedding matrix, its input and output layer alike, is scaled by
+  1/2; the reward table is not.)
   """
   cfg = tiny_model(vocab, tied)
   table = random_reward_table(
