@@ -14,7 +14,7 @@ for the learned quantile model of Appendix B.1 instead.
 
 Sized for a 2-core CPU: about 1.5 minutes in all (pi_ref by supervised
 learning, 300 BOND steps of 32 prompts, the evaluation table). Expected result
-(scripts/reproduce_fig2.py, docs/REPRODUCTION.md): the reward rises from
+(scripts/reproduce.py --figure=2, docs/REPRODUCTION.md): the reward rises from
 pi_ref's ~3.4 to ~5.3, just under Best-of-8 of pi_ref (5.35), at KL(pi || pi_ref) ~1.0
 nat, close to Best-of-8's log 8 - 7/8 = 1.2; all three betas end alike on this
 task (their KLs to pi_BoN, estimated from 32 pi_ref samples, ~0.3-0.5 nats).

@@ -11,7 +11,7 @@ of the BOND family are ignored). The paper sweeps beta_RL in {0.001, 0.01, 0.1, 
 
 Sized for a 2-core CPU: about 1.5 minutes in all (pi_ref by supervised learning,
 300 steps of 128 prompts, the evaluation table). Expected result
-(scripts/reproduce_fig7.py, docs/REPRODUCTION.md): with beta_RL = 0.01 the reward
+(scripts/reproduce.py --figure=7, docs/REPRODUCTION.md): with beta_RL = 0.01 the reward
 reaches ~7.8 of 8 at KL(pi || pi_ref) ~6 nats; beta_RL = 1 stops at ~5.2 with KL ~0.9.
 """
 
