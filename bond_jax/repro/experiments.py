@@ -1,8 +1,9 @@
 """Reproductions of the paper's qualitative claims (Fig. 2, 4, 5, 7), as importable functions.
 
-Every curve comes from the real `train.make_train_step` under one configuration:
+Every curve comes from the real train step (`algo.step.make_train_step`) under one
+configuration:
 
-  testbed  the exact testbed (`testbed.py`): rewards, KLs, quantiles and the
+  testbed  the exact testbed (`eval/testbed.py`): rewards, KLs, quantiles and the
            divergences to pi_BoN are sums over all 4^4 sequences, no estimates;
   lm       the tiny noisy-copy LM task of configs/*_tiny.py: pi_ref is trained by
            supervised learning once per figure, metrics are Monte-Carlo estimates
@@ -147,8 +148,9 @@ class LMTask:
 
 
 def lm_task(c: ml_collections.ConfigDict) -> LMTask:
-  """pi_ref by supervised learning on noisy demonstrations, from the config's seed, model,
-  task and reference fields (the supervised stream of `trainer`: fold_in(seed, 0))."""
+  """pi_ref by supervised learning on noisy demonstrations: `run.setup.train_reference`, the
+  function (and random stream) a training run uses, so it depends only on the config's seed,
+  model, task and reference fields."""
   cfg = config_lib.model_config(c)
   task = config_lib.task(c, cfg)
   sp = sampling.SamplingParams(
@@ -186,33 +188,33 @@ def _lm_metrics(
 
   r_ref_BxK, logp_pi_ref_BxK, logp_ref_ref_BxK = score(ref_out, k)
   r_pol_BxM, logp_pi_BxM, logp_ref_BxM = score(pol_out, m)
-  le_count = jnp.sum(r_ref_BxK[:, None, :] <= r_pol_BxM[..., None], -1).astype(jnp.float32)
-  lt_count = jnp.sum(r_ref_BxK[:, None, :] < r_pol_BxM[..., None], -1).astype(jnp.float32)
-  # Quantile vs pi_ref, counting y itself among the K samples (finite; bon.mc_log_quantile).
-  log_le_BxM = jnp.log1p(le_count) - math.log(k + 1)
+  # Each policy sample against its prompt's K pi_ref samples (Eq. 10's counts).
+  lt_BxM, le_BxM = bon.mc_counts(r_pol_BxM, r_ref_BxK[:, None, :])
   out = {
     'reward': jnp.mean(r_pol_BxM),
     'kl_ref': jnp.mean(logp_pi_BxM - logp_ref_BxM),
-    'log_quantile': jnp.mean(log_le_BxM),
+    # The training estimator: y counted among the K samples, so log p_le is finite.
+    'log_quantile': jnp.mean(bon.mc_log_quantile(r_pol_BxM, r_ref_BxK[:, None, :])),
   }
   if n is None:
     return out
-  # Backward KL(pi || pi_BoN) = E_pi[log pi - log pi_ref - log w(y)], with F, F_- from
-  # {y} and the K samples (so the level of y always has mass).
+  # Backward KL(pi || pi_BoN) = E_pi[log pi - log pi_ref - log w(y)], with F, F_- of y's
+  # level among {y} and the K samples (so the level of y always has mass).
   out['kl_bwd'] = jnp.mean(
-    logp_pi_BxM - logp_ref_BxM - _log_bon_weight(lt_count, 1.0 + le_count, k + 1, n)
+    logp_pi_BxM - logp_ref_BxM - _log_bon_weight(lt_BxM, 1.0 + le_BxM, k + 1, n)
   )
   # Forward KL(pi_BoN || pi) = E_{y ~ BoN}[log pi_ref + log w - log pi], y the best of n of
-  # the K samples drawn without replacement: rank j (1 = worst) has weight C(j-1, n-1)/C(K, n).
+  # the K samples drawn without replacement: rank j (1 = worst) has weight C(j-1, n-1)/C(K, n)
+  # (bon.bon_expected_max's weights), ties ranked by sample index.
   rank_BxK = jnp.argsort(jnp.argsort(r_ref_BxK, axis=-1, stable=True), axis=-1)
   log_c = lambda a, c: (
     (math.lgamma(a + 1) - math.lgamma(c + 1) - math.lgamma(a - c + 1)) if a >= c else -math.inf
   )
   log_w_K = jnp.asarray([log_c(j, n - 1) - log_c(k, n) for j in range(k)], jnp.float32)
   weight_BxK = jnp.exp(log_w_K[rank_BxK])
-  le_k = jnp.sum(r_ref_BxK[:, None, :] <= r_ref_BxK[..., None], -1).astype(jnp.float32)
-  lt_k = jnp.sum(r_ref_BxK[:, None, :] < r_ref_BxK[..., None], -1).astype(jnp.float32)
-  log_w_BxK = _log_bon_weight(lt_k, le_k, k, n)
+  # Each pi_ref sample's level among the K samples themselves (F, F_- over K).
+  lt_BxK, le_BxK = bon.mc_counts(r_ref_BxK, r_ref_BxK[:, None, :])
+  log_w_BxK = _log_bon_weight(lt_BxK, le_BxK, k, n)
   fwd_B = jnp.sum(weight_BxK * (logp_ref_ref_BxK + log_w_BxK - logp_pi_ref_BxK), -1)
   out['kl_fwd'] = jnp.mean(fwd_B)
   return out
