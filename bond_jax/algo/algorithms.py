@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ from bond_jax.algo import bon, objectives
 from bond_jax.algo import quantile_model as qm
 from bond_jax.algo.rollout import Rollout, Rows, best_of
 from bond_jax.models.decoder import ModelConfig
-from bond_jax.types import ConfigError
+from bond_jax.types import ConfigError, PyTree
 
 ANCHORS = ('ema', 'periodic', 'fixed')
 QUANTILES = ('mc', 'learned')
@@ -129,6 +129,15 @@ class BondConfig:
     return self.algorithm == 'bond' and self.quantile == 'learned'
 
 
+class StateView(Protocol):
+  """What a targets function may read of the train state (`algo.state.TrainState`)."""
+
+  params: PyTree
+  ref_params: PyTree
+  quantile_params: PyTree | None
+  quantile_opt_state: PyTree | None
+
+
 @struct.dataclass
 class Targets:
   """What an algorithm's loss needs besides the policy's log-likelihoods (all stop-gradient)."""
@@ -138,15 +147,17 @@ class Targets:
   bon_rows: Rows | None = None  # Best-of-n samples of the anchor that the forward KL imitates
   metrics: dict[str, jax.Array] = struct.field(default_factory=dict)
   # The learned quantile model after its own update (App. B.1), when the algorithm has one.
-  quantile_params: Any = None
-  quantile_opt_state: Any = None
+  quantile_params: PyTree | None = None
+  quantile_opt_state: PyTree | None = None
 
 
 # ---------------------------------------------------------------------------
 # Returns of each algorithm.
 
 
-def jbond_targets(bond: BondConfig, model: ModelConfig, state: Any, rollout: Rollout) -> Targets:
+def jbond_targets(
+  bond: BondConfig, model: ModelConfig, state: StateView, rollout: Rollout
+) -> Targets:
   """J-BOND (Algorithm 2): r_J = alpha_n if y is worse than all n anchor samples (Eq. 17)."""
   del model, state
   r_B = bon.jbond_reward(rollout.policy_reward_B, rollout.anchor_reward_BxA, bond.n)
@@ -158,7 +169,9 @@ def jbond_targets(bond: BondConfig, model: ModelConfig, state: Any, rollout: Rol
   )
 
 
-def bond_targets(bond: BondConfig, model: ModelConfig, state: Any, rollout: Rollout) -> Targets:
+def bond_targets(
+  bond: BondConfig, model: ModelConfig, state: StateView, rollout: Rollout
+) -> Targets:
   """BOND (section 4): (N - 1) r_BOND in nats, r_BOND ~ log p_le of y among anchor samples.
 
   Monte-Carlo quantiles (Eq. 10) from the first k anchor samples, optionally with the
@@ -214,7 +227,7 @@ def mc_r_bond(bond: BondConfig, reward_B: jax.Array, samples_BxK: jax.Array) -> 
 
 
 def reinforce_targets(
-  bond: BondConfig, model: ModelConfig, state: Any, rollout: Rollout
+  bond: BondConfig, model: ModelConfig, state: StateView, rollout: Rollout
 ) -> Targets:
   """KL-regularised REINFORCE (Eq. 1): the reward itself, with pi_ref as the KL base."""
   del bond, model, state
@@ -278,7 +291,7 @@ def reinforce_loss(
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
   samples: Callable[[BondConfig], tuple[int, int]]  # (policy, anchor) samples per prompt
-  targets: Callable[[BondConfig, ModelConfig, Any, Rollout], Targets]
+  targets: Callable[[BondConfig, ModelConfig, StateView, Rollout], Targets]
   loss: Callable[
     [BondConfig, Targets, jax.Array, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]
   ]

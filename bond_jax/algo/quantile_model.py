@@ -18,17 +18,16 @@ starts at p_theta = 1/2 (the median), whatever pi_ref's features.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 
 from bond_jax.models import decoder, reward_model
 from bond_jax.models.decoder import ModelConfig
+from bond_jax.types import PyTree
 
 
-def init_params(lm_params: Any) -> Any:
+def init_params(lm_params: PyTree) -> PyTree:
   """Quantile-model parameters from a language model's (a copy: never aliases `lm_params`)."""
   decoder = {k: jax.tree.map(jnp.array, v) for k, v in lm_params.items() if k != 'lm_head'}
   embedding_VxD = lm_params['embedder']['embedding']
@@ -43,7 +42,7 @@ def optimizer(learning_rate: float) -> optax.GradientTransformation:
 
 def logits(
   cfg: ModelConfig,
-  params: Any,
+  params: PyTree,
   prompt_BxP: jax.Array,
   prompt_valid_BxP: jax.Array,
   response_BxG: jax.Array,

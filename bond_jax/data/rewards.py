@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 from bond_jax.data import tokenizer as tokenizer_lib
 from bond_jax.models import decoder, hf, reward_model, sharding
 from bond_jax.models.decoder import ModelConfig
-from bond_jax.types import ConfigError, RewardFn
+from bond_jax.types import ConfigError, PyTree, RewardFn
 
 # ---------------------------------------------------------------------------
 # Programmatic rewards.
@@ -55,7 +55,7 @@ from bond_jax.types import ConfigError, RewardFn
 
 def _copy_accuracy(
   ids: tokenizer_lib.SpecialIds,
-  params: Any,
+  params: PyTree,
   prompt_BxP: jax.Array,
   prompt_valid_BxP: jax.Array,
   response_BxG: jax.Array,
@@ -77,7 +77,7 @@ def _copy_accuracy(
 
 def _length_penalty(
   ids: tokenizer_lib.SpecialIds,
-  params: Any,
+  params: PyTree,
   prompt_BxP: jax.Array,
   prompt_valid_BxP: jax.Array,
   response_BxG: jax.Array,
@@ -90,7 +90,7 @@ def _length_penalty(
 
 def _terminated(
   ids: tokenizer_lib.SpecialIds,
-  params: Any,
+  params: PyTree,
   prompt_BxP: jax.Array,
   prompt_valid_BxP: jax.Array,
   response_BxG: jax.Array,
@@ -114,7 +114,7 @@ PROGRAMMATIC: dict[str, Callable[..., jax.Array]] = {
 
 def _same_vocab_reward(
   cfg: ModelConfig,
-  params: Any,
+  params: PyTree,
   prompt_BxP: jax.Array,
   prompt_valid_BxP: jax.Array,
   response_BxG: jax.Array,
@@ -158,7 +158,7 @@ def _retokenized_reward(
   host_fn: Callable,
   max_len: int,
   mesh: jax.sharding.Mesh | None,
-  params: Any,
+  params: PyTree,
   prompt_BxP: jax.Array,
   prompt_valid_BxP: jax.Array,
   response_BxG: jax.Array,

@@ -19,25 +19,25 @@ import numpy as np
 from bond_jax.algo import bon
 from bond_jax.models import decoder as model_lib
 from bond_jax.models import sampling
-from bond_jax.types import RewardFn
+from bond_jax.types import PyTree, RewardFn
 
 
 def _rewards_and_logps(
   cfg: model_lib.ModelConfig,
-  params: Any,
-  ref_params: Any,
+  params: PyTree,
+  ref_params: PyTree,
   prompt_BxP: jax.Array,
   valid_BxP: jax.Array,
   rng: jax.Array,
   sp: sampling.SamplingParams,
-  k: int,
+  per_prompt: int,
   reward_fn: RewardFn,
-  reward_params: Any,
+  reward_params: PyTree,
   with_kl: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-  out = sampling.sample_jit(cfg, params, prompt_BxP, valid_BxP, rng, sp, num_samples=k)
-  prompt = jnp.repeat(prompt_BxP, k, axis=0)
-  valid = jnp.repeat(valid_BxP, k, axis=0)
+  out = sampling.sample_jit(cfg, params, prompt_BxP, valid_BxP, rng, sp, num_samples=per_prompt)
+  prompt = jnp.repeat(prompt_BxP, per_prompt, axis=0)
+  valid = jnp.repeat(valid_BxP, per_prompt, axis=0)
   reward = jax.jit(reward_fn)(reward_params, prompt, valid, out.tokens_BxG, out.mask_BxG)
   kl = None
   if with_kl:
@@ -45,17 +45,17 @@ def _rewards_and_logps(
     logp_pi = logp(cfg, params, prompt, valid, out.tokens_BxG, out.mask_BxG).sum(-1)
     logp_ref = logp(cfg, ref_params, prompt, valid, out.tokens_BxG, out.mask_BxG).sum(-1)
     kl = np.asarray(logp_pi - logp_ref)
-  return np.asarray(reward).reshape(-1, k), kl
+  return np.asarray(reward).reshape(-1, per_prompt), kl
 
 
 def bon_table(
   cfg: model_lib.ModelConfig,
-  ref_params: Any,
-  policy_params: Any,
+  ref_params: PyTree,
+  policy_params: PyTree,
   prompt_BxP: jax.Array,
   valid_BxP: jax.Array,
   reward_fn: RewardFn,
-  reward_params: Any,
+  reward_params: PyTree,
   rng: jax.Array,
   sp: sampling.SamplingParams,
   *,
@@ -64,27 +64,27 @@ def bon_table(
   policy_samples_per_prompt: int,
 ) -> dict[str, Any]:
   """Mean rewards of pi_ref, Best-of-N(pi_ref) and the policy, and the policy's KL."""
-  k_ref, k_pol = jax.random.split(rng)
-  ref_r, _ = _rewards_and_logps(
+  rng_ref, rng_policy = jax.random.split(rng)
+  ref_rewards_BxK, _ = _rewards_and_logps(
     cfg,
     ref_params,
     ref_params,
     prompt_BxP,
     valid_BxP,
-    k_ref,
+    rng_ref,
     sp,
     samples_per_prompt,
     reward_fn,
     reward_params,
     with_kl=False,
   )
-  pol_r, pol_kl = _rewards_and_logps(
+  policy_rewards_BxM, policy_kl_B = _rewards_and_logps(
     cfg,
     policy_params,
     ref_params,
     prompt_BxP,
     valid_BxP,
-    k_pol,
+    rng_policy,
     sp,
     policy_samples_per_prompt,
     reward_fn,
@@ -93,15 +93,17 @@ def bon_table(
   )
   table = {
     'num_prompts': int(prompt_BxP.shape[0]),
-    'reward_ref': float(ref_r.mean()),
+    'reward_ref': float(ref_rewards_BxK.mean()),
     'reward_bon': {
-      str(n): float(np.mean(bon.bon_expected_max(jnp.asarray(ref_r), n))) for n in bon_ns
+      str(n): float(np.mean(bon.bon_expected_max(jnp.asarray(ref_rewards_BxK), n))) for n in bon_ns
     },
     # KL(BoN_N || pi_ref) <= log N - (N - 1) / N, with equality for continuous rewards.
     'kl_bon_bound': {str(n): math.log(n) - (n - 1) / n for n in bon_ns},
-    'reward_policy': float(pol_r.mean()),
-    'reward_policy_stderr': float(pol_r.mean(axis=1).std() / math.sqrt(pol_r.shape[0])),
-    'kl_policy_ref': float(pol_kl.mean()),
+    'reward_policy': float(policy_rewards_BxM.mean()),
+    'reward_policy_stderr': float(
+      policy_rewards_BxM.mean(axis=1).std() / math.sqrt(policy_rewards_BxM.shape[0])
+    ),
+    'kl_policy_ref': float(policy_kl_B.mean()),
   }
   beaten = [n for n in bon_ns if table['reward_policy'] >= table['reward_bon'][str(n)]]
   table['matches_bon_n'] = max(beaten) if beaten else 1

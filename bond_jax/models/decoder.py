@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from bond_jax.types import PyTree
+
 Cache = list[dict[str, jax.Array]]
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -402,7 +404,7 @@ class Decoder(nn.Module):
     return self.logits(h_BxTxD), new_cache
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+def init_params(cfg: ModelConfig, rng: jax.Array) -> PyTree:
   """Random parameters (a pytree), without running a forward pass on real data."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   mask = jnp.ones((1, 1, 1), bool)
@@ -410,7 +412,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
 
 
 def forward(
-  cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, valid_BxT: jax.Array
+  cfg: ModelConfig, params: PyTree, tokens_BxT: jax.Array, valid_BxT: jax.Array
 ) -> jax.Array:
   """Full-sequence logits [B, T, V] for left- or right-padded rows (no cache)."""
   positions_BxT, mask_BxTxT = sequence_inputs(valid_BxT)

@@ -38,6 +38,7 @@ from bond_jax.models import decoder as model_lib
 from bond_jax.models import reward_model
 from bond_jax.models import sharding as sharding_lib
 from bond_jax.models.decoder import ModelConfig
+from bond_jax.types import PyTree
 
 SUPPORTED_MODEL_TYPES = ('gemma', 'gemma2', 'gemma3', 'gemma3_text', 'llama', 'qwen2')
 _CAUSAL_LM = {
@@ -354,7 +355,7 @@ def _weight_map(path: Path) -> dict[str, Path]:
 
 
 def _load_tree(
-  path: str | Path, cfg: ModelConfig, abstract: Any, strip: str, shardings: Any
+  path: str | Path, cfg: ModelConfig, abstract: PyTree, strip: str, shardings: PyTree
 ) -> Any:
   path = Path(path)
   weight_map = _weight_map(path)
@@ -407,8 +408,11 @@ def _resolve_cfg(path: str | Path, cfg: ModelConfig | None, dtype: str | None) -
 
 
 def load_params(
-  path: str | Path, cfg: ModelConfig | None = None, dtype: str | None = None, shardings: Any = None
-) -> tuple[ModelConfig, Any]:
+  path: str | Path,
+  cfg: ModelConfig | None = None,
+  dtype: str | None = None,
+  shardings: PyTree = None,
+) -> tuple[ModelConfig, PyTree]:
   """(cfg, params) of a *ForCausalLM checkpoint directory.
 
   cfg: None reads it from config.json; dtype: activation and parameter dtype (None:
@@ -421,8 +425,11 @@ def load_params(
 
 
 def load_reward_params(
-  path: str | Path, cfg: ModelConfig | None = None, dtype: str | None = None, shardings: Any = None
-) -> tuple[ModelConfig, Any]:
+  path: str | Path,
+  cfg: ModelConfig | None = None,
+  dtype: str | None = None,
+  shardings: PyTree = None,
+) -> tuple[ModelConfig, PyTree]:
   """(cfg, {'decoder': ..., 'score': {'kernel': [D, 1]}}) of a *ForSequenceClassification
   checkpoint with one label (its `score.weight` is [1, D])."""
   cfg = _resolve_cfg(path, cfg, dtype)
@@ -436,7 +443,7 @@ def load_reward_params(
 
 def export_hf(
   cfg: ModelConfig,
-  params: Any,
+  params: PyTree,
   out_dir: str | Path,
   tokenizer_dir: str | Path | None = None,
   max_shard_bytes: int = 5 * 2**30,

@@ -15,14 +15,13 @@ Parameters: {'decoder': <model.Decoder params, no lm_head>, 'score': {'kernel': 
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from bond_jax.models import decoder as model_lib
 from bond_jax.models.decoder import ModelConfig
+from bond_jax.types import PyTree
 
 
 def last_valid_index(valid_BxT: jax.Array) -> jax.Array:
@@ -50,14 +49,16 @@ class RewardModel(nn.Module):
     return self.score(h_BxD)[:, 0].astype(jnp.float32)
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+def init_params(cfg: ModelConfig, rng: jax.Array) -> PyTree:
   """Random reward-model parameters (the score head starts at Dense's default init)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   mask = jnp.ones((1, 1, 1), bool)
   return RewardModel(cfg).init(rng, tokens, tokens, mask, jnp.zeros((1,), jnp.int32))['params']
 
 
-def score(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, valid_BxT: jax.Array) -> jax.Array:
+def score(
+  cfg: ModelConfig, params: PyTree, tokens_BxT: jax.Array, valid_BxT: jax.Array
+) -> jax.Array:
   """Rewards [B] (float32) of left- or right-padded rows."""
   positions_BxT, mask_BxTxT = model_lib.sequence_inputs(valid_BxT)
   return RewardModel(cfg).apply(

@@ -15,13 +15,13 @@ from them are biased (the config and the metrics name the setting).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from bond_jax.models import decoder as model_lib
+from bond_jax.types import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ class _DecodeState:
   mask_BxG: jax.Array
   logprobs_BxG: jax.Array
   done_B: jax.Array
-  cache: Any
+  cache: model_lib.Cache
   rng: jax.Array
 
 
@@ -86,7 +86,7 @@ def _choose(logits_BxV: jax.Array, rng: jax.Array, sp: SamplingParams) -> jax.Ar
 
 def sample(
   cfg: model_lib.ModelConfig,
-  params: Any,
+  params: PyTree,
   prompt_BxP: jax.Array,
   prompt_valid_BxP: jax.Array,
   rng: jax.Array,
@@ -184,7 +184,7 @@ sample_jit = jax.jit(sample, static_argnames=('cfg', 'sp', 'num_samples'))
 
 def sequence_logprobs(
   cfg: model_lib.ModelConfig,
-  params: Any,
+  params: PyTree,
   prompt_BxP: jax.Array,
   prompt_valid_BxP: jax.Array,
   response_BxG: jax.Array,

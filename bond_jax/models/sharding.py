@@ -29,6 +29,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bond_jax.types import PyTree
+
 DATA, MODEL = 'data', 'model'
 
 # (path regex, candidate specs in order of preference). Shapes follow model.py:
@@ -90,7 +92,7 @@ def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
   return P()
 
 
-def param_shardings(params: Any, mesh: Mesh) -> Any:
+def param_shardings(params: PyTree, mesh: Mesh) -> PyTree:
   """A pytree of NamedSharding, like `params` (arrays or jax.ShapeDtypeStruct leaves)."""
   return jax.tree_util.tree_map_with_path(
     lambda path, x: NamedSharding(mesh, param_spec(path_name(path), tuple(x.shape), mesh)), params
@@ -102,7 +104,7 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
-def assert_big_tensors_sharded(params: Any, mesh: Mesh, min_size: int = 2**20) -> None:
+def assert_big_tensors_sharded(params: PyTree, mesh: Mesh, min_size: int = 2**20) -> None:
   """Raise if a parameter with >= min_size elements is replicated over the 'model' axis.
 
   A start-up check that the rule table still matches the parameter names: a renamed
