@@ -4,7 +4,7 @@ All on the same held-out prompts and the same reward. The trainer samples at
 temperature 1 with no truncation (the models' own distributions), whatever the
 training sampler used. Best-of-N rewards use the unbiased order-statistics
 estimator over K >= N samples per prompt (`bon.bon_expected_max`), not one noisy
-draw of N.
+draw of N. The estimators are those of `estimates.py`, shared with the reproductions.
 """
 
 from __future__ import annotations
@@ -13,39 +13,13 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from bond_jax.algo import bon
+from bond_jax.eval import estimates
 from bond_jax.models import decoder as model_lib
 from bond_jax.models import sampling
 from bond_jax.types import PyTree, RewardFn
 
-
-def _rewards_and_logps(
-  cfg: model_lib.ModelConfig,
-  params: PyTree,
-  ref_params: PyTree,
-  prompt_BxP: jax.Array,
-  valid_BxP: jax.Array,
-  rng: jax.Array,
-  sp: sampling.SamplingParams,
-  per_prompt: int,
-  reward_fn: RewardFn,
-  reward_params: PyTree,
-  with_kl: bool,
-) -> tuple[np.ndarray, np.ndarray | None]:
-  out = sampling.sample_jit(cfg, params, prompt_BxP, valid_BxP, rng, sp, num_samples=per_prompt)
-  prompt = jnp.repeat(prompt_BxP, per_prompt, axis=0)
-  valid = jnp.repeat(valid_BxP, per_prompt, axis=0)
-  reward = jax.jit(reward_fn)(reward_params, prompt, valid, out.tokens_BxG, out.mask_BxG)
-  kl = None
-  if with_kl:
-    logp = jax.jit(sampling.sequence_logprobs, static_argnums=0)
-    logp_pi = logp(cfg, params, prompt, valid, out.tokens_BxG, out.mask_BxG).sum(-1)
-    logp_ref = logp(cfg, ref_params, prompt, valid, out.tokens_BxG, out.mask_BxG).sum(-1)
-    kl = np.asarray(logp_pi - logp_ref)
-  return np.asarray(reward).reshape(-1, per_prompt), kl
+_score = jax.jit(estimates.score_samples, static_argnames=('cfg', 'sp', 'per_prompt', 'reward_fn'))
 
 
 def bon_table(
@@ -62,49 +36,34 @@ def bon_table(
   samples_per_prompt: int,
   bon_ns: tuple[int, ...],
   policy_samples_per_prompt: int,
+  kl_n: int | None = None,
 ) -> dict[str, Any]:
-  """Mean rewards of pi_ref, Best-of-N(pi_ref) and the policy, and the policy's KL."""
+  """Rewards of pi_ref, of Best-of-N(pi_ref) and of the policy, and the policy's section 8
+  metrics against pi_ref (`estimates.policy_metrics`; the KLs to pi_BoN for `kl_n`)."""
   rng_ref, rng_policy = jax.random.split(rng)
-  ref_rewards_BxK, _ = _rewards_and_logps(
-    cfg,
-    ref_params,
-    ref_params,
-    prompt_BxP,
-    valid_BxP,
-    rng_ref,
-    sp,
-    samples_per_prompt,
-    reward_fn,
-    reward_params,
-    with_kl=False,
-  )
-  policy_rewards_BxM, policy_kl_B = _rewards_and_logps(
-    cfg,
-    policy_params,
-    ref_params,
-    prompt_BxP,
-    valid_BxP,
-    rng_policy,
-    sp,
-    policy_samples_per_prompt,
-    reward_fn,
-    reward_params,
-    with_kl=True,
-  )
+  score = lambda sample_params, rng, per_prompt: _score(
+    cfg=cfg, sample_params=sample_params, policy_params=policy_params, ref_params=ref_params,
+    prompt_BxP=prompt_BxP, prompt_valid_BxP=valid_BxP, rng=rng, sp=sp, per_prompt=per_prompt,
+    reward_fn=reward_fn, reward_params=reward_params,
+  )  # fmt: skip
+  ref = score(ref_params, rng_ref, samples_per_prompt)
+  policy = score(policy_params, rng_policy, policy_samples_per_prompt)
+  reference = jax.device_get(estimates.reference_metrics(ref, tuple(bon_ns)))
+  metrics = jax.device_get(estimates.policy_metrics(policy, ref, kl_n))
   table = {
     'num_prompts': int(prompt_BxP.shape[0]),
-    'reward_ref': float(ref_rewards_BxK.mean()),
-    'reward_bon': {
-      str(n): float(np.mean(bon.bon_expected_max(jnp.asarray(ref_rewards_BxK), n))) for n in bon_ns
-    },
+    'reward_ref': float(reference['reward_ref']),
+    'reward_bon': {str(n): float(reference[f'reward_bon_{n}']) for n in bon_ns},
     # KL(BoN_N || pi_ref) <= log N - (N - 1) / N, with equality for continuous rewards.
     'kl_bon_bound': {str(n): math.log(n) - (n - 1) / n for n in bon_ns},
-    'reward_policy': float(policy_rewards_BxM.mean()),
-    'reward_policy_stderr': float(
-      policy_rewards_BxM.mean(axis=1).std() / math.sqrt(policy_rewards_BxM.shape[0])
-    ),
-    'kl_policy_ref': float(policy_kl_B.mean()),
+    'reward_policy': float(metrics['reward']),
+    'reward_policy_stderr': float(metrics['reward_stderr']),
+    'kl_policy_ref': float(metrics['kl_ref']),
+    'log_quantile': float(metrics['log_quantile']),
+    'win_rate': float(metrics['win_rate']),
   }
+  if kl_n is not None:
+    table.update(kl_n=kl_n, kl_bwd=float(metrics['kl_bwd']), kl_fwd=float(metrics['kl_fwd']))
   beaten = [n for n in bon_ns if table['reward_policy'] >= table['reward_bon'][str(n)]]
   table['matches_bon_n'] = max(beaten) if beaten else 1
   return table
@@ -131,4 +90,11 @@ def format_table(table: dict[str, Any]) -> str:
     verdict = f'One sample of the trained policy matches Best-of-{n} of pi_ref.'
   else:
     verdict = 'The trained policy does not reach Best-of-2 of pi_ref.'
-  return '\n'.join(lines + [verdict])
+  versus = (
+    f'Against pi_ref samples: win rate {table["win_rate"]:.3f}, '
+    f'mean log quantile {table["log_quantile"]:.3f}'
+  )
+  if 'kl_n' in table:
+    n = table['kl_n']
+    versus += f', KL(pi || BoN-{n}) {table["kl_bwd"]:.3f}, KL(BoN-{n} || pi) {table["kl_fwd"]:.3f}'
+  return '\n'.join(lines + [verdict, versus + '.'])
