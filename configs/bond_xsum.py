@@ -26,6 +26,9 @@ with one label; a reward model with its own tokenizer is supported
 Not stated in the paper for this section, chosen here: batch 32, Adam lr 3e-6
 with 100 warm-up steps, 5000 steps, 64 new tokens (XSum summaries are one
 sentence). Paths default to '' and the run stops at start-up naming the field.
+model.preset is gemma_2b and must match the checkpoint's config.json (checked at
+start-up): for another policy set --config.model.preset to its preset, or to ''
+to take the checkpoint's architecture.
 
 Hardware (sized, not yet run at this scale): one host with 8 x H100 80 GB, mesh
 data=2 x model=4 for a 2B policy. Each step samples 1 policy and 16 anchor
@@ -50,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0  # seeds sampling and the anchor/policy RNG streams
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = 'gemma_2b'  # expected architecture (model.PRESETS); the checkpoint's config.json is what is loaded
+  c.model.preset = 'gemma_2b'  # architecture (bond_jax/models/decoder.py PRESETS): the shapes when no checkpoint is set; with one, its config.json is loaded and must agree on every shape (checked at start-up); '' = the checkpoint's only
   c.model.hf_checkpoint = ''  # pi_ref: local HF *ForCausalLM dir fine-tuned on XSum; the fixed anchor and the policy's start
   c.model.dtype = 'bfloat16'  # activation dtype
   c.model.param_dtype = 'float32'  # master weights: Adam updates of lr 3e-6 are below bfloat16 resolution
@@ -61,14 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tokenizer.eos_token = ''  # where a response ends ('' = the tokenizer's EOS)
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = 'hf'  # prompts from `data`, pi_ref from model.hf_checkpoint, reward from `reward`
-  c.task.prompt_len = 8  # noisy-copy task only (unused when task.name='hf')
-  c.task.keep_prob = 0.4  # noisy-copy task only (unused when task.name='hf')
-
-  c.reference = ml_collections.ConfigDict()
-  c.reference.sft_steps = 0  # 0: pi_ref is the checkpoint itself, no supervised stage
-  c.reference.sft_batch_size = 128  # noisy-copy task only
-  c.reference.sft_learning_rate = 3e-3  # noisy-copy task only
+  c.task.name = 'hf'  # prompts from `data`, pi_ref from model.hf_checkpoint (no supervised stage), reward from `reward`
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'tfds'  # 'tfds' | 'jsonl'

@@ -10,11 +10,13 @@ Command (from the repository root; every path is local, nothing is downloaded):
 model.hf_checkpoint is pi_ref (an instruction-tuned, i.e. supervised fine-tuned,
 Gemma 2B: *ForCausalLM safetensors + tokenizer files); reward.checkpoint a
 *ForSequenceClassification reward model with one label (the paper's is not
-public; any supported family works, see bond_jax/rewards.py for how a reward
+public; any supported family works, see bond_jax/data/rewards.py for how a reward
 model with another tokenizer is fed); data.jsonl_path one JSON object per line
 with the prompt under "prompt" (the paper's conversational prompts are not
 public either). Paths default to '' and the run stops at start-up naming the
-missing field.
+missing field. model.preset must describe the checkpoint's architecture (checked
+against its config.json at start-up); for another model set
+--config.model.preset to its preset, or to '' to take the checkpoint's.
 
 Paper settings (Section 6): batch 128, Adam lr 3e-6 with 100 warm-up steps,
 beta = 0.5, eta = 0.02 (Fig. 5, 7; Fig. 6 sweeps eta in {0.01, 0.05, 0.1} and
@@ -44,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seeds sampling and the anchor/policy RNG streams
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = 'gemma_2b'  # expected architecture (model.PRESETS); the checkpoint's config.json is what is loaded
+  c.model.preset = 'gemma_2b'  # architecture (bond_jax/models/decoder.py PRESETS): the shapes when no checkpoint is set; with one, its config.json is loaded and must agree on every shape (checked at start-up); '' = the checkpoint's only
   c.model.hf_checkpoint = ''  # pi_ref: local HF *ForCausalLM dir (config.json + safetensors); policy and anchor start from it
   c.model.dtype = 'bfloat16'  # activation dtype
   c.model.param_dtype = 'float32'  # master weights: Adam updates of lr 3e-6 are below bfloat16 resolution
@@ -55,14 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.tokenizer.eos_token = '<end_of_turn>'  # where a response ends ('' = the tokenizer's EOS); Gemma IT ends turns here
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = 'hf'  # prompts from `data`, pi_ref from model.hf_checkpoint, reward from `reward`
-  c.task.prompt_len = 8  # noisy-copy task only (unused when task.name='hf')
-  c.task.keep_prob = 0.4  # noisy-copy task only (unused when task.name='hf')
-
-  c.reference = ml_collections.ConfigDict()
-  c.reference.sft_steps = 0  # 0: pi_ref is the checkpoint itself, no supervised stage
-  c.reference.sft_batch_size = 128  # noisy-copy task only
-  c.reference.sft_learning_rate = 3e-3  # noisy-copy task only
+  c.task.name = 'hf'  # prompts from `data`, pi_ref from model.hf_checkpoint (no supervised stage), reward from `reward`
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'jsonl'  # 'tfds' | 'jsonl'

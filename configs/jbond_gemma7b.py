@@ -10,11 +10,13 @@ Command (from the repository root; every path is local, nothing is downloaded):
 model.hf_checkpoint is pi_ref (an instruction-tuned, i.e. supervised fine-tuned,
 Gemma 7B: *ForCausalLM safetensors + tokenizer files); reward.checkpoint a
 *ForSequenceClassification reward model with one label (the paper's is not
-public; any supported family works, see bond_jax/rewards.py for how a reward
+public; any supported family works, see bond_jax/data/rewards.py for how a reward
 model with another tokenizer is fed); data.jsonl_path one JSON object per line
 with the prompt under "prompt" (the paper's conversational prompts are not
 public either). Paths default to '' and the run stops at start-up naming the
-missing field.
+missing field. model.preset must describe the checkpoint's architecture (checked
+against its config.json at start-up); for another model set
+--config.model.preset to its preset, or to '' to take the checkpoint's.
 
 Paper settings (Section 6): batch 128, Adam lr 3e-6 with 100 warm-up steps,
 beta = 0.5, eta = 0.02 (Fig. 5 and 7), gamma = 0, n = 2 anchor samples. The
@@ -48,7 +50,7 @@ from bond_jax.run import config as config_lib
 def get_config() -> ml_collections.ConfigDict:
   """jbond_gemma2b.py with the fields below changed; every other field (and its comment) is there."""
   c = config_lib.load_config_file(pathlib.Path(__file__).with_name('jbond_gemma2b.py'))
-  c.model.preset = 'gemma_7b'  # expected architecture; the checkpoint's config.json is loaded
+  c.model.preset = 'gemma_7b'  # architecture: the shapes without a checkpoint; the checkpoint's config.json must agree (checked at start-up)
   c.mesh.data = 1  # devices the batch is split over (data parallel)
   c.mesh.model = 8  # devices each parameter is split over (tensor parallel)
   return c

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seeds pi_ref's training, the data stream and sampling
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = 'tiny'  # architecture (bond_jax/model.py PRESETS): 2 layers, width 64
+  c.model.preset = 'tiny'  # architecture (bond_jax/models/decoder.py PRESETS): 2 layers, width 64
   c.model.dtype = 'float32'  # activation dtype
   c.model.param_dtype = 'float32'
 

@@ -2,8 +2,10 @@
 
 `validate` runs before anything is compiled and raises a one-line
 `ConfigError` naming the field, the value and what is allowed. The config files
-in `configs/` define every field (configs are locked, so a misspelt override is
-an error); this module only reads them.
+in `configs/` define every field a run reads (configs are locked, so a misspelt
+override is an error), and none that its kind of run never reads: a Hugging Face
+run (task.name = 'hf') has no task.prompt_len, task.keep_prob or reference block,
+the embedded task no tokenizer, data or reward block. This module only reads them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import pathlib
-import types
 from pathlib import Path
 
 import jax
@@ -21,29 +22,33 @@ from bond_jax.algo.algorithms import BondConfig
 from bond_jax.algo.step import StepConfig
 from bond_jax.data import prompts, rewards, tasks
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import sampling
+from bond_jax.models import hf, sampling
 from bond_jax.types import ConfigError, RewardFn
 
 TASKS = ('noisy_copy', 'hf')
 DTYPES = ('float32', 'bfloat16')
 SOURCES = ('tfds', 'jsonl')
 REWARD_SOURCES = ('model', 'programmatic')
+# What a preset and a checkpoint must agree on: the shapes of every parameter.
+SHAPE_FIELDS = (
+  'vocab_size',
+  'num_layers',
+  'embed_dim',
+  'hidden_dim',
+  'num_heads',
+  'num_kv_heads',
+  'head_dim',
+)
 
 
-def load_config_module(path: str | pathlib.Path) -> types.ModuleType:
-  """A config file as a module (its `get_config`, and `get_sweep` where it declares one)."""
+def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(arg)`) of a config file, as the train script would."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f'config file {path} does not exist.')
   spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module
-
-
-def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config()` (or `get_config(arg)`) of a config file, as the train script would."""
-  module = load_config_module(path)
   return module.get_config() if arg is None else module.get_config(arg)
 
 
@@ -63,12 +68,8 @@ def _positive_int(c: ml_collections.ConfigDict, field: str) -> None:
   _check(isinstance(value, int) and value > 0, field, value, 'must be an integer > 0')
 
 
-def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
-  """Reject every bad value at start-up, with a message that names the field.
-
-  `check_devices=False` skips what depends on this machine (the device and process
-  counts), for a sweep printed here and launched elsewhere.
-  """
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Reject every bad value at start-up, with a message that names the field."""
   bond = bond_config(c)  # the algorithm's knobs check themselves
   for field in (
     'train.num_steps',
@@ -105,20 +106,19 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
     c.train.batch_size,
     f'must be divisible by mesh.data={c.mesh.data} (prompts are split across devices)',
   )
-  if check_devices:
-    n_dev = jax.device_count()
-    _check(
-      c.mesh.data * c.mesh.model <= n_dev,
-      'mesh.data',
-      c.mesh.data,
-      f'mesh.data * mesh.model = {c.mesh.data * c.mesh.model} exceeds the {n_dev} devices',
-    )
-    _check(
-      c.train.batch_size % jax.process_count() == 0,
-      'train.batch_size',
-      c.train.batch_size,
-      f'must split evenly over the {jax.process_count()} processes',
-    )
+  n_dev = jax.device_count()
+  _check(
+    c.mesh.data * c.mesh.model <= n_dev,
+    'mesh.data',
+    c.mesh.data,
+    f'mesh.data * mesh.model = {c.mesh.data * c.mesh.model} exceeds the {n_dev} devices',
+  )
+  _check(
+    c.train.batch_size % jax.process_count() == 0,
+    'train.batch_size',
+    c.train.batch_size,
+    f'must split evenly over the {jax.process_count()} processes',
+  )
   _check(c.optim.learning_rate > 0, 'optim.learning_rate', c.optim.learning_rate, 'must be > 0')
   _check(
     c.optim.grad_clip_norm >= 0,
@@ -159,7 +159,23 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
 
 
 def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
-  return model_lib.preset(c.model.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+  """The run's architecture, computing in model.dtype with model.param_dtype weights.
+
+  The embedded task: model.preset. A Hugging Face run: the config.json of
+  model.hf_checkpoint when it is set (what is loaded; `validate` checked that it has
+  the preset's shapes), else model.preset's, so shapes (and memory) can be planned
+  without the checkpoint.
+  """
+  dtypes = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+  if c.task.name == 'hf' and c.model.hf_checkpoint:
+    return dataclasses.replace(checkpoint_config(c.model.hf_checkpoint), **dtypes)
+  if c.model.preset not in model_lib.PRESETS:
+    _fail(
+      'model.preset',
+      c.model.preset,
+      f'one of {sorted(model_lib.PRESETS)} (or set model.hf_checkpoint on a Hugging Face run)',
+    )
+  return model_lib.preset(c.model.preset, **dtypes)
 
 
 def task(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> tasks.NoisyCopy:
@@ -219,6 +235,35 @@ def tokenizer_path(c: ml_collections.ConfigDict) -> str:
   return c.tokenizer.path or c.model.hf_checkpoint
 
 
+def checkpoint_config(path: str) -> model_lib.ModelConfig:
+  """The architecture in a checkpoint's config.json (float32; no weights are read)."""
+  try:
+    return hf.config_from_hf(hf.read_hf_config(path))
+  except ValueError as e:  # an architecture the decoder does not implement
+    raise ConfigError(f'config.model.hf_checkpoint={path!r} is invalid: {e}') from e
+
+
+def _check_preset_matches_checkpoint(preset: str, path: str) -> None:
+  """model.preset and the checkpoint's config.json agree on every parameter shape."""
+  if not preset:
+    return
+  want, have = model_lib.PRESETS[preset], checkpoint_config(path)
+  shapes = lambda cfg: tuple(getattr(cfg, f) for f in SHAPE_FIELDS)
+  for field in SHAPE_FIELDS:
+    if getattr(want, field) != getattr(have, field):
+      same = [name for name, p in model_lib.PRESETS.items() if shapes(p) == shapes(have)]
+      fix = (
+        f'set config.model.preset={same[0]!r}'
+        if same
+        else "set config.model.preset='' to take the architecture from the checkpoint only"
+      )
+      raise ConfigError(
+        f'config.model.preset={preset!r} does not match the checkpoint {path}: {field} is '
+        f'{getattr(want, field)} in the preset but {getattr(have, field)} in its config.json; '
+        f'{fix}, or point model.hf_checkpoint at a {preset} checkpoint.'
+      )
+
+
 def validate_real(c: ml_collections.ConfigDict) -> None:
   """Reject missing paths and bad values of the real-model fields, naming the field."""
   if c.task.name != 'hf':
@@ -233,6 +278,13 @@ def validate_real(c: ml_collections.ConfigDict) -> None:
     value = c.model.dtype if field == 'model.dtype' else c.model.param_dtype
     if value not in DTYPES:
       _fail(field, value, f'one of {DTYPES}')
+  _check(
+    c.model.preset == '' or c.model.preset in model_lib.PRESETS,
+    'model.preset',
+    c.model.preset,
+    f"one of {sorted(model_lib.PRESETS)}, or '' to take the architecture from the checkpoint only",
+  )
+  _check_preset_matches_checkpoint(c.model.preset, c.model.hf_checkpoint)
   if c.tokenizer.path:
     _check_dir('tokenizer.path', c.tokenizer.path, 'tokenizer directory')
 

@@ -1,12 +1,14 @@
 """What a config builds before the loop starts: model, prompts, reward, pi_ref, optimizer.
 
-Two kinds of run share one loop (`trainer.py`):
+Two kinds of run share one loop (`loop.py`):
 
-  task.name = 'noisy_copy'  the embedded task: prompts and reward from `tasks.py`, pi_ref
-                            trained here by supervised learning (`sft.py`).
+  task.name = 'noisy_copy'  the embedded task: prompts and reward from `data/tasks.py`,
+                            pi_ref trained here by supervised learning (`sft.py`) as the
+                            `reference` block says.
   task.name = 'hf'          a Hugging Face policy (pi_ref = model.hf_checkpoint), its
-                            tokenizer, prompts from TFDS or JSONL (`data.py`), a reward model
-                            or programmatic reward (`rewards.py`).
+                            tokenizer, prompts from TFDS or JSONL (`data/prompts.py`), a reward
+                            model or programmatic reward (`data/rewards.py`); its config has
+                            no task.prompt_len, task.keep_prob or reference block.
 
 Either way the loop sees the same `RunSetup`: static step config, a prompt stream with
 a saveable position, evaluation prompts, reward parameters (passed to the step as an
@@ -147,13 +149,9 @@ def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunS
     chat_template=c.tokenizer.chat_template,
     eos_token=c.tokenizer.eos_token,
   )
-  # Read the architecture from config.json; keep float32 master weights if asked (Adam
-  # steps of lr 3e-6 vanish in bfloat16), compute in model.dtype.
-  cfg = dataclasses.replace(
-    hf.config_from_hf(hf.read_hf_config(c.model.hf_checkpoint)),
-    dtype=c.model.dtype,
-    param_dtype=c.model.param_dtype,
-  )
+  # The checkpoint's architecture; float32 master weights if asked (Adam steps of lr 3e-6
+  # vanish in bfloat16), computing in model.dtype.
+  cfg = config_lib.model_config(c)
   tokenizer_lib.check_vocab(tok, cfg.vocab_size, 'model.hf_checkpoint')
   reward_fn, reward_params = rewards.make_reward(c.reward, tok, mesh=mesh)
   sp = dataclasses.replace(

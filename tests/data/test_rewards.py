@@ -277,7 +277,8 @@ def test_validate_real_names_missing_fields(dirs, tmp_path, name):
   c = load_config_file(ROOT / 'configs' / f'{name}.py')
   with pytest.raises(ConfigError, match=r"config\.model\.hf_checkpoint='' is invalid"):
     config_lib.validate_real(c)
-  c.model.hf_checkpoint = str(dirs['rm_a'])  # any directory with a config.json
+  c.model.preset = ''  # the tiny fixture is no preset: take the checkpoint's architecture
+  c.model.hf_checkpoint = str(dirs['rm_a'])  # any directory with a Gemma config.json
   if c.data.source == 'jsonl':
     with pytest.raises(ConfigError, match=r"config\.data\.jsonl_path='' is invalid"):
       config_lib.validate_real(c)

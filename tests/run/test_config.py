@@ -1,11 +1,14 @@
 """Config validation: every bad value is rejected before anything compiles, by name."""
 
+import dataclasses
+import json
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from bond_jax.models import decoder as model_lib
 from bond_jax.run import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -48,6 +51,7 @@ def test_default_config_is_valid():
     ('task.prompt_len', 0, r'task\.prompt_len=0 .*> 0'),
     ('task.keep_prob', 0.0, r'task\.keep_prob=0\.0 .*\(0, 1\]'),
     ('model.preset', 'gpt5', r"model\.preset='gpt5' .*one of"),
+    ('model.preset', '', r"model\.preset='' .*one of"),  # '' is for Hugging Face runs only
     ('eval.bon_ns', (2, 64), r'eval\.bon_ns=\(2, 64\) .*samples_per_prompt'),
     ('reference.sft_steps', 0, r'reference\.sft_steps=0 .*> 0'),
   ],
@@ -83,6 +87,94 @@ def test_periodic_anchor_needs_a_period():
   c = load_config()
   c.bond.anchor = 'periodic'
   with pytest.raises(config_lib.ConfigError, match=r'bond\.anchor_period=0'):
+    config_lib.validate(c)
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face runs: model.preset and the checkpoint's config.json.
+
+HF_CONFIGS = {'jbond_gemma2b': 'gemma_2b', 'jbond_gemma7b': 'gemma_7b', 'bond_xsum': 'gemma_2b'}
+# config.json of google/gemma-7b, reduced to what sets the architecture.
+GEMMA_7B_JSON = dict(
+  model_type='gemma',
+  hidden_act='gelu',
+  vocab_size=256000,
+  hidden_size=3072,
+  intermediate_size=24576,
+  num_hidden_layers=28,
+  num_attention_heads=16,
+  num_key_value_heads=16,
+  head_dim=256,
+  rms_norm_eps=1e-6,
+)
+
+
+@pytest.mark.parametrize('name', sorted(HF_CONFIGS))
+def test_hf_configs_carry_no_noisy_copy_fields(name):
+  c = load_config(name)
+  assert c.task.to_dict() == {'name': 'hf'}
+  assert 'reference' not in c
+
+
+@pytest.mark.parametrize('name,preset', sorted(HF_CONFIGS.items()))
+def test_hf_config_without_checkpoint_has_its_presets_shapes(name, preset):
+  c = load_config(name)
+  assert c.model.hf_checkpoint == '' and c.model.preset == preset
+  assert config_lib.model_config(c) == dataclasses.replace(
+    model_lib.PRESETS[preset], dtype='bfloat16', param_dtype='float32'
+  )
+  c.model.preset = ''  # nothing left to take the shapes from
+  with pytest.raises(config_lib.ConfigError, match=r"model\.preset='' .*model\.hf_checkpoint"):
+    config_lib.model_config(c)
+
+
+def _hf_config(tmp_path, preset: str, **checkpoint_json):
+  """jbond_gemma2b.py with `preset`, pointed at a checkpoint that has only a config.json
+  (Gemma 7B's unless overridden): validation reads no weights."""
+  ckpt = tmp_path / 'ckpt'
+  ckpt.mkdir()
+  (ckpt / 'config.json').write_text(json.dumps({**GEMMA_7B_JSON, **checkpoint_json}))
+  prompts = tmp_path / 'prompts.jsonl'
+  prompts.write_text(json.dumps({'prompt': 'hello'}) + '\n')
+  c = load_config('jbond_gemma2b')
+  c.model.preset, c.model.hf_checkpoint = preset, str(ckpt)
+  c.data.jsonl_path = str(prompts)
+  c.reward.source, c.reward.fn = 'programmatic', 'terminated'
+  c.mesh.data = c.mesh.model = 1
+  return c
+
+
+def test_hf_preset_must_match_the_checkpoint(tmp_path):
+  c = _hf_config(tmp_path, 'gemma_2b')
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith(
+    f"config.model.preset='gemma_2b' does not match the checkpoint {c.model.hf_checkpoint}: "
+    'num_layers is 18 in the preset but 28 in its config.json; '
+    "set config.model.preset='gemma_7b'"
+  ), message
+  c.model.preset = 'gemma_7b'
+  config_lib.validate(c)
+  assert config_lib.model_config(c) == dataclasses.replace(
+    model_lib.PRESETS['gemma_7b'], dtype='bfloat16', param_dtype='float32'
+  )
+
+
+def test_hf_checkpoint_that_no_preset_describes(tmp_path):
+  c = _hf_config(tmp_path, 'gemma_7b', num_key_value_heads=8)
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r'num_kv_heads is 16 in the preset but 8 in its config\.json; '
+    r"set config\.model\.preset=''",
+  ):
+    config_lib.validate(c)
+  c.model.preset = ''  # the checkpoint's architecture only
+  config_lib.validate(c)
+  assert config_lib.model_config(c).num_kv_heads == 8
+  c.model.preset = 'gemma_8b'
+  with pytest.raises(config_lib.ConfigError, match=r"model\.preset='gemma_8b' .*or ''"):
     config_lib.validate(c)
 
 

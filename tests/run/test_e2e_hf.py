@@ -36,6 +36,7 @@ def artefacts(tmp_path_factory):
 
 def _config(artefacts, source: str):
   c = config_lib.load_config_file(ROOT / 'configs' / 'jbond_gemma2b.py')
+  c.model.preset = ''  # the tiny fixture is no preset: take the checkpoint's architecture
   c.model.hf_checkpoint = artefacts['policy']
   c.reward.checkpoint = artefacts['reward']
   c.model.dtype = c.model.param_dtype = c.reward.dtype = 'float32'
