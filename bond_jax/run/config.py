@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import pathlib
+import types
 from pathlib import Path
 
 import jax
@@ -41,14 +42,20 @@ SHAPE_FIELDS = (
 )
 
 
-def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config()` (or `get_config(arg)`) of a config file, as the train script would."""
+def load_config_module(path: str | pathlib.Path) -> types.ModuleType:
+  """A config file as a module (its `get_config`, and `get_sweep` where it declares one)."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f'config file {path} does not exist.')
   spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(arg)`) of a config file, as the train script would."""
+  module = load_config_module(path)
   return module.get_config() if arg is None else module.get_config(arg)
 
 
@@ -68,8 +75,12 @@ def _positive_int(c: ml_collections.ConfigDict, field: str) -> None:
   _check(isinstance(value, int) and value > 0, field, value, 'must be an integer > 0')
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Reject every bad value at start-up, with a message that names the field."""
+def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
+  """Reject every bad value at start-up, with a message that names the field.
+
+  `check_devices=False` skips what depends on this machine (the device and process
+  counts), for a sweep printed here and launched elsewhere.
+  """
   bond = bond_config(c)  # the algorithm's knobs check themselves
   for field in (
     'train.num_steps',
@@ -106,19 +117,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
     c.train.batch_size,
     f'must be divisible by mesh.data={c.mesh.data} (prompts are split across devices)',
   )
-  n_dev = jax.device_count()
-  _check(
-    c.mesh.data * c.mesh.model <= n_dev,
-    'mesh.data',
-    c.mesh.data,
-    f'mesh.data * mesh.model = {c.mesh.data * c.mesh.model} exceeds the {n_dev} devices',
-  )
-  _check(
-    c.train.batch_size % jax.process_count() == 0,
-    'train.batch_size',
-    c.train.batch_size,
-    f'must split evenly over the {jax.process_count()} processes',
-  )
+  if check_devices:
+    n_dev = jax.device_count()
+    _check(
+      c.mesh.data * c.mesh.model <= n_dev,
+      'mesh.data',
+      c.mesh.data,
+      f'mesh.data * mesh.model = {c.mesh.data * c.mesh.model} exceeds the {n_dev} devices',
+    )
+    _check(
+      c.train.batch_size % jax.process_count() == 0,
+      'train.batch_size',
+      c.train.batch_size,
+      f'must split evenly over the {jax.process_count()} processes',
+    )
   _check(c.optim.learning_rate > 0, 'optim.learning_rate', c.optim.learning_rate, 'must be > 0')
   _check(
     c.optim.grad_clip_norm >= 0,
