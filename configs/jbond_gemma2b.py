@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.bond.quantile = 'mc'  # 'bond' only: how p_le is estimated: 'mc' (Eq. 10) | 'learned' (App. B.1)
   c.bond.quantile_learning_rate = 1e-4  # 'bond' + 'learned' only: Adam step size of p_theta
   c.bond.num_quantile_samples = 16  # k: 'bond' only, anchor samples for the MC quantile (Eq. 10)
-  c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8)
+  c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8); with MC quantiles (B) = N unless a sample ties r(y) (bon.mc_log_quantiles), a constant shift of r_BOND by log(N)/(N-1) that the baseline removes
   c.bond.beta_rl = 0.01  # beta_RL: KL weight of the REINFORCE baseline (Eq. 1; Fig. 7 sweeps 1e-3..1)
   c.bond.num_policy_samples = 2  # REINFORCE: policy samples per prompt (leave-one-out)
 
