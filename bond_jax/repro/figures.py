@@ -3,8 +3,9 @@
 `figure(name, out_dir, parts)` runs every curve of the figure on the parts asked
 ('testbed': exact metrics; 'lm': the tiny noisy-copy task, Monte-Carlo metrics),
 writes `<name>.json` (all curves, the settings and the claim checks with their
-numbers) and `<name>.png`, and returns the JSON dict. "final" below is the mean
-of the last 3 evaluations, to damp the LM's Monte-Carlo noise.
+numbers) and `<name>.png`, and returns the JSON dict; `scripts/reproduce.py
+--figure=2|4|5|7` is its command line. "final" below is the mean of the last 3
+evaluations, to damp the LM's Monte-Carlo noise.
 
 Settings are chosen for a 2-core CPU (each figure a few minutes); the paper's
 are in ALGORITHMS.md section 8. Where a claim does not reproduce, the check
