@@ -66,7 +66,17 @@ class _TfdsTexts(Sequence):
     return _text(self._source[i][self._feature], 'data.text_field', self._where)
 
 
-def tfds_texts(name: str, split: str, feature: str, data_dir: str = '') -> Sequence[str]:
+def _splits(tfds: Any, name: str, data_dir: str) -> list[str]:
+  """The prepared splits of a TFDS dataset, or [] when its info cannot be read."""
+  try:
+    return sorted(tfds.builder(name, data_dir=data_dir or None).info.splits)
+  except Exception:  # noqa: BLE001 (only used to word an error)
+    return []
+
+
+def tfds_texts(
+  name: str, split: str, feature: str, data_dir: str = '', split_field: str = 'data.split'
+) -> Sequence[str]:
   """The `feature` text of every example of a prepared TFDS split (lazy, random access)."""
   import tensorflow_datasets as tfds
 
@@ -77,6 +87,12 @@ def tfds_texts(name: str, split: str, feature: str, data_dir: str = '') -> Seque
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ConfigError(f'config.data.tfds_name={name!r} is invalid: no such TFDS builder.') from e
   except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as e:
+    available = _splits(tfds, name, data_dir)
+    if isinstance(e, ValueError) and 'split' in str(e).lower() and available:
+      raise ConfigError(
+        f'config.{split_field}={split!r} is invalid: TFDS {name} in '
+        f'{data_dir or "the default TFDS data_dir"} has the splits {available}.'
+      ) from e
     raise ConfigError(
       f'config.data.tfds_name={name!r} split {split!r} is not available as array_record in '
       f'{data_dir or "the default TFDS data_dir"}: prepare it once with `tfds build {name} '
@@ -85,7 +101,7 @@ def tfds_texts(name: str, split: str, feature: str, data_dir: str = '') -> Seque
     ) from e
   where = f'TFDS {name}/{split}'
   if len(source) == 0:
-    raise ConfigError(f'config.data.split={split!r}: {where} is empty.')
+    raise ConfigError(f'config.{split_field}={split!r}: {where} is empty.')
   first = source[0]
   if feature not in first:
     raise ConfigError(
@@ -95,15 +111,23 @@ def tfds_texts(name: str, split: str, feature: str, data_dir: str = '') -> Seque
 
 
 def jsonl_texts(path: str, field: str, path_field: str = 'data.jsonl_path') -> list[str]:
-  """`field` of every object of a JSONL file (one object per line; blank lines skipped)."""
+  """`field` of every object of a JSONL file (one object per line; blank lines skipped).
+
+  A line that is not UTF-8, not JSON, not an object or lacks `field` is a ConfigError that
+  names the file and the line."""
   if not path or not Path(path).is_file():
     raise ConfigError(
       f'config.{path_field}={path!r} is invalid: not a file (a local JSONL '
       'file, one JSON object per line).'
     )
   texts = []
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, 1):
+  line_no = 0
+  with open(path, 'rb') as f:
+    for line_no, raw in enumerate(f, 1):
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise ConfigError(f'{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start}).') from e
       if not line.strip():
         continue
       try:
@@ -112,14 +136,20 @@ def jsonl_texts(path: str, field: str, path_field: str = 'data.jsonl_path') -> l
         raise ConfigError(
           f'{path}:{line_no}: not valid JSON ({e.msg}); config.{path_field} must name a JSONL file.'
         ) from e
-      if not isinstance(obj, dict) or field not in obj:
+      if not isinstance(obj, dict):
+        raise ConfigError(
+          f'{path}:{line_no}: a JSON {type(obj).__name__}, not an object; config.{path_field} '
+          'must name a JSONL file of objects.'
+        )
+      if field not in obj:
         raise ConfigError(
           f'config.data.jsonl_field={field!r} is invalid: {path}:{line_no} has '
-          f'no such key (keys: {sorted(obj) if isinstance(obj, dict) else []}).'
+          f'no such key (keys: {sorted(obj)}).'
         )
       texts.append(_text(obj[field], 'data.jsonl_field', f'{path}:{line_no}'))
   if not texts:
-    raise ConfigError(f'config.{path_field}={path!r} is invalid: the file holds no examples.')
+    what = 'the file is empty' if line_no == 0 else f'its {line_no} lines are blank'
+    raise ConfigError(f'config.{path_field}={path!r} is invalid: no examples ({what}).')
   return texts
 
 
@@ -139,7 +169,9 @@ class PromptStream:
     shuffle: bool = True,
     process_index: int = 0,
     process_count: int = 1,
+    source: str = 'the dataset',
   ):
+    """`source` names the texts in errors (a file, a TFDS split)."""
     if overlong not in OVERLONG:
       raise ConfigError(f'config.data.overlong={overlong!r} is invalid: one of {OVERLONG}.')
     if '{text}' not in prompt_template:
@@ -154,14 +186,16 @@ class PromptStream:
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} is not in [0, {process_count}).')
     if len(texts) == 0:
-      raise ConfigError('The prompt dataset is empty.')
+      raise ConfigError(f'The prompt dataset ({source}) is empty.')
     self.texts, self.tokenizer = texts, tokenizer
     self.max_prompt_len, self.global_batch = max_prompt_len, global_batch
     self.prompt_template, self.overlong = prompt_template, overlong
     self.shuffle_seed, self.shuffle = shuffle_seed, shuffle
     self.local_batch = global_batch // process_count
     self._rows = slice(process_index * self.local_batch, (process_index + 1) * self.local_batch)
+    self.source = source
     self.num_dropped = 0  # overlong prompts skipped so far by this object (not checkpointed)
+    self._shortest_dropped: int | None = None  # tokens of the shortest overlong prompt
     self._epoch, self._index = 0, 0
     self._order = self._permutation(0)
 
@@ -185,6 +219,7 @@ class PromptStream:
     if len(ids) <= p:
       return ids or None
     if self.overlong == 'drop':
+      self._shortest_dropped = min(len(ids), self._shortest_dropped or len(ids))
       return None
     overhead = len(self.tokenizer.encode(self._render('')))  # template, chat template, BOS
     keep = p - overhead
@@ -212,9 +247,14 @@ class PromptStream:
         self.num_dropped += 1
         rejected_in_a_row += 1
         if rejected_in_a_row > n:
+          shortest = (
+            f' (the shortest takes {self._shortest_dropped} tokens with the template)'
+            if self._shortest_dropped
+            else ''
+          )
           raise ConfigError(
-            f'config.data.max_prompt_len={self.max_prompt_len} is invalid: no '
-            "prompt of the dataset fits; raise it or set data.overlong='truncate'."
+            f'config.data.max_prompt_len={self.max_prompt_len} is invalid: no prompt of '
+            f"{self.source} fits{shortest}; raise it or set data.overlong='truncate'."
           )
         continue
       rejected_in_a_row = 0
@@ -260,12 +300,21 @@ class PromptStream:
     self._order = self._permutation(epoch)
 
 
+def source_name(data_cfg: ml_collections.ConfigDict, eval_split: bool = False) -> str:
+  """What errors call the configured texts: the JSONL file or the TFDS split."""
+  d = data_cfg
+  if d.source == 'tfds':
+    return f'TFDS {d.tfds_name}/{(d.eval_split or d.split) if eval_split else d.split}'
+  return (d.eval_jsonl_path if eval_split and d.eval_jsonl_path else d.jsonl_path) or 'the dataset'
+
+
 def source_texts(data_cfg: ml_collections.ConfigDict, eval_split: bool = False) -> Sequence[str]:
   """The configured dataset's texts (training, or the evaluation split / file)."""
   d = data_cfg
   if d.source == 'tfds':
-    split = (d.eval_split or d.split) if eval_split else d.split
-    return tfds_texts(d.tfds_name, split, d.text_field, d.tfds_data_dir)
+    split_field = 'data.eval_split' if eval_split and d.eval_split else 'data.split'
+    split = d.eval_split if split_field == 'data.eval_split' else d.split
+    return tfds_texts(d.tfds_name, split, d.text_field, d.tfds_data_dir, split_field)
   if d.source == 'jsonl':
     if eval_split and d.eval_jsonl_path:
       return jsonl_texts(d.eval_jsonl_path, d.jsonl_field, 'data.eval_jsonl_path')
@@ -292,6 +341,7 @@ def from_config(
     shuffle_seed=d.shuffle_seed,
     process_index=process_index,
     process_count=process_count,
+    source=source_name(d),
   )
 
 
@@ -318,5 +368,6 @@ def eval_prompts(
     prompt_template=d.prompt_template,
     overlong=d.overlong,
     shuffle=False,
+    source=source_name(d, eval_split=True),
   )
   return stream.next_batch()

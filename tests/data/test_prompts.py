@@ -8,6 +8,7 @@ import json
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from bond_jax.data import prompts as data
 from bond_jax.data import tokenizer as tokenizer_lib
@@ -92,6 +93,42 @@ def test_jsonl_source(tok, tmp_path):
     assert _rows(*stream.next_batch()) == _rows(*ref.next_batch())
 
 
+class TinyTexts(tfds.core.GeneratorBasedBuilder):
+  """A real TFDS dataset of 5 + 3 texts, prepared as array_record without TensorFlow."""
+
+  # A dotted module sends TFDS's code_path to importlib_resources, which is not installed.
+  __module__ = 'test_prompts'
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    features = tfds.features.FeaturesDict({'text': tfds.features.Text()})
+    return tfds.core.DatasetInfo(builder=self, features=features)
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(5), 'validation': self._generate_examples(3)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {'text': f'text number {i}'}
+
+
+def test_tfds_unknown_split_names_the_available_ones(tmp_path):
+  TinyTexts(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  assert data.tfds_texts('tiny_texts', 'validation', 'text', str(tmp_path))[0].startswith('text')
+  with pytest.raises(
+    ConfigError,
+    match=r"^config\.data\.split='tset' is invalid: TFDS tiny_texts in .* has the splits "
+    r"\['train', 'validation'\]\.$",
+  ):
+    data.tfds_texts('tiny_texts', 'tset', 'text', str(tmp_path))
+  cfg = _data_cfg(
+    source='tfds', tfds_name='tiny_texts', tfds_data_dir=str(tmp_path), eval_split='test',
+    text_field='text',
+  )  # fmt: skip
+  with pytest.raises(ConfigError, match=r"^config\.data\.eval_split='test' is invalid"):
+    data.source_texts(cfg, eval_split=True)
+
+
 def test_jsonl_errors_name_field_and_line(tmp_path):
   with pytest.raises(ConfigError, match=r"config\.data\.jsonl_path='' is invalid"):
     data.jsonl_texts('', 'prompt')
@@ -101,6 +138,20 @@ def test_jsonl_errors_name_field_and_line(tmp_path):
     data.jsonl_texts(str(bad), 'prompt')
   bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
   with pytest.raises(ConfigError, match=r"config\.data\.jsonl_field='prompt'.*bad\.jsonl:2"):
+    data.jsonl_texts(str(bad), 'prompt')
+  bad.write_text('{"prompt": "a"}\n["prompt"]\n')
+  with pytest.raises(ConfigError, match=r'bad\.jsonl:2: a JSON list, not an object'):
+    data.jsonl_texts(str(bad), 'prompt')
+  bad.write_bytes(b'{"prompt": "a"}\n\n{"prompt": "caf\xe9"}\n')  # Latin-1, not UTF-8
+  with pytest.raises(ConfigError, match=r'bad\.jsonl:3: not UTF-8'):
+    data.jsonl_texts(str(bad), 'prompt')
+  bad.write_text('')
+  with pytest.raises(
+    ConfigError, match=r"jsonl_path='.*bad\.jsonl' is invalid: no examples \(the file is empty\)"
+  ):
+    data.jsonl_texts(str(bad), 'prompt')
+  bad.write_text('\n  \n')
+  with pytest.raises(ConfigError, match=r'no examples \(its 2 lines are blank\)'):
     data.jsonl_texts(str(bad), 'prompt')
 
 
@@ -124,8 +175,11 @@ def test_overlong_drop_and_truncate(tok):
 
   with pytest.raises(ConfigError, match=r'config\.data\.max_prompt_len=4 is invalid.*template'):
     _stream(tok, texts, max_prompt_len=4, overlong='truncate').next_batch()
-  with pytest.raises(ConfigError, match=r'max_prompt_len=4 .*no prompt of the dataset fits'):
-    _stream(tok, texts, max_prompt_len=4).next_batch()
+  with pytest.raises(
+    ConfigError,
+    match=r'max_prompt_len=4 .*no prompt of prompts\.jsonl fits \(the shortest takes \d+ tokens',
+  ):
+    _stream(tok, texts, max_prompt_len=4, source='prompts.jsonl').next_batch()
 
 
 def test_shuffle_is_seeded_and_epochwise(tok):
