@@ -7,9 +7,9 @@ configuration:
            divergences to pi_BoN are sums over all 4^4 sequences, no estimates;
   lm       the tiny noisy-copy LM task of configs/*_tiny.py: pi_ref is trained by
            supervised learning once per figure, metrics are Monte-Carlo estimates
-           as in the paper (Section 8 of ALGORITHMS.md): KL(pi || pi_ref) from
-           policy samples, quantiles and the KLs to pi_BoN from 32 pi_ref samples
-           per prompt.
+           as in the paper (Section 8 of ALGORITHMS.md, `eval/estimates.py`, the
+           same as the evaluation table's): KL(pi || pi_ref) from policy samples,
+           quantiles and the KLs to pi_BoN from 32 pi_ref samples per prompt.
 
 This module produces curves (dicts of equal-length lists keyed by metric, 'step'
 first); `figures.py` chooses the configurations, plots them and checks the claims.
@@ -18,23 +18,20 @@ first); `figures.py` chooses the configurations, plots them and checks the claim
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from bond_jax.algo import bon
 from bond_jax.algo import state as state_lib
 from bond_jax.algo import step as step_lib
 from bond_jax.algo.algorithms import BondConfig
 from bond_jax.algo.step import StepConfig
 from bond_jax.data import tasks
-from bond_jax.eval import testbed
+from bond_jax.eval import estimates, testbed
 from bond_jax.models import decoder as model_lib
 from bond_jax.models import sampling
 from bond_jax.run import config as config_lib
@@ -160,64 +157,8 @@ def lm_task(c: ml_collections.ConfigDict) -> LMTask:
   return LMTask(config=c, cfg=cfg, task=task, sp=sp, ref_params=ref_params)
 
 
-def _log_bon_weight(lt_count: jax.Array, le_count: jax.Array, total: int, n: int) -> jax.Array:
-  """log pi_BoN(y) / pi_ref(y) = log((F^n - F_-^n) / (F - F_-)) for y's reward level, with
-  F = le_count / total, F_- = lt_count / total: Theorem 1 applied to reward *levels*, the
-  mass of a level shared uniformly by its sequences (random tie-breaking)."""
-  log_lt, log_le = jnp.log(lt_count / total), jnp.log(le_count / total)
-  return bon.log_pi_bon(log_lt, log_le, n) - jnp.log((le_count - lt_count) / total)
-
-
-def _lm_metrics(
-  lm: LMTask, params: Any, prompt_BxP, valid_BxP, ref_out, pol_out, n: int | None
-) -> dict[str, jax.Array]:
-  """Monte-Carlo metrics from K pi_ref samples and M policy samples per prompt."""
-  b = prompt_BxP.shape[0]
-  k = ref_out.tokens_BxG.shape[0] // b
-  m = pol_out.tokens_BxG.shape[0] // b
-
-  def score(out, reps):
-    prompt, valid = jnp.repeat(prompt_BxP, reps, 0), jnp.repeat(valid_BxP, reps, 0)
-    reward = lm.task.reward(prompt, valid, out.tokens_BxG, out.mask_BxG).reshape(b, reps)
-    logp = lambda p: (
-      sampling.sequence_logprobs(lm.cfg, p, prompt, valid, out.tokens_BxG, out.mask_BxG)
-      .sum(-1)
-      .reshape(b, reps)
-    )
-    return reward, logp(params), logp(lm.ref_params)
-
-  r_ref_BxK, logp_pi_ref_BxK, logp_ref_ref_BxK = score(ref_out, k)
-  r_pol_BxM, logp_pi_BxM, logp_ref_BxM = score(pol_out, m)
-  # Each policy sample against its prompt's K pi_ref samples (Eq. 10's counts).
-  lt_BxM, le_BxM = bon.mc_counts(r_pol_BxM, r_ref_BxK[:, None, :])
-  out = {
-    'reward': jnp.mean(r_pol_BxM),
-    'kl_ref': jnp.mean(logp_pi_BxM - logp_ref_BxM),
-    # The training estimator: y counted among the K samples, so log p_le is finite.
-    'log_quantile': jnp.mean(bon.mc_log_quantile(r_pol_BxM, r_ref_BxK[:, None, :])),
-  }
-  if n is None:
-    return out
-  # Backward KL(pi || pi_BoN) = E_pi[log pi - log pi_ref - log w(y)], with F, F_- of y's
-  # level among {y} and the K samples (so the level of y always has mass).
-  out['kl_bwd'] = jnp.mean(
-    logp_pi_BxM - logp_ref_BxM - _log_bon_weight(lt_BxM, 1.0 + le_BxM, k + 1, n)
-  )
-  # Forward KL(pi_BoN || pi) = E_{y ~ BoN}[log pi_ref + log w - log pi], y the best of n of
-  # the K samples drawn without replacement: rank j (1 = worst) has weight C(j-1, n-1)/C(K, n)
-  # (bon.bon_expected_max's weights), ties ranked by sample index.
-  rank_BxK = jnp.argsort(jnp.argsort(r_ref_BxK, axis=-1, stable=True), axis=-1)
-  log_c = lambda a, c: (
-    (math.lgamma(a + 1) - math.lgamma(c + 1) - math.lgamma(a - c + 1)) if a >= c else -math.inf
-  )
-  log_w_K = jnp.asarray([log_c(j, n - 1) - log_c(k, n) for j in range(k)], jnp.float32)
-  weight_BxK = jnp.exp(log_w_K[rank_BxK])
-  # Each pi_ref sample's level among the K samples themselves (F, F_- over K).
-  lt_BxK, le_BxK = bon.mc_counts(r_ref_BxK, r_ref_BxK[:, None, :])
-  log_w_BxK = _log_bon_weight(lt_BxK, le_BxK, k, n)
-  fwd_B = jnp.sum(weight_BxK * (logp_ref_ref_BxK + log_w_BxK - logp_pi_ref_BxK), -1)
-  out['kl_fwd'] = jnp.mean(fwd_B)
-  return out
+# Scoring samples compiles once per model shape and evaluator (reward_fn is static).
+_score = jax.jit(estimates.score_samples, static_argnames=('cfg', 'sp', 'per_prompt', 'reward_fn'))
 
 
 def lm_evaluator(
@@ -229,20 +170,30 @@ def lm_evaluator(
   n: int | None = None,
   seed: int = 1,
 ) -> Callable[[Any, int], dict[str, jax.Array]]:
-  """evaluate(params, step): MC metrics on fixed held-out prompts, fresh samples per step."""
+  """evaluate(params, step): the section 8 metrics of `eval.estimates.policy_metrics` (with
+  the KLs to Best-of-`n` of pi_ref when `n` is set) on fixed held-out prompts, from
+  `ref_samples` pi_ref and `policy_samples` policy samples per prompt, fresh each step."""
   key = jax.random.fold_in(jax.random.PRNGKey(lm.config.seed), 1000 + seed)
   prompt, valid = lm.task.prompts(key, num_prompts)
-  metrics = jax.jit(lambda p, r, q: _lm_metrics(lm, p, prompt, valid, r, q, n))
+  reward_fn = parameter_free(lm.task.reward)
+  metrics = jax.jit(lambda policy, ref: estimates.policy_metrics(policy, ref, kl_n=n))
 
   def evaluate(params, step):
     k_ref, k_pol = jax.random.split(jax.random.fold_in(key, step))
-    ref = sampling.sample_jit(
-      lm.cfg, lm.ref_params, prompt, valid, k_ref, lm.sp, num_samples=ref_samples
+    score = lambda sample_params, rng, per_prompt: _score(
+      lm.cfg,
+      sample_params,
+      params,
+      lm.ref_params,
+      prompt,
+      valid,
+      rng,
+      lm.sp,
+      per_prompt,
+      reward_fn,
+      None,
     )
-    pol = sampling.sample_jit(
-      lm.cfg, params, prompt, valid, k_pol, lm.sp, num_samples=policy_samples
-    )
-    return metrics(params, ref, pol)
+    return metrics(score(params, k_pol, policy_samples), score(lm.ref_params, k_ref, ref_samples))
 
   return evaluate
 
