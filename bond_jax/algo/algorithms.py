@@ -67,7 +67,9 @@ class BondConfig:
   quantile: str = 'mc'  # BOND: log p_le by 'mc' (Eq. 10) or the 'learned' model (App. B.1)
   quantile_learning_rate: float = 1e-4  # BOND, learned quantiles: Adam step size of p_theta
   num_quantile_samples: int = 16  # BOND, MC quantiles: k anchor samples (Eq. 10)
-  bon_correction: bool = False  # BOND: keep the (B) term of r_BOND (Eq. 8)
+  # BOND: keep the (B) term of r_BOND (Eq. 8). With MC quantiles (B) is the constant N unless
+  # a sample ties r(y) (bon.mc_log_quantiles): a shift the leave-one-out baseline removes.
+  bon_correction: bool = False
   beta_rl: float = 0.01  # REINFORCE: KL weight beta_RL (Eq. 1)
   num_policy_samples: int = 2  # REINFORCE: samples per prompt (leave-one-out baseline)
 

@@ -238,20 +238,25 @@ def expected_jbond_reward(p_le: Array, n_anchor: int) -> Array:
   return jbond_alpha(n_anchor) * (1.0 - jnp.asarray(p_le)) ** n_anchor
 
 
+def best_of_n_rank_weights(k: int, n: int) -> list[float]:
+  """P[the best of n draws without replacement from K samples is the one of rank j],
+  j = 1..K ascending (1 = worst): C(j-1, n-1) / C(K, n), in float64 from log-gamma."""
+  if not 1 <= n <= k:
+    raise ValueError(f'need 1 <= n <= K, got n={n}, K={k}')
+  log_c_kn = math.lgamma(k + 1) - math.lgamma(n + 1) - math.lgamma(k - n + 1)
+  return [
+    math.exp(math.lgamma(j) - math.lgamma(n) - math.lgamma(j - n + 1) - log_c_kn) if j >= n else 0.0
+    for j in range(1, k + 1)
+  ]
+
+
 def bon_expected_max(rewards_BxK: Array, n: int) -> Array:
   """Unbiased estimate of E[max of n i.i.d. rewards] from K >= n samples per row.
 
   Averages the max over all n-subsets (without replacement): with ascending
-  order statistics r_(1..K), E = sum_j r_(j) C(j-1, n-1) / C(K, n). The weights
-  depend only on the static (K, n) and are computed in float64 from log-gamma.
+  order statistics r_(1..K), E = sum_j r_(j) C(j-1, n-1) / C(K, n)
+  (`best_of_n_rank_weights`).
   """
-  k = rewards_BxK.shape[-1]
-  if not 1 <= n <= k:
-    raise ValueError(f'need 1 <= n <= K, got n={n}, K={k}')
-  log_c_kn = math.lgamma(k + 1) - math.lgamma(n + 1) - math.lgamma(k - n + 1)
-  weights_K = [
-    math.exp(math.lgamma(j) - math.lgamma(n) - math.lgamma(j - n + 1) - log_c_kn) if j >= n else 0.0
-    for j in range(1, k + 1)
-  ]
+  weights_K = best_of_n_rank_weights(rewards_BxK.shape[-1], n)
   sorted_BxK = jnp.sort(rewards_BxK, axis=-1)
   return sorted_BxK @ jnp.asarray(weights_K, dtype=sorted_BxK.dtype)

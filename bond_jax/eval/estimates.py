@@ -98,11 +98,7 @@ def kl_to_bon(policy: Scores, ref: Scores, n: int) -> tuple[jax.Array, jax.Array
     policy.logp_policy_BxS - policy.logp_ref_BxS - log_bon_weight(lt_BxM, 1.0 + le_BxM, k + 1, n)
   )
   rank_BxK = jnp.argsort(jnp.argsort(ref.reward_BxS, axis=-1, stable=True), axis=-1)
-  log_comb = lambda a, c: (
-    (math.lgamma(a + 1) - math.lgamma(c + 1) - math.lgamma(a - c + 1)) if a >= c else -math.inf
-  )
-  log_w_K = jnp.asarray([log_comb(j, n - 1) - log_comb(k, n) for j in range(k)], jnp.float32)
-  weight_BxK = jnp.exp(log_w_K[rank_BxK])
+  weight_BxK = jnp.asarray(bon.best_of_n_rank_weights(k, n), jnp.float32)[rank_BxK]
   lt_BxK, le_BxK = bon.mc_counts(ref.reward_BxS, ref.reward_BxS[:, None, :])
   log_w_BxK = log_bon_weight(lt_BxK, le_BxK, k, n)
   forward_B = jnp.sum(weight_BxK * (ref.logp_ref_BxS + log_w_BxK - ref.logp_policy_BxS), -1)
