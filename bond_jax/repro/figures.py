@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bond_jax.eval import testbed
+from bond_jax.eval import plots, testbed
 from bond_jax.repro import experiments as ex
 
 Curves = dict[str, ex.Curve]
@@ -334,34 +334,6 @@ FIGURES: dict[str, tuple[Callable, Callable, list[tuple[str, str]], str]] = {
 }
 
 
-def _plot(
-  path: pathlib.Path, title: str, results: dict[str, Curves], panels: list[tuple[str, str]]
-) -> None:
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  rows = list(results)
-  fig, axes = plt.subplots(
-    len(rows), len(panels), figsize=(5 * len(panels), 3.6 * len(rows)), squeeze=False
-  )
-  for i, part in enumerate(rows):
-    for j, (x, y) in enumerate(panels):
-      ax = axes[i][j]
-      for label, curve in results[part].items():
-        ax.plot(curve[x], curve[y], marker='.', markersize=3, label=label)
-      ax.set_xlabel(x)
-      ax.set_ylabel(y)
-      ax.set_title(f'{part}: {y} vs {x}', fontsize=9)
-      ax.grid(alpha=0.3)
-    axes[i][0].legend(fontsize=7)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def figure(
   name: str, out_dir: str | pathlib.Path, parts: tuple[str, ...] = PARTS
 ) -> dict[str, Any]:
@@ -386,7 +358,7 @@ def figure(
     'curves': results,
   }
   (out_dir / f'{name}.json').write_text(json.dumps(report, indent=1))
-  _plot(out_dir / f'{name}.png', title, results, panels)
+  plots.plot_panels(out_dir / f'{name}.png', title, results, panels)
   ex._log(f'{name}: {report["wall_time_s"]}s; wrote {out_dir / name}.json and .png')
   ex._log(json.dumps(report['claims'], indent=1))
   return report
