@@ -1,11 +1,13 @@
 """J-BOND: loss terms by hand, signs, the full train step against an independent recompute,
 the EMA anchor against its closed form, and no gradient into the anchor or the reference."""
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bond_jax.algo import objectives as obj
 from bond_jax.algo.algorithms import BondConfig
@@ -82,12 +84,20 @@ def _token_sum_reward(prompt, valid, response, mask):
   return jnp.sum(jnp.where(mask, response, 0), axis=-1).astype(jnp.float32)
 
 
+ETA = 0.2  # EMA rate of the shared J-BOND setup below
+
+# Module-level jits with static model / sampler, so the recomputes below compile once
+# and are shared by every test that draws or scores samples of the same shapes.
+_sample = sampling.sample_jit
+_sequence_logprobs = jax.jit(sampling.sequence_logprobs, static_argnums=0)
+
+
 def _setup(
   tiny_cfg,
   tiny_params,
   copy_task,
   *,
-  eta=0.1,
+  eta=ETA,
   anchor='ema',
   period=0,
   beta=0.5,
@@ -114,17 +124,34 @@ def _setup(
   return step_cfg, tx, schedule, state, prompt, valid
 
 
-def test_train_step_matches_independent_recompute(tiny_cfg, tiny_params, copy_task):
+def _jit_step(step_cfg, tx, schedule):
+  """The real step, jitted (not donated: tests reuse the state they pass in)."""
+  return jax.jit(functools.partial(train_step, cfg=step_cfg, tx=tx, schedule=schedule))
+
+
+@pytest.fixture(scope='module')
+def jbond(tiny_cfg, tiny_params, copy_task):
+  """J-BOND with an EMA anchor (eta = ETA, beta = 0.5, gamma = 0.25) and its step, compiled
+  once for the tests that run it."""
   step_cfg, tx, schedule, state, prompt, valid = _setup(tiny_cfg, tiny_params, copy_task)
-  new_state, m = jax.jit(
-    lambda s, p, v: train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule)
-  )(state, prompt, valid)
+  return step_cfg, tx, schedule, state, prompt, valid, _jit_step(step_cfg, tx, schedule)
+
+
+def _seq_logp(cfg, params, prompt, valid, tokens, mask):
+  return np.asarray(
+    _sequence_logprobs(cfg, params, prompt, valid, jnp.asarray(tokens), jnp.asarray(mask)).sum(-1)
+  )
+
+
+def test_train_step_matches_independent_recompute(tiny_cfg, jbond):
+  step_cfg, _, _, state, prompt, valid, step = jbond
+  new_state, m = step(state, prompt, valid)
 
   # Redraw the same samples (same keys) and rebuild every quantity with numpy.
   _, k_pol, k_anc = jax.random.split(state.rng, 3)
   sp, b = step_cfg.sampling, prompt.shape[0]
-  pol = sampling.sample(tiny_cfg, state.params, prompt, valid, k_pol, sp)
-  anc = sampling.sample(tiny_cfg, state.anchor_params, prompt, valid, k_anc, sp, num_samples=2)
+  pol = _sample(tiny_cfg, state.params, prompt, valid, k_pol, sp)
+  anc = _sample(tiny_cfg, state.anchor_params, prompt, valid, k_anc, sp, num_samples=2)
   rep = lambda x: jnp.repeat(x, 2, axis=0)
   r = np.asarray(_token_sum_reward(prompt, valid, pol.tokens_BxG, pol.mask_BxG))
   ra = np.asarray(_token_sum_reward(rep(prompt), rep(valid), anc.tokens_BxG, anc.mask_BxG)).reshape(
@@ -134,17 +161,11 @@ def test_train_step_matches_independent_recompute(tiny_cfg, tiny_params, copy_ta
   anc_tokens = np.asarray(anc.tokens_BxG).reshape(b, 2, -1)[np.arange(b), best]
   anc_mask = np.asarray(anc.mask_BxG).reshape(b, 2, -1)[np.arange(b), best]
 
-  def seq_logp(params, tokens, mask):
-    return np.asarray(
-      sampling.sequence_logprobs(
-        tiny_cfg, params, prompt, valid, jnp.asarray(tokens), jnp.asarray(mask)
-      ).sum(-1)
-    )
-
-  lp = seq_logp(state.params, pol.tokens_BxG, pol.mask_BxG)
-  lp_anchor = seq_logp(state.anchor_params, pol.tokens_BxG, pol.mask_BxG)
-  lp_ref = seq_logp(state.ref_params, pol.tokens_BxG, pol.mask_BxG)
-  lp_bon = seq_logp(state.params, anc_tokens, anc_mask)
+  seq_logp = functools.partial(_seq_logp, tiny_cfg, prompt=prompt, valid=valid)
+  lp = seq_logp(state.params, tokens=pol.tokens_BxG, mask=pol.mask_BxG)
+  lp_anchor = seq_logp(state.anchor_params, tokens=pol.tokens_BxG, mask=pol.mask_BxG)
+  lp_ref = seq_logp(state.ref_params, tokens=pol.tokens_BxG, mask=pol.mask_BxG)
+  lp_bon = seq_logp(state.params, tokens=anc_tokens, mask=anc_mask)
   r_j = np.where(r < ra.min(axis=1), -LOG16, 0.0)
   ret = r_j - (lp - lp_anchor)
   adv = ret - (ret.sum() - ret) / (b - 1)
@@ -165,7 +186,9 @@ def test_train_step_matches_independent_recompute(tiny_cfg, tiny_params, copy_ta
 
   # EMA anchor: theta_anchor' = (1 - eta) theta_anchor + eta theta' (Eq. 18).
   jax.tree.map(
-    lambda a0, p1, a1: np.testing.assert_allclose(a1, 0.9 * a0 + 0.1 * p1, rtol=1e-5, atol=1e-6),
+    lambda a0, p1, a1: np.testing.assert_allclose(
+      a1, (1 - ETA) * a0 + ETA * p1, rtol=1e-5, atol=1e-6
+    ),
     state.anchor_params,
     new_state.params,
     new_state.anchor_params,
@@ -175,10 +198,9 @@ def test_train_step_matches_independent_recompute(tiny_cfg, tiny_params, copy_ta
   assert int(new_state.step) == 1
 
 
-def test_ema_anchor_over_steps_equals_closed_form(tiny_cfg, tiny_params, copy_task):
-  eta = 0.2
-  step_cfg, tx, schedule, state, prompt, valid = _setup(tiny_cfg, tiny_params, copy_task, eta=eta)
-  step = jax.jit(lambda s, p, v: train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule))
+def test_ema_anchor_over_steps_equals_closed_form(jbond):
+  eta = ETA
+  *_, state, prompt, valid, step = jbond
   anchor0 = state.anchor_params
   thetas = []
   for _ in range(3):
@@ -201,7 +223,7 @@ def test_periodic_anchor_is_a_copy_every_period(tiny_cfg, tiny_params, copy_task
   step_cfg, tx, schedule, state, prompt, valid = _setup(
     tiny_cfg, tiny_params, copy_task, anchor='periodic', period=2
   )
-  step = jax.jit(lambda s, p, v: train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule))
+  step = _jit_step(step_cfg, tx, schedule)
   anchor0 = state.anchor_params
   s1, _ = step(state, prompt, valid)
   jax.tree.map(np.testing.assert_array_equal, s1.anchor_params, anchor0)  # not yet
@@ -216,35 +238,39 @@ def test_fixed_anchor_is_pi_ref_and_carries_no_copy(tiny_cfg, tiny_params, copy_
     tiny_cfg, tiny_params, copy_task, anchor='fixed'
   )
   assert state.anchor_params is None
-  new_state, m = jax.jit(
-    lambda s, p, v: train_step(s, p, v, cfg=step_cfg, tx=tx, schedule=schedule)
-  )(state, prompt, valid)
+  new_state, m = _jit_step(step_cfg, tx, schedule)(state, prompt, valid)
   assert new_state.anchor_params is None and 'kl_anchor' not in m
   # The loss's regulariser is KL(pi || pi_ref): recompute it from the policy samples.
   _, k_pol, _ = jax.random.split(state.rng, 3)
-  pol = sampling.sample(tiny_cfg, state.params, prompt, valid, k_pol, step_cfg.sampling)
-  logp = lambda params: sampling.sequence_logprobs(
-    tiny_cfg, params, prompt, valid, pol.tokens_BxG, pol.mask_BxG
-  ).sum(-1)
-  lp, lp_ref = np.asarray(logp(state.params)), np.asarray(logp(state.ref_params))
+  pol = _sample(tiny_cfg, state.params, prompt, valid, k_pol, step_cfg.sampling)
+  logp = functools.partial(
+    _seq_logp, tiny_cfg, prompt=prompt, valid=valid, tokens=pol.tokens_BxG, mask=pol.mask_BxG
+  )
+  lp, lp_ref = logp(state.params), logp(state.ref_params)
   np.testing.assert_allclose(m['loss_reg'], ((lp - lp_ref) * lp).mean(), rtol=2e-4, atol=2e-4)
   np.testing.assert_allclose(m['kl_ref'], (lp - lp_ref).mean(), rtol=2e-4, atol=2e-4)
 
 
-def test_no_gradient_reaches_anchor_or_reference(tiny_cfg, tiny_params, copy_task):
-  step_cfg, tx, schedule, state, prompt, valid = _setup(tiny_cfg, tiny_params, copy_task)
+def test_no_gradient_reaches_anchor_or_reference(jbond):
+  step_cfg, tx, schedule, state, prompt, valid, _ = jbond
+  fields = ('anchor_params', 'ref_params', 'params')
 
-  def loss_through(field):
-    def f(tree):
-      _, m = train_step(
-        state.replace(**{field: tree}), prompt, valid, cfg=step_cfg, tx=tx, schedule=schedule
-      )
-      return m['loss']
-
-    return f
+  def loss(trees):
+    _, m = train_step(
+      state.replace(**dict(zip(fields, trees, strict=True))),
+      prompt,
+      valid,
+      cfg=step_cfg,
+      tx=tx,
+      schedule=schedule,
+    )
+    return m['loss']
 
   # Forward-mode (the sampler's while_loop has no reverse mode): a random direction in the
-  # anchor's or the reference's parameters must not move the loss at all.
+  # anchor's or the reference's parameters must not move the loss at all. One compiled
+  # jvp, called once per tree with a random tangent there and zeros elsewhere.
+  derivative = jax.jit(lambda trees, tangents: jax.jvp(loss, (trees,), (tangents,))[1])
+
   def tangent_of(tree, seed):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
@@ -252,16 +278,12 @@ def test_no_gradient_reaches_anchor_or_reference(tiny_cfg, tiny_params, copy_tas
       [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
     )
 
-  fields = ('anchor_params', 'ref_params', 'params')
-
-  @jax.jit
-  def directional_derivatives(trees):
-    return [
-      jax.jvp(loss_through(f), (t,), (tangent_of(t, i),))[1]
-      for i, (f, t) in enumerate(zip(fields, trees, strict=True))
-    ]
-
-  d_anchor, d_ref, d_params = directional_derivatives([getattr(state, f) for f in fields])
+  trees = [getattr(state, f) for f in fields]
+  zeros = [jax.tree.map(jnp.zeros_like, t) for t in trees]
+  d_anchor, d_ref, d_params = (
+    derivative(trees, [tangent_of(t, i) if j == i else z for j, z in enumerate(zeros)])
+    for i, t in enumerate(trees)
+  )
   assert float(d_anchor) == 0.0 and float(d_ref) == 0.0
   assert abs(float(d_params)) > 1e-3  # control: the policy does get a gradient
   # The optimizer holds state (Adam's two moments) for the policy only.
