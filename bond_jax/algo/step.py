@@ -3,7 +3,8 @@
   rollout    sample the policy and (if the algorithm has one) the anchor; score them
   reference  log pi_ref and log pi_anchor of the policy samples (frozen models)
   targets    the chosen algorithm's returns (`algorithms.REGISTRY[bond.algorithm]`)
-  update     the loss's gradient w.r.t. the policy only, one optax step
+  update     the loss's gradient w.r.t. the policy only, one optax step; a step with a NaN
+             or Inf in its rewards, log-probs, loss or gradients changes nothing
   anchor     move the anchor: EMA (Eq. 18), a hard copy every T steps, or never
   metrics    scalars for the logs
 
@@ -121,6 +122,27 @@ def loss_and_grad(
   return (total, terms, logp_B), grads
 
 
+def nonfinite_flags(
+  rollout: Rollout, logp_B: jax.Array, loss: jax.Array, grads: PyTree
+) -> dict[str, jax.Array]:
+  """Which phase produced a NaN or Inf (bool scalars): rewards (rollout), log-probs
+  (reference and update), the loss, the gradients. A NaN reward also poisons the loss
+  and gradients, so the earliest flag names the source."""
+  finite = lambda *xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs if x is not None]))
+  return {
+    'nonfinite_rewards': ~finite(rollout.policy_reward_B, rollout.anchor_reward_BxA),
+    'nonfinite_logprobs': ~finite(rollout.logp_ref_B, rollout.logp_anchor_B, logp_B),
+    'nonfinite_loss': ~finite(loss),
+    'nonfinite_grads': ~finite(*jax.tree.leaves(grads)),
+  }
+
+
+def keep_if(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """`new` when `ok`, else `old`, leaf by leaf: a select inside the compiled step (no host
+  round trip), so a bad step leaves params, anchor and optimizer state as they were."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def move_anchor(
   bond: BondConfig, anchor_params: PyTree | None, params: PyTree, new_step: jax.Array
 ) -> PyTree | None:
@@ -176,7 +198,10 @@ def train_step(
 ) -> tuple[TrainState, Metrics]:
   """One update of the configured algorithm. Returns the new state and scalar metrics.
 
-  The reward is `cfg.reward_fn(reward_params, prompt, valid, response, mask)`.
+  The reward is `cfg.reward_fn(reward_params, prompt, valid, response, mask)`. A step whose
+  rewards, log-probs, loss or gradients hold a NaN or Inf is skipped: the state keeps its
+  params, anchor, optimizer (and quantile model) and only step and RNG advance; the metrics
+  carry the `nonfinite_*` flags and `skipped` (1.0).
   """
   check_state(cfg.bond, state)
   rng, rng_policy, rng_anchor = jax.random.split(state.rng, 3)
@@ -187,21 +212,26 @@ def train_step(
     (loss, terms, logp_B), grads = loss_and_grad(cfg, state.params, samples, returns)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    flags = nonfinite_flags(samples, logp_B, loss, grads)
+    finite = ~jnp.any(jnp.stack(list(flags.values())))
   new_step = state.step + 1
-  new_state = state.replace(
-    step=new_step,
+  trained = dict(
     params=params,
     anchor_params=move_anchor(cfg.bond, state.anchor_params, params, new_step),
     opt_state=opt_state,
-    rng=rng,
   )
   if cfg.bond.uses_learned_quantiles:
-    new_state = new_state.replace(
+    trained.update(
       quantile_params=returns.quantile_params, quantile_opt_state=returns.quantile_opt_state
     )
+  untouched = {name: getattr(state, name) for name in trained}
+  # The step counter and RNG advance either way: the next step draws a new batch.
+  new_state = state.replace(step=new_step, rng=rng, **keep_if(finite, trained, untouched))
   step_metrics = metrics(
     cfg.bond, samples, returns, loss, terms, logp_B, grads, schedule(state.step)
   )
+  step_metrics.update({k: v.astype(jnp.float32) for k, v in flags.items()})
+  step_metrics['skipped'] = (~finite).astype(jnp.float32)
   return new_state, step_metrics
 
 
