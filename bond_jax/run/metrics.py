@@ -1,22 +1,46 @@
 """Metrics: every step to `metrics.jsonl` (the source for plots), TensorBoard and a
-progress bar with ETA. Non-finite values stop the run at once."""
+progress bar with ETA.
+
+The logs follow the state: a writer that starts at step s (a resumed run) first cuts
+`metrics.jsonl` back to steps <= s and tells TensorBoard to purge later events, so a
+step that was logged, lost in a crash and trained again appears once. Non-finite values
+(a skipped step: see `step.nonfinite_flags`) are written as null and left out of
+TensorBoard; stopping on them is the loop's decision (`train.max_bad_steps`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 from typing import Any
 
 import tqdm
-from tensorboardX import SummaryWriter
 
 # Shown in the progress bar (the rest goes to the files).
 _BAR_KEYS = ('reward_policy', 'reward_anchor', 'kl_ref', 'kl_anchor', 'loss')
 
 
-class NonFiniteError(FloatingPointError):
-  pass
+def cut_jsonl(path: pathlib.Path, last_step: int) -> None:
+  """Keep the rows of `path` up to `last_step` (and drop a torn last line), atomically."""
+  if not path.is_file():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue  # a line cut short by a crash
+    if isinstance(row, dict) and isinstance(row.get('step'), int) and row['step'] <= last_step:
+      kept.append(line + '\n')
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(''.join(kept))
+  os.replace(tmp, path)
+
+
+def _finite_or_none(v: float) -> float | None:
+  return v if math.isfinite(v) else None
 
 
 class MetricWriter:
@@ -29,8 +53,20 @@ class MetricWriter:
     progress: bool = True,
   ):
     workdir = pathlib.Path(workdir)
+    cut_jsonl(workdir / 'metrics.jsonl', initial_step)
     self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115 (closed in close())
-    self._tb = SummaryWriter(str(workdir / 'tensorboard')) if tensorboard else None
+    self._tb = None
+    if tensorboard:
+      # tensorboardX imports torch (seconds): only when TensorBoard is on.
+      from tensorboardX import SummaryWriter
+
+      # TensorBoard drops the events of steps > initial_step that an interrupted run wrote.
+      # The suffix keeps two writers started within a second in two files.
+      self._tb = SummaryWriter(
+        str(workdir / 'tensorboard'),
+        purge_step=initial_step + 1,
+        filename_suffix=f'.from_step_{initial_step}',
+      )
     self._bar = tqdm.tqdm(
       total=total_steps,
       initial=initial_step,
@@ -41,16 +77,15 @@ class MetricWriter:
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}
-    bad = [k for k, v in scalars.items() if not math.isfinite(v)]
-    if bad:
-      raise NonFiniteError(f'step {step}: non-finite metrics {bad}: {scalars}')
-    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    row = {k: _finite_or_none(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': step, **row}) + '\n')
     self._jsonl.flush()
     if self._tb is not None:
-      for k, v in scalars.items():
-        self._tb.add_scalar(k, v, step)
+      for k, v in row.items():
+        if v is not None:
+          self._tb.add_scalar(k, v, step)
     self._bar.set_postfix(
-      {k: f'{scalars[k]:.3f}' for k in _BAR_KEYS if k in scalars}, refresh=False
+      {k: f'{row[k]:.3f}' for k in _BAR_KEYS if row.get(k) is not None}, refresh=False
     )
     self._bar.update(1)
 
