@@ -1,10 +1,21 @@
-"""Shared fixtures: a tiny decoder with random weights and the embedded task."""
+"""Shared fixtures: a tiny decoder with random weights, the embedded task, and the one
+background process with 8 fake CPU devices (tests/eight_devices.py)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import pytest
 
 from bond_jax.data import tasks
 from bond_jax.models import decoder as model_lib
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='session')
@@ -22,3 +33,68 @@ def tiny_params(tiny_cfg):
 @pytest.fixture(scope='session')
 def copy_task(tiny_cfg) -> tasks.NoisyCopy:
   return tasks.NoisyCopy(vocab_size=tiny_cfg.vocab_size, prompt_len=4, keep_prob=0.5)
+
+
+class EightDevices:
+  """tests/eight_devices.py in a subprocess, started once and read once it has finished."""
+
+  def __init__(self):
+    self.proc: subprocess.Popen | None = None
+
+  def start(self) -> None:
+    if self.proc is not None:
+      return
+    self.dir = Path(tempfile.mkdtemp(prefix='bond_jax_8dev_'))
+    env = {
+      **os.environ,
+      'JAX_PLATFORMS': 'cpu',
+      'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
+    }
+    env.pop('XLA_FLAGS', None)  # the script sets its own device count
+    self.log = open(self.dir / 'output.txt', 'w')  # noqa: SIM115 (closed in stop)
+    self.proc = subprocess.Popen(
+      [sys.executable, str(ROOT / 'tests' / 'eight_devices.py'), str(self.dir)],
+      cwd=ROOT,
+      env=env,
+      stdout=self.log,
+      stderr=subprocess.STDOUT,
+    )
+
+  def results(self, timeout: float = 900) -> dict:
+    """results.json (see tests/eight_devices.py) plus 'returncode' and 'output' (its log)."""
+    self.start()
+    returncode = self.proc.wait(timeout=timeout)
+    self.log.flush()
+    path = self.dir / 'results.json'
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    return {**results, 'returncode': returncode, 'output': (self.dir / 'output.txt').read_text()}
+
+  def stop(self) -> None:
+    if self.proc is None:
+      return
+    if self.proc.poll() is None:  # a session that ended early (-x, Ctrl-C)
+      self.proc.kill()
+      self.proc.wait()
+    self.log.close()
+    shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_EIGHT_DEVICES = EightDevices()
+
+
+def pytest_collection_finish(session):
+  """Start the 8-device process now if a collected test needs it: it then runs beside the
+  main process instead of after it."""
+  if session.config.option.collectonly:
+    return
+  if any('eight_devices' in getattr(item, 'fixturenames', ()) for item in session.items):
+    _EIGHT_DEVICES.start()
+
+
+def pytest_unconfigure(config):
+  _EIGHT_DEVICES.stop()
+
+
+@pytest.fixture(scope='session')
+def eight_devices() -> dict:
+  return _EIGHT_DEVICES.results()

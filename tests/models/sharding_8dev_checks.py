@@ -1,5 +1,5 @@
 """Sharding checks on 8 fake CPU devices. Not collected by the main test run (the name
-does not start with test_): tests/test_sharding.py runs it in a fresh process, because
+does not start with test_): tests/eight_devices.py runs it in a fresh process, because
 the device count must be set before JAX starts its backend, and other test modules in
 the main process have already started it with 1 device."""
 

@@ -1,11 +1,7 @@
-"""Sharding policy. The 8-device checks run in a subprocess (see sharding_8dev_checks.py)."""
+"""Sharding policy. The 8-device checks (sharding_8dev_checks.py) run in the 8-device process
+(tests/eight_devices.py)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -13,33 +9,9 @@ from jax.sharding import PartitionSpec as P
 from bond_jax.models import decoder as model
 from bond_jax.models import sharding
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def test_on_eight_fake_devices():
-  env = {
-    **os.environ,
-    'JAX_PLATFORMS': 'cpu',
-    'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
-  }
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'pytest',
-      '-q',
-      '-p',
-      'no:cacheprovider',
-      str(ROOT / 'tests' / 'models' / 'sharding_8dev_checks.py'),
-    ],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+def test_on_eight_fake_devices(eight_devices):
+  assert eight_devices.get('sharding') == 0, eight_devices['output'][-9000:]
 
 
 def test_single_device_mesh_replicates_nothing_to_check():

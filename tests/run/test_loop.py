@@ -1,10 +1,16 @@
-"""The loop end to end on a micro version of the tiny config: metrics, summary, and resume."""
+"""The loop end to end on a micro version of the tiny config: metrics, summary, and resume.
+
+The uninterrupted run is the session's `micro_run` (tests/run/conftest.py), also what
+test_multidevice.py compares its sharded runs with.
+"""
 
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -13,6 +19,7 @@ from bond_jax.run import config as config_lib
 from bond_jax.run import loop as trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+MICRO_STEPS = 4  # steps of the shared micro run
 
 
 def micro_config(num_steps: int):
@@ -38,14 +45,26 @@ def _final_state(workdir):
   return trainer.load_workdir(workdir)[2]
 
 
-def test_resume_continues_at_the_right_step_with_the_same_anchor(tmp_path):
-  straight, split = tmp_path / 'straight', tmp_path / 'split'
-  summary = trainer.run(micro_config(4), straight)
-  trainer.run(micro_config(2), split)  # "crash" after step 2 ...
-  trainer.run(micro_config(4), split)  # ... and rerun the same command with more steps
+class _Crash(Exception):
+  pass
+
+
+def _crash(*args, **kwargs):
+  raise _Crash
+
+
+def test_resume_continues_at_the_right_step_with_the_same_anchor(micro_run, tmp_path, monkeypatch):
+  straight, _ = micro_run
+  split = tmp_path / 'split'
+  with monkeypatch.context() as patched:  # "crash" after step 2's checkpoint, while evaluating
+    patched.setattr(trainer, 'evaluate_state', _crash)
+    with pytest.raises(_Crash):
+      trainer.run(micro_config(2), split)
+  assert not (split / 'summary.json').exists()
+  trainer.run(micro_config(MICRO_STEPS), split)  # ... and rerun the same command with more steps
 
   a, b = _final_state(straight), _final_state(split)
-  assert int(a.step) == int(b.step) == 4
+  assert int(a.step) == int(b.step) == MICRO_STEPS
   for field in ('params', 'anchor_params', 'ref_params', 'opt_state', 'rng'):
     jax.tree.map(
       lambda x, y, f=field: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f),
@@ -80,7 +99,10 @@ def test_resume_continues_at_the_right_step_with_the_same_anchor(tmp_path):
   ):
     assert k in rows[0], k
 
-  # The trained policy exports as a Hugging Face checkpoint with the same logits.
+
+def test_trained_policy_exports_with_the_same_logits(micro_run, tmp_path):
+  """The trained policy exports as a Hugging Face checkpoint with the same logits."""
+  straight, _ = micro_run
   exported = trainer.export_policy(straight, tmp_path / 'hf_policy')
   torch_model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
   c, setup, state = trainer.load_workdir(straight)
@@ -90,10 +112,14 @@ def test_resume_continues_at_the_right_step_with_the_same_anchor(tmp_path):
     theirs = torch_model(torch.from_numpy(tokens).long()).logits.numpy()
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
+
+def test_summary_is_on_disk_and_read_back_from_the_workdir(micro_run, tmp_path):
+  straight, summary = micro_run
   on_disk = json.loads((straight / 'summary.json').read_text())
   assert on_disk == json.loads(json.dumps(summary))
-  # Reading the run back from its workdir (config.json + latest checkpoint) gives the same table.
-  again = trainer.evaluate_workdir(straight)
+  # Reading the run back from its workdir (config.json + latest checkpoint) gives the same
+  # table (on a copy: evaluating writes summary.json, and the shared run stays as it is).
+  again = trainer.evaluate_workdir(shutil.copytree(straight, tmp_path / 'copy'))
   for k in ('reward_ref', 'reward_policy', 'kl_policy_ref'):
     np.testing.assert_allclose(again[k], summary[k], rtol=1e-5, atol=1e-6)
   assert set(on_disk['reward_bon']) == {'2', '4'}
