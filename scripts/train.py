@@ -3,10 +3,13 @@
   python scripts/train.py --config=configs/jbond_tiny.py --workdir=runs/jbond_tiny
 
 Override any field with --config.<field>=<value>, e.g. --config.bond.beta=1.0.
-The same command with the same workdir resumes from the latest checkpoint.
+The same command with the same workdir resumes from the latest checkpoint; SIGTERM or
+Ctrl-C saves the current step first (exit status 128 + the signal).
 """
 
+import difflib
 import pathlib
+import re
 import sys
 
 from absl import app, flags, logging
@@ -14,7 +17,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bond_jax.run import config as config_lib
+from bond_jax.run import config as config_lib  # noqa: E402
 from bond_jax.run import loop as trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -22,14 +25,60 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics g
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _unknown_field(argv: list[str]) -> str | None:
+  """The first --config.<field> override that names no field of the config file, with a
+  suggestion; None when every override names a field."""
+  given = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  given += [b for a, b in zip(argv[:-1], argv[1:], strict=True) if a == '--config']
+  if not given:
+    return None
+  path = given[-1]
+  file, _, arg = path.partition(':')
+  c = config_lib.load_config_file(file, arg or None)
+  for override in argv:
+    m = re.match(r'--config\.([\w.]+)', override)
+    if not m:
+      continue
+    node, done = c, []
+    for part in m.group(1).split('.'):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part not in keys:
+        close = difflib.get_close_matches(part, keys, n=1)
+        where = 'config.' + '.'.join(done) if done else 'the config'
+        hint = f' (did you mean config.{".".join([*done, close[0]])}?)' if close else ''
+        return f'--config.{m.group(1)}: {where} has no field {part!r}{hint}'
+      node, done = node[part], [*done, part]
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with one line (not a traceback) for a bad flag or override."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 (ml_collections raises KeyError, AttributeError, ...)
+    try:
+      message = _unknown_field(argv)
+    except Exception:  # noqa: BLE001 (the config file itself is broken: say the first error)
+      message = None
+    sys.exit(f'error: {message or str(e).strip().splitlines()[0]}')
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
-    trainer.run(_CONFIG.value, _WORKDIR.value)
-  except config_lib.ConfigError as e:
+    config = _CONFIG.value
+    config.keys()  # a config file that failed to load raises on first use
+  except OSError as e:
+    sys.exit(f'error: --config: {str(e).strip().splitlines()[-1].strip()}')
+  try:
+    trainer.run(config, _WORKDIR.value)
+  except trainer.Preempted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except (config_lib.ConfigError, trainer.RunError) as e:
     sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

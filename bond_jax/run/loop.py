@@ -1,10 +1,25 @@
 """The training loop: config -> setup -> BOND updates -> checkpoints -> BOND table.
 
 `run` is what `scripts/train.py` calls. It is resumable: with an existing workdir it
-restores the latest checkpoint (policy, anchor, reference, optimizer, step and RNG, plus
-the prompt stream's position, saved as that checkpoint's metadata) and continues with
-the next step and the next unseen batch, so a resumed run reproduces an uninterrupted
-one.
+restores the latest usable checkpoint (policy, anchor, reference, optimizer, step and RNG,
+plus the prompt stream's position, saved as that checkpoint's metadata) and continues with
+the next step and the next unseen batch, so a resumed run reproduces an uninterrupted one.
+
+What can go wrong, and what happens:
+
+  SIGTERM / SIGINT     the current step finishes, is checkpointed, and `Preempted` is
+                       raised (the script exits 128 + signal); a second signal stops at
+                       once. Multi-host: JAX's preemption service picks the step.
+  a damaged checkpoint skipped with a warning; the newest good one is restored
+                       (`checkpoint.py`), and logs are cut back to it (`metrics.py`).
+  NaN / Inf            the step changes nothing (`step.keep_if`) and is counted;
+                       `train.max_bad_steps` such steps in a row stop the run.
+  a changed config     resuming with other shapes, algorithm or data stops, listing the
+                       fields; run-length, logging, checkpoint, evaluation and mesh
+                       fields may change, and each change is appended to
+                       config_changes.jsonl.
+  bad input            a one-line `ConfigError` or `RunError` before anything compiles
+                       (`guards.py`): an unwritable workdir, a reward of the wrong shape.
 """
 
 from __future__ import annotations
@@ -12,6 +27,8 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -23,10 +40,13 @@ from bond_jax.algo import step as step_lib
 from bond_jax.eval import bon_table as evaluate
 from bond_jax.models import decoder as model_lib
 from bond_jax.models import hf, sharding
-from bond_jax.run import checkpoint, metrics
+from bond_jax.run import checkpoint, guards, metrics
 from bond_jax.run import config as config_lib
 from bond_jax.run import setup as run_setup
+from bond_jax.run.guards import Preempted, RunError
 from bond_jax.run.setup import log
+
+_NONFINITE_FLAGS = ('nonfinite_rewards', 'nonfinite_logprobs', 'nonfinite_loss', 'nonfinite_grads')
 
 
 def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -57,26 +77,81 @@ def _global(
   ]
 
 
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+class _StopSignals:
+  """SIGTERM and SIGINT ask the loop to stop after the current step, with a checkpoint; a
+  second signal stops at once. Single-process only: on several hosts a local stop would
+  leave the others waiting, and JAX's preemption service handles SIGTERM there."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __enter__(self) -> _StopSignals:
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
 def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Train (or resume) and evaluate. Returns the summary written to summary.json."""
   config_lib.validate(c)  # before anything is loaded or compiled
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'config.json').write_text(c.to_json_best_effort(indent=2))
-  mesh = make_mesh(c)
-  setup = run_setup.build(c, mesh)
+  guards.check_max_bad_steps(c)
+  workdir = guards.prepare_workdir(workdir)
+  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep)
+  try:
+    guards.check_resume_config(workdir, c, ckpts.latest_step)
+    mesh = make_mesh(c)
+    setup = run_setup.build(c, mesh)
+    guards.check_reward(c, setup)
+    return _train(c, workdir, mesh, setup, ckpts)
+  except checkpoint.CheckpointError as e:
+    raise RunError(str(e)) from e
+  finally:
+    ckpts.close()
+
+
+def _train(
+  c: ml_collections.ConfigDict,
+  workdir: pathlib.Path,
+  mesh: jax.sharding.Mesh,
+  setup: run_setup.RunSetup,
+  ckpts: checkpoint.Checkpoints,
+) -> dict[str, Any]:
   if not setup.step_cfg.sampling.is_exact:
     log(
       f'note: training samples use temperature={c.sampling.temperature}, '
       f'top_k={c.sampling.top_k}, top_p={c.sampling.top_p}; they are not draws from pi, '
       'so the KL metrics are estimates under that sampler.'
     )
-
   abstract = abstract_state(setup)
   state_sharding = sharding.param_shardings(abstract, mesh)
   batch_sharding = sharding.data_sharding(mesh)
-  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep)
-  restored = ckpts.restore_latest(checkpoint.with_sharding(abstract, state_sharding))
+  restored = ckpts.restore_latest(
+    checkpoint.with_sharding(abstract, state_sharding), move_aside=True
+  )
+  counters = {'skipped_steps': 0, 'bad_in_a_row': 0}
+  if restored is not None:
+    for step, why in restored.skipped:
+      log(f'warning: skipped checkpoint step {step} ({why}); moved it to {ckpts.directory}.skipped')
+    setup.prompts.restore(restored.metadata['data_position'])
+    counters.update({k: restored.metadata[k] for k in counters if k in restored.metadata})
+  # The first batch before pi_ref is made and the step compiled: bad data fails fast.
+  first_batch = setup.prompts.next_batch()
   if restored is None:
     ref_params = setup.reference(state_sharding.ref_params)
     state = jax.jit(
@@ -84,9 +159,8 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
       out_shardings=state_sharding,
     )(ref_params, ref_params, rng=run_setup.stream_key(c.seed, run_setup.STATE_STREAM))
   else:
-    state, data_position = restored
-    setup.prompts.restore(data_position)
-    log(f'resumed from {workdir / "checkpoints"} at step {int(state.step)}')
+    state = restored.state
+    log(f'resumed from {ckpts.directory} at step {int(state.step)}')
   sharding.assert_big_tensors_sharded(state.params, mesh)
 
   step_fn = jax.jit(
@@ -98,26 +172,63 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
     donate_argnames='state',
   )
   start = int(state.step)
+  if start < c.train.num_steps:
+    (workdir / 'summary.json').unlink(missing_ok=True)  # written again at the end
   writer = metrics.MetricWriter(
     workdir, c.train.num_steps, start, c.log.tensorboard, c.log.progress
   )
+  position = lambda: {'data_position': setup.prompts.state(), **counters}
   t_last = time.time()
-  try:
-    for step in range(start, c.train.num_steps):
-      prompt, valid = _global(batch_sharding, c.train.batch_size, *setup.prompts.next_batch())
-      state, m = step_fn(state, prompt, valid, setup.reward_params)
-      m = jax.device_get(m)
-      now = time.time()
-      m['tokens_per_s'] = float(m['generated_tokens']) / max(now - t_last, 1e-9)
-      m['step_time_s'] = now - t_last
-      t_last = now
-      writer.write(step + 1, m)
-      ckpts.save(step + 1, state, data_position=setup.prompts.state())
-  finally:
-    writer.close()
-  ckpts.save(int(state.step), state, force=True, data_position=setup.prompts.state())
-  ckpts.close()
+  with _StopSignals() as stop:
+    try:
+      for step in range(start, c.train.num_steps):
+        batch = first_batch if step == start else setup.prompts.next_batch()
+        prompt, valid = _global(batch_sharding, c.train.batch_size, *batch)
+        state, m = step_fn(state, prompt, valid, setup.reward_params)
+        m = jax.device_get(m)
+        now = time.time()
+        m['tokens_per_s'] = float(m['generated_tokens']) / max(now - t_last, 1e-9)
+        m['step_time_s'] = now - t_last
+        t_last = now
+        bad = [k for k in _NONFINITE_FLAGS if m[k]]
+        counters['bad_in_a_row'] = counters['bad_in_a_row'] + 1 if bad else 0
+        counters['skipped_steps'] += bool(bad)
+        m['skipped_steps'] = counters['skipped_steps']
+        writer.write(step + 1, m)
+        if bad:
+          log(
+            f'warning: step {step + 1} skipped ({", ".join(bad)}): parameters unchanged '
+            f'({counters["bad_in_a_row"]} in a row of at most {c.train.max_bad_steps})'
+          )
+        ckpts.save(step + 1, state, metadata=position())
+        if stop.signum is not None or ckpts.preempted(step + 1):
+          _preempted(ckpts, state, position(), stop.signum or signal.SIGTERM)
+        if counters['bad_in_a_row'] >= c.train.max_bad_steps:
+          n = counters['bad_in_a_row']
+          steps = f'steps {step + 2 - n}-{step + 1} ({n} in a row)' if n > 1 else f'step {step + 1}'
+          raise RunError(
+            f'{steps} had NaN or Inf values (last: {", ".join(bad)}); each was skipped, so the '
+            f'parameters are those of step {step + 1 - n}; stopping '
+            f'(config.train.max_bad_steps={c.train.max_bad_steps}).'
+          )
+    finally:
+      writer.close()
+    ckpts.save(int(state.step), state, force=True, metadata=position())
+    if stop.signum is not None:  # arrived during the last step's save
+      _preempted(ckpts, state, position(), stop.signum)
   return evaluate_state(c, setup, state, workdir)
+
+
+def _preempted(
+  ckpts: checkpoint.Checkpoints, state: state_lib.TrainState, meta: dict[str, Any], signum: int
+) -> None:
+  step = int(state.step)
+  ckpts.save(step, state, force=True, metadata=meta)
+  raise Preempted(
+    f'stopped by {signal.Signals(signum).name} after step {step}, which is saved in '
+    f'{ckpts.directory}: rerun the same command to resume.',
+    signum,
+  )
 
 
 def evaluate_state(
@@ -151,7 +262,9 @@ def evaluate_state(
 def load_workdir(
   workdir: str | pathlib.Path,
 ) -> tuple[ml_collections.ConfigDict, run_setup.RunSetup, state_lib.TrainState]:
-  """A run's config, setup and latest TrainState, read back from its workdir."""
+  """A run's config, setup and latest usable TrainState, read back from its workdir.
+
+  A damaged checkpoint is skipped with a warning (and left where it is)."""
   workdir = pathlib.Path(workdir)
   config_path = workdir / 'config.json'
   if not config_path.is_file():
@@ -161,14 +274,20 @@ def load_workdir(
   mesh = make_mesh(c)
   setup = run_setup.build(c, mesh)
   abstract = abstract_state(setup)
-  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep)
-  restored = ckpts.restore_latest(
-    checkpoint.with_sharding(abstract, sharding.param_shardings(abstract, mesh))
-  )
-  ckpts.close()
+  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep, read_only=True)
+  try:
+    restored = ckpts.restore_latest(
+      checkpoint.with_sharding(abstract, sharding.param_shardings(abstract, mesh))
+    )
+  except checkpoint.CheckpointError as e:
+    raise RunError(str(e)) from e
+  finally:
+    ckpts.close()
   if restored is None:
     raise FileNotFoundError(f'no checkpoint under {workdir / "checkpoints"}')
-  return c, setup, restored[0]
+  for step, why in restored.skipped:
+    log(f'warning: skipped checkpoint step {step} ({why}); using step {restored.step}')
+  return c, setup, restored.state
 
 
 def evaluate_workdir(workdir: str | pathlib.Path) -> dict[str, Any]:
