@@ -10,8 +10,11 @@ jax.grad of the exact divergence it stands for: float tolerance, no sampling.
 The last tests run the *real* `train.train_step` (SGD with step size 1, so the
 update is minus the gradient estimate) on 4096 samples and compare with the
 exact gradient of what that step optimises in expectation: statistical, with
-tolerances set from the observed noise (cosine 0.992-0.9998 over seeds).
+tolerances set from the observed noise (cosine 0.992-0.9998 over seeds). The
+REINFORCE step also shows that REINFORCE carries no anchor.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -282,6 +285,29 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
     assert float(got[row]) == pytest.approx(np.log(p_le) + np.log(b) / (n - 1), rel=1e-5)
 
 
+@functools.cache
+def _one_step_on_4096_prompts(**knobs):
+  """(cfg, new_state, metrics) of one real step with SGD of step size 1 (update = minus the
+  gradient estimate) from the policy THETA, the anchor fixed at pi_ref unless `knobs` says
+  otherwise. Cached: each configuration compiles and runs once for the tests that read it."""
+  cfg = StepConfig(
+    model=TB.cfg,
+    sampling=TB.sampling_params(),
+    reward_fn=parameter_free(TB.reward_fn),
+    bond=BondConfig(**{'anchor': 'fixed', **knobs}),
+  )
+  tx = optax.sgd(1.0)
+  state = init_state(cfg.bond, THETA, REF, tx, jax.random.PRNGKey(0))  # fixed anchor: pi_ref
+  new_state, metrics = make_train_step(cfg, tx, optax.constant_schedule(1.0))(
+    state, *TB.prompts(4096)
+  )
+  return cfg, new_state, metrics
+
+
+# REINFORCE with anchor='ema' set: it has no anchor whatever the anchor field says.
+REINFORCE = dict(algorithm='reinforce', beta_rl=0.1, anchor='ema')
+
+
 @pytest.mark.parametrize(
   'knobs',
   [
@@ -291,20 +317,12 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
     # gradient is within 2% of the uncorrected one; the estimator is pinned above.)
     dict(algorithm='bond', n=4, beta=1.0, num_quantile_samples=8, bon_correction=True),
     dict(algorithm='jbond', n=2, beta=0.5, gamma=1.0),
-    dict(algorithm='reinforce', beta_rl=0.1),
+    REINFORCE,
   ],
   ids=lambda k: '-'.join(f'{v}' for v in k.values()),
 )
 def test_train_step_update_is_unbiased(knobs):
-  cfg = StepConfig(
-    model=TB.cfg,
-    sampling=TB.sampling_params(),
-    reward_fn=parameter_free(TB.reward_fn),
-    bond=BondConfig(anchor='fixed', **knobs),
-  )
-  tx = optax.sgd(1.0)  # update = -gradient estimate
-  state = init_state(cfg.bond, THETA, REF, tx, jax.random.PRNGKey(0))  # fixed anchor: pi_ref
-  new_state, _ = make_train_step(cfg, tx, optax.constant_schedule(1.0))(state, *TB.prompts(4096))
+  cfg, new_state, _ = _one_step_on_4096_prompts(**knobs)
   g_hat = _flat(THETA) - _flat(new_state.params)
   g = _flat(jax.grad(_expected_objective(cfg))(THETA))
   cos = g @ g_hat / np.linalg.norm(g) / np.linalg.norm(g_hat)
@@ -313,3 +331,11 @@ def test_train_step_update_is_unbiased(knobs):
   # sign, scale (e.g. dropping N - 1) or estimator moves these far outside.
   assert cos > 0.98, f'cosine {cos:.4f} between the step and the exact gradient'
   assert 0.9 < proj < 1.1, f'projection {proj:.4f} of the step on the exact gradient'
+
+
+def test_reinforce_carries_no_anchor():
+  """REINFORCE has no anchor: no copy in the state or its checkpoints, no kl_anchor metric."""
+  _, state, metrics = _one_step_on_4096_prompts(**REINFORCE)
+  assert state.anchor_params is None
+  assert 'kl_anchor' not in metrics and 'reward_anchor' not in metrics
+  assert {'loss_pg', 'kl_ref', 'reward_policy'} <= set(metrics)
