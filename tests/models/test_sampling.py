@@ -1,4 +1,11 @@
-"""Sampler and log-likelihood tests: cache vs full forward, sampler vs teacher forcing, masks."""
+"""Sampler and log-likelihood tests: cache vs full forward, sampler vs teacher forcing, masks.
+
+Everything runs jitted, as in training, through module-level jits with the model config
+and sampler settings static: each (config, settings, shapes) compiles once, and tests
+that share one reuse it.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +16,17 @@ from bond_jax.models import decoder as model_lib
 from bond_jax.models import sampling
 
 PAD, EOS = 0, 1
+
+_forward = jax.jit(model_lib.forward, static_argnums=0)
+_sequence_logprobs = jax.jit(sampling.sequence_logprobs, static_argnums=0)
+_sample = sampling.sample_jit
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(cfg, params, tokens, positions, mask, cache, cache_index):
+  return model_lib.Decoder(cfg).apply(
+    {'params': params}, tokens, positions, mask, cache, cache_index
+  )
 
 
 def _left_padded_prompts(vocab, lengths, width, seed=0):
@@ -42,13 +60,13 @@ def test_cached_decoding_equals_full_forward(tiny_cfg, family):
     )
   params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
   tokens, valid = _left_padded_prompts(cfg.vocab_size, [9, 5, 2], 9)
-  full = model_lib.forward(cfg, params, tokens, valid)
+  full = _forward(cfg, params, tokens, valid)
 
-  decoder = model_lib.Decoder(cfg)
   cache = model_lib.init_cache(cfg, 3, 9)
   positions = model_lib.positions_from_mask(valid)
-  logits, cache = decoder.apply(
-    {'params': params},
+  logits, cache = _apply(  # a 4-token prefill ...
+    cfg,
+    params,
     tokens[:, :4],
     positions[:, :4],
     model_lib.attention_mask(jnp.arange(4), valid),
@@ -56,14 +74,15 @@ def test_cached_decoding_equals_full_forward(tiny_cfg, family):
     0,
   )
   pieces = [logits]
-  for t in range(4, 9):  # then one token at a time
-    logits, cache = decoder.apply(
-      {'params': params},
+  for t in range(4, 9):  # then one token at a time (t traced: one compiled step)
+    logits, cache = _apply(
+      cfg,
+      params,
       tokens[:, t : t + 1],
       positions[:, t : t + 1],
       model_lib.attention_mask(jnp.arange(t, t + 1), valid),
       cache,
-      t,
+      jnp.int32(t),
     )
     pieces.append(logits)
   cached = jnp.concatenate(pieces, axis=1)
@@ -76,19 +95,17 @@ def test_left_padding_does_not_change_logits(tiny_cfg, tiny_params):
   tokens, valid = _left_padded_prompts(tiny_cfg.vocab_size, [5], 5)
   wide = jnp.concatenate([jnp.full((1, 3), 7), tokens], axis=1)  # 3 pads with junk token ids
   wide_valid = jnp.concatenate([jnp.zeros((1, 3), bool), valid], axis=1)
-  narrow_logits = model_lib.forward(tiny_cfg, tiny_params, tokens, valid)
-  wide_logits = model_lib.forward(tiny_cfg, tiny_params, wide, wide_valid)[:, 3:]
+  narrow_logits = _forward(tiny_cfg, tiny_params, tokens, valid)
+  wide_logits = _forward(tiny_cfg, tiny_params, wide, wide_valid)[:, 3:]
   np.testing.assert_allclose(wide_logits, narrow_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_sampler_logprobs_equal_teacher_forced(tiny_cfg, tiny_params):
   prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [6, 3, 1, 4], 6)
   sp = sampling.SamplingParams(max_new_tokens=12, eos_id=EOS, pad_id=PAD)
-  out = sampling.sample_jit(
-    tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(3), sp, num_samples=3
-  )
+  out = _sample(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(3), sp, num_samples=3)
   rep = lambda x: jnp.repeat(x, 3, axis=0)
-  forced = sampling.sequence_logprobs(
+  forced = _sequence_logprobs(
     tiny_cfg, tiny_params, rep(prompt), rep(valid), out.tokens_BxG, out.mask_BxG
   )
   assert out.mask_BxG.any()
@@ -100,7 +117,7 @@ def test_eos_masks_the_rest_and_stops_early(tiny_cfg, tiny_params):
   # Two rows with the same real tokens (one left-padded) decode identically under greedy.
   prompt = jnp.array([[0, 0, 5, 9, 4], [3, 8, 5, 9, 4]])
   valid = jnp.array([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]], bool)
-  free = sampling.sample(
+  free = _sample(
     tiny_cfg,
     tiny_params,
     prompt,
@@ -113,7 +130,7 @@ def test_eos_masks_the_rest_and_stops_early(tiny_cfg, tiny_params):
   # Call the token greedy decoding emits third "EOS": both rows stop right there.
   eos = int(free.tokens_BxG[0, 2])
   first = int(np.argmax(np.asarray(free.tokens_BxG[0]) == eos))
-  out = sampling.sample(
+  out = _sample(
     tiny_cfg,
     tiny_params,
     prompt,
@@ -136,12 +153,12 @@ def test_sequence_logprobs_ignore_prompt_and_padding(tiny_cfg, tiny_params):
   prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [4, 2], 4)
   response = jnp.array([[5, 6, 7, EOS], [8, EOS, PAD, PAD]])
   mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
-  base = sampling.sequence_logprobs(tiny_cfg, tiny_params, prompt, valid, response, mask)
+  base = _sequence_logprobs(tiny_cfg, tiny_params, prompt, valid, response, mask)
   assert (base[1, 2:] == 0).all()
   # Changing what sits in padded slots (prompt or response) changes nothing.
   junk_prompt = jnp.where(valid, prompt, 9)
   junk_response = jnp.where(mask, response, 11)
-  other = sampling.sequence_logprobs(tiny_cfg, tiny_params, junk_prompt, valid, junk_response, mask)
+  other = _sequence_logprobs(tiny_cfg, tiny_params, junk_prompt, valid, junk_response, mask)
   np.testing.assert_allclose(other, base, rtol=1e-6, atol=1e-6)
   # The prompt conditions the response but is never scored: a longer prompt of real tokens
   # still gives exactly G scored positions.
@@ -151,7 +168,7 @@ def test_sequence_logprobs_ignore_prompt_and_padding(tiny_cfg, tiny_params):
 @pytest.mark.parametrize('top_k,top_p', [(1, 1.0), (0, 1e-6)])
 def test_truncation_to_one_token_is_greedy(tiny_cfg, tiny_params, top_k, top_p):
   prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [3, 3], 3)
-  greedy = sampling.sample(
+  greedy = _sample(
     tiny_cfg,
     tiny_params,
     prompt,
@@ -159,7 +176,7 @@ def test_truncation_to_one_token_is_greedy(tiny_cfg, tiny_params, top_k, top_p):
     jax.random.PRNGKey(0),
     sampling.SamplingParams(max_new_tokens=5, temperature=0.0),
   )
-  truncated = sampling.sample(
+  truncated = _sample(
     tiny_cfg,
     tiny_params,
     prompt,
@@ -174,9 +191,7 @@ def test_samples_follow_model_distribution(tiny_cfg, tiny_params):
   """First-token frequencies over many samples match the model's softmax."""
   prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [3], 3)
   sp = sampling.SamplingParams(max_new_tokens=1)
-  out = sampling.sample_jit(
-    tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(2), sp, num_samples=20_000
-  )
-  probs = jax.nn.softmax(model_lib.forward(tiny_cfg, tiny_params, prompt, valid)[0, -1])
+  out = _sample(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(2), sp, num_samples=20_000)
+  probs = jax.nn.softmax(_forward(tiny_cfg, tiny_params, prompt, valid)[0, -1])
   freq = np.bincount(np.asarray(out.tokens_BxG[:, 0]), minlength=tiny_cfg.vocab_size) / 20_000
   assert np.abs(freq - np.asarray(probs)).max() < 0.015
