@@ -37,6 +37,7 @@ import pytest
 from bond_jax.algo import step as step_lib
 from bond_jax.models import decoder as model_lib
 from bond_jax.run import checkpoint, guards, metrics
+from bond_jax.run import config as config_lib
 from bond_jax.run import loop as trainer
 from bond_jax.run import setup as run_setup
 from bond_jax.types import ConfigError
@@ -45,23 +46,28 @@ from tests.run.test_loop import micro_config
 BUILD = run_setup.build  # before any test patches it
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NUM_STEPS, EVERY, KEEP = 36, 12, 3
-FLAGS = [
-  f'--config={ROOT / "configs" / "jbond_tiny.py"}',
-  '--config.reference.sft_steps=20',
-  '--config.reference.sft_batch_size=16',
-  f'--config.train.num_steps={NUM_STEPS}',
-  '--config.train.batch_size=8',
-  f'--config.ckpt.every={EVERY}',
-  f'--config.ckpt.keep={KEEP}',
-  '--config.optim.learning_rate=1e-3',
-  '--config.optim.warmup_steps=1',
-  '--config.eval.num_prompts=8',
-  '--config.eval.samples_per_prompt=4',
-  '--config.eval.bon_ns=(2,4)',
-  '--config.eval.policy_samples_per_prompt=2',
-  '--config.log.tensorboard=False',
-  '--config.log.progress=False',
-]
+
+
+def _micro_flags() -> list[str]:
+  """scripts/train.py flags for test_loop's micro config with NUM_STEPS, EVERY and KEEP:
+  an override for each field that differs from configs/jbond_tiny.py."""
+  path = ROOT / 'configs' / 'jbond_tiny.py'
+  c = micro_config(NUM_STEPS)
+  c.ckpt.every, c.ckpt.keep = EVERY, KEEP
+
+  def flat(tree, prefix=''):
+    if isinstance(tree, dict):
+      return {k: v for key, sub in tree.items() for k, v in flat(sub, f'{prefix}{key}.').items()}
+    return {prefix[:-1]: tree}
+
+  base, micro = flat(config_lib.load_config_file(path).to_dict()), flat(c.to_dict())
+  value = lambda v: f'({",".join(map(str, v))})' if isinstance(v, tuple) else str(v)
+  return [f'--config={path}'] + [
+    f'--config.{k}={value(v)}' for k, v in micro.items() if base[k] != v
+  ]
+
+
+FLAGS = _micro_flags()
 ONE_DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 TIMING = ('tokens_per_s', 'step_time_s')  # wall-clock metrics, the only ones that may differ
 _STARTED: list[subprocess.Popen] = []  # killed at the end if a failure left them running
