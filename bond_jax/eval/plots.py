@@ -124,12 +124,21 @@ def bon_reference(summary: dict) -> tuple[list[float], list[float], str]:
   return xs, ys, 'Best-of-N of pi_ref (N = 1, ' + ', '.join(map(str, ns)) + ')'
 
 
+def _group(run: str, by_first_field: bool) -> str:
+  """A sweep member `eta_0.01-gamma_0.5` belongs to the panel of `eta_0.01`."""
+  return run.split('-', 1)[0] if by_first_field and '-' in run else ''
+
+
 def plot_workdirs(
-  workdirs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path, smooth: int = 10
+  workdirs: Sequence[str | pathlib.Path],
+  out_dir: str | pathlib.Path,
+  smooth: int = 10,
+  group_by_first_field: bool = False,
 ) -> list[pathlib.Path]:
   """One PNG per plot of WORKDIR_PLOTS over the runs (a plot no run has data for is skipped);
   the trade-off plot adds each finished run's final (KL, reward) point and the Best-of-N
-  curve of pi_ref from the first summary.json found."""
+  curve of pi_ref from the first summary.json found. With `group_by_first_field`, runs of a
+  sweep (named `field_value-field_value`) get one panel per value of the first field."""
   if not workdirs:
     raise FileNotFoundError('no workdirs to plot')
   out_dir = pathlib.Path(out_dir)
@@ -144,17 +153,19 @@ def plot_workdirs(
       summaries[workdir.name] = json.loads((workdir / 'summary.json').read_text())
   written = []
   for name, (x, y, title) in WORKDIR_PLOTS.items():
-    lines = {}
+    rows: dict[str, dict[str, Curve]] = {}
     for run, curve in curves.items():
       pair = _pair(curve, x, y)
       if pair is not None:
-        lines[run] = {x: pair[0], y: pair[1]}
-    if not lines:
+        rows.setdefault(_group(run, group_by_first_field), {})[run] = {x: pair[0], y: pair[1]}
+    if not rows:
       continue
     reference = None
     if name == 'tradeoff' and summaries:
       reference = {f'{x}:{y}': bon_reference(next(iter(summaries.values())))}
       for run, s in summaries.items():  # the held-out evaluation's final point
-        lines[f'{run} (final eval)'] = {x: [s['kl_policy_ref']], y: [s['reward_policy']]}
-    written.append(plot_panels(out_dir / f'{name}.png', title, {'': lines}, [(x, y)], reference))
+        final = {x: [s['kl_policy_ref']], y: [s['reward_policy']]}
+        rows.setdefault(_group(run, group_by_first_field), {})[f'{run} (final eval)'] = final
+    path = out_dir / f'{name}.png'
+    written.append(plot_panels(path, title, dict(sorted(rows.items())), [(x, y)], reference))
   return written
