@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.samples_per_prompt = 32  # K pi_ref samples per prompt for Best-of-N estimates
   c.eval.bon_ns = (2, 4, 8, 16)  # N of the Best-of-N rows
   c.eval.policy_samples_per_prompt = 4  # policy samples per prompt
+  c.eval.kl_n = 16  # N of the KLs to Best-of-N of pi_ref (Section 8, Fig. 2); 0: off
+  c.eval.every = 25  # also evaluate every K steps during training (metrics eval/...); 0: only at the end
+  c.eval.every_num_prompts = 64  # the first held-out prompts (at most eval.num_prompts) of the evaluation during training
 
   c.log = ml_collections.ConfigDict()
   c.log.tensorboard = True

@@ -1,8 +1,15 @@
-"""Evaluate a run from its workdir: reads config.json and the latest usable Orbax
-checkpoint (a damaged one is skipped with a warning), prints the Best-of-N table and
-rewrites summary.json. Usage:
+"""Evaluate checkpoints of a run from its workdir (config.json + Orbax checkpoints; a damaged
+latest checkpoint is skipped with a warning). Usage:
 
   python scripts/evaluate.py --workdir=runs/jbond_tiny
+  python scripts/evaluate.py --workdir=runs/jbond_tiny --step=100 --which=anchor
+  python scripts/evaluate.py --workdir=runs/jbond_tiny --all_steps --num_prompts=128
+  python scripts/evaluate.py --workdir=runs/jbond_tiny --mesh.data=4 --mesh.model=1
+
+Prints the table (rewards of pi_ref, Best-of-N of pi_ref and the policy; the policy's KL to
+pi_ref, log quantile, win rate and KLs to Best-of-eval.kl_n) and writes
+<workdir>/eval/step_<N>_<which>.json (all_steps_<which>.jsonl with --all_steps); the
+default, the latest policy with the run's settings, also rewrites summary.json.
 """
 
 import pathlib
@@ -12,19 +19,32 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bond_jax.run import loop as trainer  # noqa: E402
+from bond_jax.run import evaluation  # noqa: E402
+from bond_jax.run.guards import RunError  # noqa: E402
 from bond_jax.types import ConfigError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir written by scripts/train.py.')
+_STEP = flags.DEFINE_integer('step', None, 'Evaluate this checkpoint step (default: latest).')
+_ALL = flags.DEFINE_bool('all_steps', False, 'Evaluate every kept checkpoint, into one JSONL.')
+_WHICH = flags.DEFINE_enum('which', 'policy', list(evaluation.WHICH), 'Which model to evaluate.')
+_DATA = flags.DEFINE_integer('mesh.data', None, 'Data-parallel devices (default: the run).')
+_MODEL = flags.DEFINE_integer('mesh.model', None, 'Tensor-parallel devices (default: the run).')
+_PROMPTS = flags.DEFINE_integer('num_prompts', None, 'Held-out prompts (default: the run).')
 flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if (_DATA.value is None) != (_MODEL.value is None):
+    sys.exit('error: give --mesh.data and --mesh.model together (or neither).')
+  mesh = None if _DATA.value is None else (_DATA.value, _MODEL.value)
   try:
-    trainer.evaluate_workdir(_WORKDIR.value)
-  except (FileNotFoundError, ConfigError, trainer.RunError) as e:
+    evaluation.evaluate_workdir(
+      _WORKDIR.value, step=_STEP.value, all_steps=_ALL.value, which=_WHICH.value,
+      mesh_shape=mesh, num_prompts=_PROMPTS.value,
+    )  # fmt: skip
+  except (FileNotFoundError, ConfigError, RunError) as e:
     sys.exit(f'error: {e}')
 
 

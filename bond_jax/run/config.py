@@ -92,6 +92,7 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
     'eval.num_prompts',
     'eval.samples_per_prompt',
     'eval.policy_samples_per_prompt',
+    'eval.every_num_prompts',
     'mesh.data',
     'mesh.model',
   ):
@@ -153,6 +154,18 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
     'eval.bon_ns',
     ns,
     'each N must be in [1, eval.samples_per_prompt]',
+  )
+  _check(
+    isinstance(c.eval.kl_n, int) and 0 <= c.eval.kl_n <= c.eval.samples_per_prompt,
+    'eval.kl_n',
+    c.eval.kl_n,
+    '0 (off) or an N in [1, eval.samples_per_prompt]',
+  )
+  _check(
+    isinstance(c.eval.every, int) and c.eval.every >= 0,
+    'eval.every',
+    c.eval.every,
+    'must be an integer >= 0 (0: evaluate only at the end)',
   )
   _check(c.task.name in TASKS, 'task.name', c.task.name, f'one of {TASKS}')
   if c.task.name == 'hf':

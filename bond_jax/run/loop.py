@@ -25,7 +25,6 @@ What can go wrong, and what happens:
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 import signal
 import threading
@@ -37,34 +36,15 @@ import ml_collections
 
 from bond_jax.algo import state as state_lib
 from bond_jax.algo import step as step_lib
-from bond_jax.eval import bon_table as evaluate
-from bond_jax.models import decoder as model_lib
 from bond_jax.models import hf, sharding
-from bond_jax.run import checkpoint, guards, metrics
+from bond_jax.run import checkpoint, evaluation, guards, metrics
 from bond_jax.run import config as config_lib
 from bond_jax.run import setup as run_setup
+from bond_jax.run.evaluation import load_workdir
 from bond_jax.run.guards import Preempted, RunError
 from bond_jax.run.setup import log
 
 _NONFINITE_FLAGS = ('nonfinite_rewards', 'nonfinite_logprobs', 'nonfinite_loss', 'nonfinite_grads')
-
-
-def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  return sharding.make_mesh(
-    c.mesh.data, c.mesh.model, devices=jax.devices()[: c.mesh.data * c.mesh.model]
-  )
-
-
-def abstract_state(setup: run_setup.RunSetup) -> state_lib.TrainState:
-  """Shapes and dtypes of the TrainState (nothing allocated): what checkpoints restore into."""
-
-  def shape():
-    params = model_lib.init_params(setup.cfg, jax.random.PRNGKey(0))
-    return state_lib.init_state(
-      setup.step_cfg.bond, params, params, setup.tx, jax.random.PRNGKey(0)
-    )
-
-  return jax.eval_shape(shape)
 
 
 def _global(
@@ -115,7 +95,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
   ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep)
   try:
     guards.check_resume_config(workdir, c, ckpts.latest_step)
-    mesh = make_mesh(c)
+    mesh = run_setup.make_mesh(c)
     setup = run_setup.build(c, mesh)
     guards.check_reward(c, setup)
     return _train(c, workdir, mesh, setup, ckpts)
@@ -138,7 +118,7 @@ def _train(
       f'top_k={c.sampling.top_k}, top_p={c.sampling.top_p}; they are not draws from pi, '
       'so the KL metrics are estimates under that sampler.'
     )
-  abstract = abstract_state(setup)
+  abstract = run_setup.abstract_state(setup)
   state_sharding = sharding.param_shardings(abstract, mesh)
   batch_sharding = sharding.data_sharding(mesh)
   restored = ckpts.restore_latest(
@@ -194,6 +174,8 @@ def _train(
         counters['bad_in_a_row'] = counters['bad_in_a_row'] + 1 if bad else 0
         counters['skipped_steps'] += bool(bad)
         m['skipped_steps'] = counters['skipped_steps']
+        if c.eval.every and (step + 1) % c.eval.every == 0:
+          m.update(evaluation.during_training(c, setup, state))
         writer.write(step + 1, m)
         if bad:
           log(
@@ -237,63 +219,8 @@ def evaluate_state(
   state: state_lib.TrainState,
   workdir: pathlib.Path,
 ) -> dict[str, Any]:
-  """The BOND table for `state`, printed and written to workdir/summary.json."""
-  prompt, valid = setup.eval_prompts
-  table = evaluate.bon_table(
-    setup.cfg,
-    state.ref_params,
-    state.params,
-    prompt,
-    valid,
-    setup.step_cfg.reward_fn,
-    setup.reward_params,
-    jax.random.fold_in(run_setup.stream_key(c.seed, run_setup.EVAL_STREAM), 1),
-    run_setup.eval_sampling(setup),
-    samples_per_prompt=c.eval.samples_per_prompt,
-    bon_ns=tuple(c.eval.bon_ns),
-    policy_samples_per_prompt=c.eval.policy_samples_per_prompt,
-  )
-  table['step'] = int(state.step)
-  (workdir / 'summary.json').write_text(json.dumps(table, indent=2))
-  print(evaluate.format_table(table), flush=True)
-  return table
-
-
-def load_workdir(
-  workdir: str | pathlib.Path,
-) -> tuple[ml_collections.ConfigDict, run_setup.RunSetup, state_lib.TrainState]:
-  """A run's config, setup and latest usable TrainState, read back from its workdir.
-
-  A damaged checkpoint is skipped with a warning (and left where it is)."""
-  workdir = pathlib.Path(workdir)
-  config_path = workdir / 'config.json'
-  if not config_path.is_file():
-    raise FileNotFoundError(f'{config_path} not found: is {workdir} a bond_jax workdir?')
-  c = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  config_lib.validate(c)
-  mesh = make_mesh(c)
-  setup = run_setup.build(c, mesh)
-  abstract = abstract_state(setup)
-  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep, read_only=True)
-  try:
-    restored = ckpts.restore_latest(
-      checkpoint.with_sharding(abstract, sharding.param_shardings(abstract, mesh))
-    )
-  except checkpoint.CheckpointError as e:
-    raise RunError(str(e)) from e
-  finally:
-    ckpts.close()
-  if restored is None:
-    raise FileNotFoundError(f'no checkpoint under {workdir / "checkpoints"}')
-  for step, why in restored.skipped:
-    log(f'warning: skipped checkpoint step {step} ({why}); using step {restored.step}')
-  return c, setup, restored.state
-
-
-def evaluate_workdir(workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Read a run's config and latest checkpoint back, and evaluate it."""
-  c, setup, state = load_workdir(workdir)
-  return evaluate_state(c, setup, state, pathlib.Path(workdir))
+  """The run's last phase: the table of `state`'s policy, printed and in summary.json."""
+  return evaluation.summary(c, setup, state, workdir)
 
 
 def export_policy(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:

@@ -33,7 +33,7 @@ from bond_jax.data import prompts as data
 from bond_jax.data import rewards, tasks
 from bond_jax.data import tokenizer as tokenizer_lib
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import hf
+from bond_jax.models import hf, sharding
 from bond_jax.models import sampling as sampling_lib
 from bond_jax.run import config as config_lib
 from bond_jax.run import sft
@@ -177,6 +177,25 @@ def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunS
     eval_prompts=data.eval_prompts(c.data, tok, c.eval.num_prompts),
     reference=reference,
   )
+
+
+def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The ('data', 'model') mesh of mesh.data x mesh.model devices of this machine."""
+  return sharding.make_mesh(
+    c.mesh.data, c.mesh.model, devices=jax.devices()[: c.mesh.data * c.mesh.model]
+  )
+
+
+def abstract_state(setup: RunSetup) -> state_lib.TrainState:
+  """Shapes and dtypes of the TrainState (nothing allocated): what checkpoints restore into."""
+
+  def shape():
+    params = model_lib.init_params(setup.cfg, jax.random.PRNGKey(0))
+    return state_lib.init_state(
+      setup.step_cfg.bond, params, params, setup.tx, jax.random.PRNGKey(0)
+    )
+
+  return jax.eval_shape(shape)
 
 
 def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunSetup:

@@ -16,6 +16,7 @@ import transformers
 
 from bond_jax.models import decoder as model_lib
 from bond_jax.run import config as config_lib
+from bond_jax.run import evaluation
 from bond_jax.run import loop as trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -36,6 +37,8 @@ def micro_config(num_steps: int):
   c.eval.samples_per_prompt = 4
   c.eval.bon_ns = (2, 4)
   c.eval.policy_samples_per_prompt = 2
+  c.eval.kl_n = 4
+  c.eval.every = 0  # tests/run/test_sweep.py covers the evaluation during training
   c.log.tensorboard = False
   c.log.progress = False
   return c
@@ -119,7 +122,7 @@ def test_summary_is_on_disk_and_read_back_from_the_workdir(micro_run, tmp_path):
   assert on_disk == json.loads(json.dumps(summary))
   # Reading the run back from its workdir (config.json + latest checkpoint) gives the same
   # table (on a copy: evaluating writes summary.json, and the shared run stays as it is).
-  again = trainer.evaluate_workdir(shutil.copytree(straight, tmp_path / 'copy'))
+  again = evaluation.evaluate_workdir(shutil.copytree(straight, tmp_path / 'copy'))[0]
   for k in ('reward_ref', 'reward_policy', 'kl_policy_ref'):
     np.testing.assert_allclose(again[k], summary[k], rtol=1e-5, atol=1e-6)
   assert set(on_disk['reward_bon']) == {'2', '4'}

@@ -281,7 +281,7 @@ def test_nan_reward_skips_its_step_and_max_bad_steps_in_a_row_stop(tmp_path, mon
 
   ckpts = checkpoint.Checkpoints(tmp_path / 'checkpoints', 1, 10, read_only=True)
   abstract = checkpoint.with_sharding(
-    trainer.abstract_state(_poisoned(BUILD, ())(c, trainer.make_mesh(c))),
+    run_setup.abstract_state(_poisoned(BUILD, ())(c, run_setup.make_mesh(c))),
     ONE_DEVICE,
   )
   states = {s: ckpts.load(s, abstract)[0] for s in ckpts.steps}  # `load` checks finiteness

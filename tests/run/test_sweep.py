@@ -101,13 +101,25 @@ def test_finished_runs_are_skipped_and_collected(tmp_path, monkeypatch):
 
 
 def test_plots_of_two_real_workdirs_decode(tmp_path):
+  """Two micro runs that also evaluate during training (eval/ metrics every 2 steps, the
+  same estimates as the final table), then every plot from their workdirs."""
   for seed in (0, 1):
-    c = micro_config(3)
-    c.seed = seed
-    trainer.run(c, tmp_path / f'seed{seed}')
+    c = micro_config(4)
+    c.seed, c.eval.every, c.eval.every_num_prompts = seed, 2, 4
+    summary = trainer.run(c, tmp_path / f'seed{seed}')
+  rows = [
+    json.loads(line) for line in (tmp_path / 'seed1' / 'metrics.jsonl').read_text().splitlines()
+  ]
+  evaluated = [r for r in rows if 'eval/reward_policy' in r]
+  assert [r['step'] for r in evaluated] == [2, 4]
+  for key in ('eval/kl_ref', 'eval/log_quantile', 'eval/win_rate', 'eval/kl_bwd', 'eval/kl_fwd'):
+    assert all(isinstance(r[key], float) for r in evaluated), key
+  assert 0.0 <= evaluated[-1]['eval/win_rate'] <= 1.0 and evaluated[-1]['eval/log_quantile'] <= 0
+  # At the last step the evaluation during training is the final table on fewer prompts.
+  assert summary['step'] == 4 and 'kl_bwd' in summary and summary['kl_n'] == 4
   written = plots.plot_workdirs([tmp_path / 'seed0', tmp_path / 'seed1'], tmp_path / 'plots', 1)
   names = {p.name for p in written}
-  assert {'reward.png', 'kl.png', 'tradeoff.png'} <= names
+  assert names == {'reward.png', 'kl.png', 'tradeoff.png', 'log_quantile.png'}
   for path in written:
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
