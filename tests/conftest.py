@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny decoder with random weights, the embedded task, and the one
-background process with 8 fake CPU devices (tests/eight_devices.py)."""
+"""Shared fixtures: a tiny decoder with random weights, the embedded task, and the results
+of the background processes with 8 fake CPU devices (tests/eight_devices.py)."""
 
 import json
 import os
@@ -35,16 +35,17 @@ def copy_task(tiny_cfg) -> tasks.NoisyCopy:
   return tasks.NoisyCopy(vocab_size=tiny_cfg.vocab_size, prompt_len=4, keep_prob=0.5)
 
 
-class EightDevices:
-  """tests/eight_devices.py in a subprocess, started once and read once it has finished."""
+class Background:
+  """One part of tests/eight_devices.py in a subprocess, started once, read once finished."""
 
-  def __init__(self):
+  def __init__(self, part: str):
+    self.part = part
     self.proc: subprocess.Popen | None = None
 
   def start(self) -> None:
     if self.proc is not None:
       return
-    self.dir = Path(tempfile.mkdtemp(prefix='bond_jax_8dev_'))
+    self.dir = Path(tempfile.mkdtemp(prefix=f'bond_jax_{self.part}_'))
     env = {
       **os.environ,
       'JAX_PLATFORMS': 'cpu',
@@ -53,7 +54,7 @@ class EightDevices:
     env.pop('XLA_FLAGS', None)  # the script sets its own device count
     self.log = open(self.dir / 'output.txt', 'w')  # noqa: SIM115 (closed in stop)
     self.proc = subprocess.Popen(
-      [sys.executable, str(ROOT / 'tests' / 'eight_devices.py'), str(self.dir)],
+      [sys.executable, str(ROOT / 'tests' / 'eight_devices.py'), self.part, str(self.dir)],
       cwd=ROOT,
       env=env,
       stdout=self.log,
@@ -79,22 +80,37 @@ class EightDevices:
     shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_EIGHT_DEVICES = EightDevices()
+# fixture name -> its background process
+_BACKGROUND = {'eight_device_sharding': Background('sharding'), 'micro_runs': Background('runs')}
 
 
 def pytest_collection_finish(session):
-  """Start the 8-device process now if a collected test needs it: it then runs beside the
-  main process instead of after it."""
+  """Start the background processes that collected tests need now, so that they run beside
+  the main process instead of after it."""
   if session.config.option.collectonly:
     return
-  if any('eight_devices' in getattr(item, 'fixturenames', ()) for item in session.items):
-    _EIGHT_DEVICES.start()
+  needed = {name for item in session.items for name in getattr(item, 'fixturenames', ())}
+  for name, background in _BACKGROUND.items():
+    if name in needed:
+      background.start()
 
 
 def pytest_unconfigure(config):
-  _EIGHT_DEVICES.stop()
+  for background in _BACKGROUND.values():
+    background.stop()
 
 
 @pytest.fixture(scope='session')
-def eight_devices() -> dict:
-  return _EIGHT_DEVICES.results()
+def eight_device_sharding() -> dict:
+  """tests/models/sharding_8dev_checks.py run on 8 fake devices: {'exit_code', 'output'}."""
+  return _BACKGROUND['eight_device_sharding'].results()
+
+
+@pytest.fixture(scope='session')
+def micro_runs() -> dict:
+  """The micro runs of tests/eight_devices.py `runs`, finished; their workdirs are read-only
+  for the tests."""
+  results = _BACKGROUND['micro_runs'].results()
+  if 'one' not in results:
+    pytest.fail(f'the micro runs failed:\n{results.get("error") or results["output"][-6000:]}')
+  return results

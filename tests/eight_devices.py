@@ -1,17 +1,20 @@
-"""Everything that needs 8 fake CPU devices, in one process (JAX fixes the device count when
-its backend starts, and the main test process has started it with 1 device).
+"""The test suite's background processes, each with 8 fake CPU devices (JAX fixes the device
+count when its backend starts, and the main test process has started it with 1 device).
 
-Not collected (the name does not start with test_): `tests/conftest.py` starts it in the
-background as soon as collection finds a test that uses the `eight_devices` fixture, so
-it runs while the main process works through the other tests. It writes results.json to
-the directory given as its argument:
+  python tests/eight_devices.py sharding OUT   pytest on tests/models/sharding_8dev_checks.py
+  python tests/eight_devices.py runs OUT       the micro runs that tests/run reads
 
-  sharding  exit code of pytest on tests/models/sharding_8dev_checks.py (its report is in
-            this process's output)
-  runs      {'dp8': ..., 'dp2_tp4': ...}: metrics.jsonl rows and summary of the micro run of
-            tests/run/test_loop.py on 8 data-parallel devices and on a 2 x 4 data x model
-            mesh (tests/run/test_multidevice.py compares them with the one-device run)
-  error     the traceback if the runs failed
+Not collected (the name does not start with test_): `tests/conftest.py` starts a part in the
+background as soon as collection finds a test that uses its fixture, so it runs while the
+main process works through the other tests, and each part writes OUT/results.json:
+
+  sharding  {'exit_code': pytest's exit code}; the report is in the process's output
+  runs      for each run of RUNS, {'workdir', 'rows' (metrics.jsonl), 'summary'}:
+              one      micro_config(MICRO_STEPS) on one device
+              dp8      the same on 8 data-parallel devices
+              dp2_tp4  the same on a 2 x 4 data x model mesh
+              resumed  tests/run/test_loop.py's crash_then_resume
+            or {'error': traceback}
 """
 
 import json
@@ -28,38 +31,40 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 
 from bond_jax.run import loop as trainer  # noqa: E402
-from tests.run.test_loop import MICRO_STEPS, micro_config  # noqa: E402
+from tests.run.test_loop import MICRO_STEPS, crash_then_resume, micro_config  # noqa: E402
 
-MESHES = {'dp8': (8, 1), 'dp2_tp4': (2, 4)}  # name: (data, model)
+MESHES = {'one': (1, 1), 'dp8': (8, 1), 'dp2_tp4': (2, 4)}  # name: (data, model)
 
 
-def micro_runs(out: pathlib.Path) -> dict:
+def sharding(out: pathlib.Path) -> dict:
+  del out
+  checks = ROOT / 'tests' / 'models' / 'sharding_8dev_checks.py'
+  return {'exit_code': int(pytest.main(['-q', '-p', 'no:cacheprovider', str(checks)]))}
+
+
+def _read(workdir: pathlib.Path, summary: dict) -> dict:
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return {'workdir': str(workdir), 'rows': rows, 'summary': summary}
+
+
+def runs(out: pathlib.Path) -> dict:
   assert jax.device_count() == 8
-  results = {}
-  for name, (data, model) in MESHES.items():
-    c = micro_config(MICRO_STEPS)
-    c.mesh.data, c.mesh.model = data, model
-    summary = trainer.run(c, out / name)
-    rows = [json.loads(line) for line in (out / name / 'metrics.jsonl').read_text().splitlines()]
-    results[name] = {'rows': rows, 'summary': summary}
-  return results
-
-
-def main(out_dir: str) -> None:
-  out = pathlib.Path(out_dir)
-  results = {
-    'sharding': int(
-      pytest.main(
-        ['-q', '-p', 'no:cacheprovider', str(ROOT / 'tests' / 'models' / 'sharding_8dev_checks.py')]
-      )
-    )
-  }
   try:
-    results['runs'] = micro_runs(out)
-  except Exception:  # reported by test_multidevice.py, with this process's output
-    results['error'] = traceback.format_exc()
-  (out / 'results.json').write_text(json.dumps(results))
+    results = {}
+    for name, (data, model) in MESHES.items():
+      c = micro_config(MICRO_STEPS)
+      c.mesh.data, c.mesh.model = data, model
+      results[name] = _read(out / name, trainer.run(c, out / name))
+    results['resumed'] = _read(out / 'resumed', crash_then_resume(out / 'resumed'))
+    return results
+  except Exception:  # reported by the tests that read the runs, with this process's output
+    return {'error': traceback.format_exc()}
+
+
+PARTS = {'sharding': sharding, 'runs': runs}
 
 
 if __name__ == '__main__':
-  main(sys.argv[1])
+  part, out_dir = sys.argv[1:]
+  out = pathlib.Path(out_dir)
+  (out / 'results.json').write_text(json.dumps(PARTS[part](out)))

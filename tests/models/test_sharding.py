@@ -1,4 +1,4 @@
-"""Sharding policy. The 8-device checks (sharding_8dev_checks.py) run in the 8-device process
+"""Sharding policy. The 8-device checks (sharding_8dev_checks.py) run in a background process
 (tests/eight_devices.py)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from bond_jax.models import decoder as model
 from bond_jax.models import sharding
 
 
-def test_on_eight_fake_devices(eight_devices):
-  assert eight_devices.get('sharding') == 0, eight_devices['output'][-9000:]
+def test_on_eight_fake_devices(eight_device_sharding):
+  assert eight_device_sharding.get('exit_code') == 0, eight_device_sharding['output'][-9000:]
 
 
 def test_single_device_mesh_replicates_nothing_to_check():

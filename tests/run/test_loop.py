@@ -1,7 +1,8 @@
 """The loop end to end on a micro version of the tiny config: metrics, summary, and resume.
 
-The uninterrupted run is the session's `micro_run` (tests/run/conftest.py), also what
-test_multidevice.py compares its sharded runs with.
+The runs happen in a background process (`micro_runs`, tests/eight_devices.py) while the
+rest of the suite runs; these tests read their workdirs. The uninterrupted one-device run
+is also what test_multidevice.py compares its sharded runs with.
 """
 
 import json
@@ -10,7 +11,6 @@ import shutil
 
 import jax
 import numpy as np
-import pytest
 import torch
 import transformers
 
@@ -56,16 +56,26 @@ def _crash(*args, **kwargs):
   raise _Crash
 
 
-def test_resume_continues_at_the_right_step_with_the_same_anchor(micro_run, tmp_path, monkeypatch):
-  straight, _ = micro_run
-  split = tmp_path / 'split'
-  with monkeypatch.context() as patched:  # "crash" after step 2's checkpoint, while evaluating
-    patched.setattr(trainer, 'evaluate_state', _crash)
-    with pytest.raises(_Crash):
-      trainer.run(micro_config(2), split)
-  assert not (split / 'summary.json').exists()
-  trainer.run(micro_config(MICRO_STEPS), split)  # ... and rerun the same command with more steps
+def crash_then_resume(workdir: pathlib.Path) -> dict:
+  """micro_config(2) "crashing" after its last checkpoint (in its evaluation), then the same
+  command with MICRO_STEPS steps. Returns the second run's summary."""
+  evaluate_state = trainer.evaluate_state
+  trainer.evaluate_state = _crash
+  try:
+    trainer.run(micro_config(2), workdir)
+  except _Crash:
+    pass
+  else:
+    raise AssertionError('the first run did not reach its evaluation')
+  finally:
+    trainer.evaluate_state = evaluate_state
+  assert not (workdir / 'summary.json').exists()
+  return trainer.run(micro_config(MICRO_STEPS), workdir)
 
+
+def test_resume_continues_at_the_right_step_with_the_same_anchor(micro_runs):
+  straight = pathlib.Path(micro_runs['one']['workdir'])
+  split = pathlib.Path(micro_runs['resumed']['workdir'])
   a, b = _final_state(straight), _final_state(split)
   assert int(a.step) == int(b.step) == MICRO_STEPS
   for field in ('params', 'anchor_params', 'ref_params', 'opt_state', 'rng'):
@@ -79,6 +89,11 @@ def test_resume_continues_at_the_right_step_with_the_same_anchor(micro_run, tmp_
     not np.array_equal(x, y)
     for x, y in zip(jax.tree.leaves(a.anchor_params), jax.tree.leaves(a.ref_params), strict=True)
   )
+
+  for k in ('reward_ref', 'reward_policy', 'kl_policy_ref'):  # and evaluates the same
+    np.testing.assert_allclose(
+      micro_runs['resumed']['summary'][k], micro_runs['one']['summary'][k], rtol=1e-5, atol=1e-6
+    )
 
   rows = [json.loads(line) for line in (split / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
@@ -103,9 +118,9 @@ def test_resume_continues_at_the_right_step_with_the_same_anchor(micro_run, tmp_
     assert k in rows[0], k
 
 
-def test_trained_policy_exports_with_the_same_logits(micro_run, tmp_path):
+def test_trained_policy_exports_with_the_same_logits(micro_runs, tmp_path):
   """The trained policy exports as a Hugging Face checkpoint with the same logits."""
-  straight, _ = micro_run
+  straight = pathlib.Path(micro_runs['one']['workdir'])
   exported = trainer.export_policy(straight, tmp_path / 'hf_policy')
   torch_model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
   c, setup, state = trainer.load_workdir(straight)
@@ -116,8 +131,8 @@ def test_trained_policy_exports_with_the_same_logits(micro_run, tmp_path):
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_summary_is_on_disk_and_read_back_from_the_workdir(micro_run, tmp_path):
-  straight, summary = micro_run
+def test_summary_is_on_disk_and_read_back_from_the_workdir(micro_runs, tmp_path):
+  straight, summary = pathlib.Path(micro_runs['one']['workdir']), micro_runs['one']['summary']
   on_disk = json.loads((straight / 'summary.json').read_text())
   assert on_disk == json.loads(json.dumps(summary))
   # Reading the run back from its workdir (config.json + latest checkpoint) gives the same
