@@ -7,7 +7,6 @@ The same command with the same workdir resumes from the latest checkpoint; SIGTE
 Ctrl-C saves the current step first (exit status 128 + the signal).
 """
 
-import difflib
 import pathlib
 import re
 import sys
@@ -39,15 +38,9 @@ def _unknown_field(argv: list[str]) -> str | None:
     m = re.match(r'--config\.([\w.]+)', override)
     if not m:
       continue
-    node, done = c, []
-    for part in m.group(1).split('.'):
-      keys = list(node.keys()) if hasattr(node, 'keys') else []
-      if part not in keys:
-        close = difflib.get_close_matches(part, keys, n=1)
-        where = 'config.' + '.'.join(done) if done else 'the config'
-        hint = f' (did you mean config.{".".join([*done, close[0]])}?)' if close else ''
-        return f'--config.{m.group(1)}: {where} has no field {part!r}{hint}'
-      node, done = node[part], [*done, part]
+    problem = config_lib.unknown_field(c, m.group(1))
+    if problem:
+      return f'--config.{m.group(1)}: {problem}'
   return None
 
 

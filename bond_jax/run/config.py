@@ -11,6 +11,7 @@ the embedded task no tokenizer, data or reward block. This module only reads the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import pathlib
 import types
@@ -57,6 +58,21 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
   """`get_config()` (or `get_config(arg)`) of a config file, as the train script would."""
   module = load_config_module(path)
   return module.get_config() if arg is None else module.get_config(arg)
+
+
+def unknown_field(c: ml_collections.ConfigDict, dotted: str) -> str | None:
+  """None when `dotted` (e.g. 'bond.eta') names a field of `c`; else one line naming the
+  first missing part and the closest existing name."""
+  node, done = c, []
+  for part in dotted.split('.'):
+    keys = list(node.keys()) if hasattr(node, 'keys') else []
+    if part not in keys:
+      close = difflib.get_close_matches(part, keys, n=1)
+      where = 'config.' + '.'.join(done) if done else 'the config'
+      hint = f' (did you mean config.{".".join([*done, close[0]])}?)' if close else ''
+      return f'{where} has no field {part!r}{hint}'
+    node, done = node[part], [*done, part]
+  return None
 
 
 def _fail(field: str, value, fix: str) -> None:

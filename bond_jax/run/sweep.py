@@ -80,16 +80,13 @@ def apply_overrides(
   """A copy of `c` with dotted-field overrides; an unknown field is a ConfigError."""
   c = ml_collections.ConfigDict(c.to_dict())
   for field, value in overrides.items():
+    problem = config_lib.unknown_field(c, field)
+    if problem:
+      raise ConfigError(f'{where}: --config.{field}: {problem}')
     *path, leaf = field.split('.')
     node = c
     for part in path:
-      if part not in node:
-        raise ConfigError(f'{where}: config has no field {field!r} (no {part!r} block).')
       node = node[part]
-    if leaf not in node:
-      close = [k for k in node if k.startswith(leaf[:3])]
-      hint = f'; did you mean {".".join(path + [close[0]])!r}?' if close else ''
-      raise ConfigError(f'{where}: config has no field {field!r}{hint}')
     node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], float) else value
   return c
 

@@ -68,7 +68,8 @@ def test_fig6_sweep_expands_to_16_validated_named_members(tmp_path):
 def test_a_bad_member_fails_the_whole_sweep_naming_it(tmp_path):
   typo = _sweep_file(tmp_path, "[{'bond.eta': 0.1}, {'bond.etaa': 0.2}]")
   with pytest.raises(
-    ConfigError, match=r"sweep member 1 .*no field 'bond.etaa'.*did you mean 'bond.eta'"
+    ConfigError,
+    match=r"sweep member 1 .*config.bond has no field 'etaa' \(did you mean config.bond.eta\?\)",
   ):
     sweep.expand(typo)
   out_of_range = _sweep_file(tmp_path, "sweep.grid({'bond.beta': [0.5, 1.5]})")
