@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bond_jax.models import decoder, reward_model
+from bond_jax.models import reward_model
 from bond_jax.models.decoder import ModelConfig
 from bond_jax.types import PyTree
 
@@ -49,10 +49,8 @@ def logits(
   response_mask_BxG: jax.Array,
 ) -> jax.Array:
   """logit p_theta(x, y) [B], float32, read at the last generated token."""
-  return reward_model.score(
-    cfg,
-    params,
-    *decoder.concat_prompt_response(prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG),
+  return reward_model.score_responses(
+    cfg, params, prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG
   )
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from bond_jax.data import tokenizer as tokenizer_lib
-from bond_jax.models import decoder, hf, reward_model, sharding
+from bond_jax.models import hf, reward_model, sharding
 from bond_jax.models.decoder import ModelConfig
 from bond_jax.types import ConfigError, PyTree, RewardFn
 
@@ -110,21 +110,6 @@ PROGRAMMATIC: dict[str, Callable[..., jax.Array]] = {
 
 # ---------------------------------------------------------------------------
 # Reward models.
-
-
-def _same_vocab_reward(
-  cfg: ModelConfig,
-  params: PyTree,
-  prompt_BxP: jax.Array,
-  prompt_valid_BxP: jax.Array,
-  response_BxG: jax.Array,
-  response_mask_BxG: jax.Array,
-) -> jax.Array:
-  return reward_model.score(
-    cfg,
-    params,
-    *decoder.concat_prompt_response(prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG),
-  )
 
 
 def retokenize(
@@ -216,7 +201,7 @@ def _model_reward(
     )
   tokenizer_lib.check_vocab(reward_tok, cfg.vocab_size, 'reward.checkpoint')
   if same:
-    return functools.partial(_same_vocab_reward, cfg), params
+    return functools.partial(reward_model.score_responses, cfg), params
   if not (isinstance(r.max_len, int) and r.max_len > 0):
     raise ConfigError(
       f'config.reward.max_len={r.max_len!r} is invalid: must be an integer > 0 '

@@ -64,3 +64,22 @@ def score(
   return RewardModel(cfg).apply(
     {'params': params}, tokens_BxT, positions_BxT, mask_BxTxT, last_valid_index(valid_BxT)
   )
+
+
+def score_responses(
+  cfg: ModelConfig,
+  params: PyTree,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> jax.Array:
+  """`score` of each left-padded prompt followed by its response (same vocabulary), read at
+  the last valid token: a RewardFn once `cfg` is bound."""
+  return score(
+    cfg,
+    params,
+    *model_lib.concat_prompt_response(
+      prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG
+    ),
+  )
