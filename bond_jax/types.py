@@ -8,6 +8,7 @@ M policy samples per prompt. A bare `_B` is one value per row.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -43,8 +44,43 @@ class PromptSource(Protocol):
     ...
 
 
+class _ParameterFree:
+  """Calls fn(*batch), ignoring reward_params. Equal to another wrapper of an equal
+  function: a bound method of equal objects (a task dataclass) counts as equal."""
+
+  def __init__(self, fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]):
+    self.fn = fn
+
+  def __call__(self, reward_params: PyTree, *batch: jax.Array) -> jax.Array:
+    del reward_params
+    return self.fn(*batch)
+
+  def _key(self) -> tuple:
+    fn = self.fn
+    return (fn.__self__, fn.__func__) if inspect.ismethod(fn) else (fn,)
+
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, _ParameterFree):
+      return False
+    try:
+      return bool(self._key() == other._key())
+    except (TypeError, ValueError):  # owners that do not compare (arrays): identity only
+      return self.fn is other.fn
+
+  def __hash__(self) -> int:
+    try:
+      return hash(self._key())
+    except TypeError:  # an unhashable owner (e.g. one holding arrays): identity only
+      return id(self.fn)
+
+
 def parameter_free(
   fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array],
 ) -> RewardFn:
-  """A RewardFn from a reward of (prompt, valid, response, mask) that has no parameters."""
-  return lambda reward_params, *batch: fn(*batch)
+  """A RewardFn from a reward of (prompt, valid, response, mask) that has no parameters.
+
+  Two wrappers of equal functions are equal (and hash alike), so a reward rebuilt from the
+  same config (e.g. each evaluation of a workdir) reuses compiled programs that take it as
+  a static argument.
+  """
+  return _ParameterFree(fn)
