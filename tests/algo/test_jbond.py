@@ -238,26 +238,6 @@ def test_periodic_anchor_is_a_copy_every_period(tiny_cfg, tiny_params, copy_task
   jax.tree.map(np.testing.assert_array_equal, s2.anchor_params, s2.params)  # anchor <- policy
 
 
-def test_fixed_anchor_is_pi_ref_and_carries_no_copy(tiny_cfg, tiny_params, copy_task):
-  """A fixed anchor is pi_ref: the state holds no anchor tree, the KL to the anchor is the
-  KL to pi_ref (reported once, as kl_ref), and the step draws anchor samples from pi_ref."""
-  step_cfg, tx, schedule, state, prompt, valid = _setup(
-    tiny_cfg, tiny_params, copy_task, anchor='fixed'
-  )
-  assert state.anchor_params is None
-  new_state, m = _jit_step(step_cfg, tx, schedule)(state, prompt, valid)
-  assert new_state.anchor_params is None and 'kl_anchor' not in m
-  # The loss's regulariser is KL(pi || pi_ref): recompute it from the policy samples.
-  _, k_pol, _ = jax.random.split(state.rng, 3)
-  pol = _sample(tiny_cfg, state.params, prompt, valid, k_pol, step_cfg.sampling)
-  logp = functools.partial(
-    _seq_logp, tiny_cfg, prompt=prompt, valid=valid, tokens=pol.tokens_BxG, mask=pol.mask_BxG
-  )
-  lp, lp_ref = logp(state.params), logp(state.ref_params)
-  np.testing.assert_allclose(m['loss_reg'], ((lp - lp_ref) * lp).mean(), rtol=2e-4, atol=2e-4)
-  np.testing.assert_allclose(m['kl_ref'], (lp - lp_ref).mean(), rtol=2e-4, atol=2e-4)
-
-
 def test_no_gradient_reaches_anchor_or_reference(jbond):
   step_cfg, tx, schedule, state, prompt, valid, _ = jbond
   fields = ('anchor_params', 'ref_params', 'params')

@@ -14,7 +14,7 @@ The last tests run the *real* `train.train_step` (SGD with step size 1, so the
 update is minus the gradient estimate) on 4096 samples and compare with the
 exact gradient of what that step optimises in expectation: statistical, with
 tolerances set from the observed noise (cosine 0.992-0.9998 over seeds). The
-REINFORCE step also shows that REINFORCE carries no anchor.
+same steps show that REINFORCE carries no anchor, and that a fixed anchor is pi_ref.
 """
 
 import functools
@@ -31,6 +31,7 @@ from bond_jax.algo.algorithms import BondConfig
 from bond_jax.algo.state import init_state
 from bond_jax.algo.step import StepConfig, make_train_step
 from bond_jax.eval import testbed
+from bond_jax.models import sampling
 from bond_jax.types import parameter_free
 
 sg = jax.lax.stop_gradient
@@ -50,6 +51,7 @@ def _perturb(params, scale, seed):
 THETA = _perturb(REF, 0.3, seed=5)
 ANCHOR = _perturb(REF, 0.3, seed=6)
 _log_probs = jax.jit(TB.log_probs)
+_sequence_logprobs = jax.jit(sampling.sequence_logprobs, static_argnums=0)
 LOG_THETA = _log_probs(THETA)
 LOG_REF = _log_probs(REF)
 LOG_ANCHOR = _log_probs(ANCHOR)
@@ -288,6 +290,9 @@ def test_mc_r_bond_with_correction_pins_the_estimator():
     assert float(got[row]) == pytest.approx(np.log(p_le) + np.log(b) / (n - 1), rel=1e-5)
 
 
+STEP_SEED = 0  # of the state's RNG before the step
+
+
 @functools.cache
 def _one_step_on_4096_prompts(**knobs):
   """(cfg, new_state, metrics) of one real step with SGD of step size 1 (update = minus the
@@ -300,7 +305,7 @@ def _one_step_on_4096_prompts(**knobs):
     bond=BondConfig(**{'anchor': 'fixed', **knobs}),
   )
   tx = optax.sgd(1.0)
-  state = init_state(cfg.bond, THETA, REF, tx, jax.random.PRNGKey(0))  # fixed anchor: pi_ref
+  state = init_state(cfg.bond, THETA, REF, tx, jax.random.PRNGKey(STEP_SEED))  # (donated)
   new_state, metrics = make_train_step(cfg, tx, optax.constant_schedule(1.0))(
     state, *TB.prompts(4096)
   )
@@ -309,6 +314,7 @@ def _one_step_on_4096_prompts(**knobs):
 
 # REINFORCE with anchor='ema' set: it has no anchor whatever the anchor field says.
 REINFORCE = dict(algorithm='reinforce', beta_rl=0.1, anchor='ema')
+JBOND = dict(algorithm='jbond', n=2, beta=0.5, gamma=1.0)  # anchor fixed at pi_ref
 
 
 @pytest.mark.parametrize(
@@ -319,7 +325,7 @@ REINFORCE = dict(algorithm='reinforce', beta_rl=0.1, anchor='ema')
     # With (B): unbiased too. (Here (B) is nearly constant across y, so its expected
     # gradient is within 2% of the uncorrected one; the estimator is pinned above.)
     dict(algorithm='bond', n=4, beta=1.0, num_quantile_samples=8, bon_correction=True),
-    dict(algorithm='jbond', n=2, beta=0.5, gamma=1.0),
+    JBOND,
     REINFORCE,
   ],
   ids=lambda k: '-'.join(f'{v}' for v in k.values()),
@@ -342,3 +348,23 @@ def test_reinforce_carries_no_anchor():
   assert state.anchor_params is None
   assert 'kl_anchor' not in metrics and 'reward_anchor' not in metrics
   assert {'loss_pg', 'kl_ref', 'reward_policy'} <= set(metrics)
+
+
+def test_fixed_anchor_is_pi_ref_and_carries_no_copy():
+  """A fixed anchor is pi_ref: the state holds no anchor tree, the KL to the anchor is the
+  KL to pi_ref (reported once, as kl_ref), and the step draws anchor samples from pi_ref.
+  Read from J-BOND's step above (anchor='fixed', gamma = 1)."""
+  cfg, new_state, m = _one_step_on_4096_prompts(**JBOND)
+  rng = jax.random.PRNGKey(STEP_SEED)
+  assert init_state(cfg.bond, THETA, REF, optax.sgd(1.0), rng).anchor_params is None
+  assert new_state.anchor_params is None and 'kl_anchor' not in m
+  # The loss's regulariser is KL(pi || pi_ref): recompute it from the policy samples.
+  _, k_pol, _ = jax.random.split(rng, 3)
+  prompt, valid = TB.prompts(4096)
+  pol = sampling.sample_jit(TB.cfg, THETA, prompt, valid, k_pol, cfg.sampling)
+  logp = lambda params: np.asarray(
+    _sequence_logprobs(TB.cfg, params, prompt, valid, pol.tokens_BxG, pol.mask_BxG).sum(-1)
+  )
+  lp, lp_ref = logp(THETA), logp(REF)
+  np.testing.assert_allclose(m['loss_reg'], ((lp - lp_ref) * lp).mean(), rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(m['kl_ref'], (lp - lp_ref).mean(), rtol=2e-4, atol=2e-4)
