@@ -4,6 +4,7 @@ checkpoint written on one device read back onto a 4-device mesh in a fresh proce
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -20,11 +21,12 @@ KEYS = ('reward_ref', 'reward_policy', 'kl_policy_ref', 'log_quantile', 'win_rat
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  """A one-device micro J-BOND run with checkpoints at steps 2 and 4."""
-  path = tmp_path_factory.mktemp('evaluation') / 'run'
-  trainer.run(micro_config(4), path)
-  return path
+def workdir(tmp_path_factory, micro_runs):
+  """A one-device micro J-BOND run with checkpoints at steps 2 and 4: a copy of the one the
+  background process trained (tests/eight_devices.py), as the tests write eval/ into it."""
+  one = pathlib.Path(micro_runs['one']['workdir'])
+  assert json.loads((one / 'config.json').read_text()) == json.loads(micro_config(4).to_json())
+  return shutil.copytree(one, tmp_path_factory.mktemp('evaluation') / 'run')
 
 
 def test_a_middle_step_and_the_anchor_can_be_chosen(workdir):
