@@ -65,7 +65,6 @@ class Background:
     """results.json (see tests/eight_devices.py) plus 'returncode' and 'output' (its log)."""
     self.start()
     returncode = self.proc.wait(timeout=timeout)
-    self.log.flush()
     path = self.dir / 'results.json'
     results = json.loads(path.read_text()) if path.is_file() else {}
     return {**results, 'returncode': returncode, 'output': (self.dir / 'output.txt').read_text()}
@@ -87,8 +86,8 @@ _BACKGROUND = {'eight_device_sharding': Background('sharding'), 'micro_runs': Ba
 def pytest_collection_finish(session):
   """Start the background processes that collected tests need now, so that they run beside
   the main process instead of after it."""
-  if session.config.option.collectonly:
-    return
+  if session.config.option.collectonly or hasattr(session.config, 'workerinput'):
+    return  # nothing will run, or a pytest-xdist worker: its fixtures start what it needs
   needed = {name for item in session.items for name in getattr(item, 'fixturenames', ())}
   for name, background in _BACKGROUND.items():
     if name in needed:

@@ -9,7 +9,7 @@ background as soon as collection finds a test that uses its fixture, so it runs 
 main process works through the other tests, and each part writes OUT/results.json:
 
   sharding  {'exit_code': pytest's exit code}; the report is in the process's output
-  runs      for each run of RUNS, {'workdir', 'rows' (metrics.jsonl), 'summary'}:
+  runs      for each run below, {'workdir', 'rows' (metrics.jsonl), 'summary'}:
               one      micro_config(MICRO_STEPS) on one device
               dp8      the same on 8 data-parallel devices
               dp2_tp4  the same on a 2 x 4 data x model mesh
