@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   """jbond_gemma2b.py with the fields below changed; every other field (and its comment) is there."""
   c = config_lib.load_config_file(pathlib.Path(__file__).with_name('jbond_gemma2b.py'))
   c.model.preset = 'gemma_7b'  # architecture: the shapes without a checkpoint; the checkpoint's config.json must agree (checked at start-up)
-  c.mesh.data = 1  # devices the batch is split over (data parallel)
-  c.mesh.model = 8  # devices each parameter is split over (tensor parallel)
+  c.mesh.data = 1  # devices the batch is split over, parameters replicated (data parallel)
+  c.mesh.fsdp = -1  # devices the batch and every large parameter are split over (FSDP); -1: all remaining devices
+  c.mesh.model = 1  # devices each parameter is split over (tensor parallel)
   return c

@@ -70,7 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.max_bad_steps = 5  # consecutive steps with a non-finite loss, gradient, reward or log-prob (each skipped) that stop the run
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1  # devices the batch is split over (data parallel)
+  c.mesh.data = 1  # devices the batch is split over, parameters replicated (data parallel)
+  c.mesh.fsdp = -1  # devices the batch and every large parameter are split over (FSDP); -1: all remaining devices
   c.mesh.model = 1  # devices each parameter is split over (tensor parallel)
 
   c.ckpt = ml_collections.ConfigDict()

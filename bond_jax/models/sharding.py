@@ -31,7 +31,8 @@ from jax.sharding import PartitionSpec as P
 
 from bond_jax.types import PyTree
 
-DATA, MODEL = 'data', 'model'
+DATA, FSDP, MODEL = 'data', 'fsdp', 'model'
+BATCH_AXES = (DATA, FSDP)  # the batch is split over both data-parallel axes
 
 # (path regex, candidate specs in order of preference). Shapes follow model.py:
 # embedding [V, D], q/k/v kernels [D, N|K, H] and biases [N|K, H], o_proj kernel
@@ -48,11 +49,47 @@ PARAM_RULES: tuple[tuple[str, tuple[P, ...]], ...] = (
 )
 
 
-def make_mesh(data: int, model: int, devices: Any = None) -> Mesh:
-  """A ('data', 'model') mesh of data * model devices, both axes explicitly Auto."""
-  kwargs = {} if devices is None else {'devices': devices}
+def resolve_mesh_shape(data: int, fsdp: int, model: int, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, model) with at most one -1 replaced by "all remaining devices".
+
+  Without a -1 the mesh may use fewer than `num_devices` (the first ones).
+  """
+  sizes = {'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.model': model}
+  for name, size in sizes.items():
+    if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+      raise ValueError(f'config.{name}={size!r} is invalid: give a positive integer or -1.')
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError(
+      f'config.{free[1]}=-1: only one mesh axis may be -1 ("all remaining devices"); '
+      f'{" and ".join(free)} both are.'
+    )
+  fixed = int(np.prod([size for size in sizes.values() if size != -1]))
+  if free:
+    if num_devices % fixed:
+      raise ValueError(
+        f'config.{free[0]}=-1: the other mesh axes ({fixed} devices) do not divide the '
+        f'{num_devices} devices; change them so that they do.'
+      )
+    sizes[free[0]] = num_devices // fixed
+  elif fixed > num_devices:
+    raise ValueError(
+      f'config.mesh.data * mesh.fsdp * mesh.model = {fixed} exceeds the {num_devices} devices; '
+      'use smaller axes or -1 for "all remaining devices".'
+    )
+  return sizes['mesh.data'], sizes['mesh.fsdp'], sizes['mesh.model']
+
+
+def make_mesh(data: int, fsdp: int = 1, model: int = 1, devices: Any = None) -> Mesh:
+  """A ('data', 'fsdp', 'model') mesh, all axes explicitly Auto; a -1 size takes all
+  remaining devices of `devices` (default: every device)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = resolve_mesh_shape(data, fsdp, model, len(devices))
   return jax.make_mesh(
-    (data, model), (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2, **kwargs
+    shape,
+    (DATA, FSDP, MODEL),
+    axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    devices=devices[: int(np.prod(shape))],
   )
 
 
@@ -100,8 +137,8 @@ def param_shardings(params: PyTree, mesh: Mesh) -> PyTree:
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch-major arrays ([B, ...]) split along 'data', replicated along 'model'."""
-  return NamedSharding(mesh, P(DATA))
+  """Batch-major arrays ([B, ...]) split along 'data' and 'fsdp', replicated along 'model'."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def assert_big_tensors_sharded(params: PyTree, mesh: Mesh, min_size: int = 2**20) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import pathlib
 import types
 from pathlib import Path
@@ -24,7 +25,7 @@ from bond_jax.algo.algorithms import BondConfig
 from bond_jax.algo.step import StepConfig
 from bond_jax.data import prompts, rewards, tasks
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import hf, sampling
+from bond_jax.models import hf, sampling, sharding
 from bond_jax.types import ConfigError, RewardFn
 
 TASKS = ('noisy_copy', 'hf')
@@ -109,8 +110,6 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
     'eval.samples_per_prompt',
     'eval.policy_samples_per_prompt',
     'eval.every_num_prompts',
-    'mesh.data',
-    'mesh.model',
   ):
     if field == 'optim.warmup_steps':
       _check(
@@ -128,20 +127,17 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
       c.train.batch_size,
       'the leave-one-out baseline needs >= 2 prompts per batch',
     )
-  _check(
-    c.train.batch_size % c.mesh.data == 0,
-    'train.batch_size',
-    c.train.batch_size,
-    f'must be divisible by mesh.data={c.mesh.data} (prompts are split across devices)',
-  )
-  if check_devices:
-    n_dev = jax.device_count()
+  mesh = mesh_shape(c, jax.device_count() if check_devices else None)
+  data_parallel = mesh[0] * mesh[1] if mesh else c.mesh.data * c.mesh.fsdp
+  if data_parallel > 0:  # negative: a -1 axis, resolved only on the machine that runs it
     _check(
-      c.mesh.data * c.mesh.model <= n_dev,
-      'mesh.data',
-      c.mesh.data,
-      f'mesh.data * mesh.model = {c.mesh.data * c.mesh.model} exceeds the {n_dev} devices',
+      c.train.batch_size % data_parallel == 0,
+      'train.batch_size',
+      c.train.batch_size,
+      f'must be divisible by mesh.data * mesh.fsdp = {data_parallel} '
+      '(prompts are split across those devices)',
     )
+  if check_devices:
     _check(
       c.train.batch_size % jax.process_count() == 0,
       'train.batch_size',
@@ -197,6 +193,26 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
     c.model.preset,
     f'one of {sorted(model_lib.PRESETS)}',
   )
+
+
+def mesh_shape(
+  c: ml_collections.ConfigDict, num_devices: int | None
+) -> tuple[int, int, int] | None:
+  """(data, fsdp, model) of the `mesh` block on `num_devices` devices (a -1 axis takes the
+  rest), checked; with `num_devices` None only the sizes' form is checked and None returned."""
+  sizes = (c.mesh.data, c.mesh.fsdp, c.mesh.model)
+  try:
+    if num_devices is None:
+      fixed = (
+        math.prod(size for size in sizes if size != -1)
+        if all(isinstance(size, int) for size in sizes)
+        else 1
+      )
+      sharding.resolve_mesh_shape(*sizes, max(fixed, 1))
+      return None
+    return sharding.resolve_mesh_shape(*sizes, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
@@ -370,4 +386,3 @@ def validate_real(c: ml_collections.ConfigDict) -> None:
       _fail('reward.dtype', r.dtype, f'one of {DTYPES}')
   elif r.fn not in rewards.PROGRAMMATIC:
     _fail('reward.fn', r.fn, f'one of {sorted(rewards.PROGRAMMATIC)}')
-  _positive_int(c, 'mesh.model')

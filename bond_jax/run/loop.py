@@ -35,7 +35,6 @@ import jax
 import ml_collections
 
 from bond_jax.algo import state as state_lib
-from bond_jax.algo import step as step_lib
 from bond_jax.models import hf, sharding
 from bond_jax.run import checkpoint, evaluation, guards, metrics
 from bond_jax.run import config as config_lib
@@ -143,14 +142,7 @@ def _train(
     log(f'resumed from {ckpts.directory} at step {int(state.step)}')
   sharding.assert_big_tensors_sharded(state.params, mesh)
 
-  step_fn = jax.jit(
-    functools.partial(
-      step_lib.train_step, cfg=setup.step_cfg, tx=setup.tx, schedule=setup.schedule
-    ),
-    in_shardings=(state_sharding, batch_sharding, batch_sharding, None),
-    out_shardings=(state_sharding, None),
-    donate_argnames='state',
-  )
+  step_fn = run_setup.jit_train_step(setup, state_sharding, batch_sharding)
   start = int(state.step)
   if start < c.train.num_steps:
     (workdir / 'summary.json').unlink(missing_ok=True)  # written again at the end

@@ -18,6 +18,7 @@ argument, never closed over) and a function that produces pi_ref's parameters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 import optax
 
 from bond_jax.algo import state as state_lib
+from bond_jax.algo import step as step_lib
 from bond_jax.algo.step import StepConfig
 from bond_jax.data import prompts as data
 from bond_jax.data import rewards, tasks
@@ -179,10 +181,25 @@ def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunS
   )
 
 
-def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The ('data', 'model') mesh of mesh.data x mesh.model devices of this machine."""
-  return sharding.make_mesh(
-    c.mesh.data, c.mesh.model, devices=jax.devices()[: c.mesh.data * c.mesh.model]
+def make_mesh(c: ml_collections.ConfigDict, devices: Any = None) -> jax.sharding.Mesh:
+  """The ('data', 'fsdp', 'model') mesh of the `mesh` block over `devices` (default: every
+  device of every process; a -1 axis takes all remaining ones)."""
+  return sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.model, devices=devices)
+
+
+def jit_train_step(
+  setup: RunSetup, state_sharding: PyTree, batch_sharding: jax.sharding.NamedSharding
+) -> Callable[..., Any]:
+  """The train step as the loop runs it (and as the memory planner compiles it): state
+  sharded by the rules and donated, prompts split over the batch axes, reward parameters
+  where they were placed. Call as step(state, prompt_BxP, valid_BxP, reward_params)."""
+  return jax.jit(
+    functools.partial(
+      step_lib.train_step, cfg=setup.step_cfg, tx=setup.tx, schedule=setup.schedule
+    ),
+    in_shardings=(state_sharding, batch_sharding, batch_sharding, None),
+    out_shardings=(state_sharding, None),
+    donate_argnames='state',
   )
 
 

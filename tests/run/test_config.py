@@ -64,11 +64,39 @@ def test_bad_value_is_rejected_with_its_name(field, value, message):
     config_lib.validate(c)
 
 
-def test_batch_must_split_over_the_data_axis():
+def test_batch_must_split_over_the_data_axes():
   c = load_config()
-  c.mesh.data = 3
-  with pytest.raises(config_lib.ConfigError, match=r'train\.batch_size=128 .*mesh\.data=3'):
-    config_lib.validate(c)
+  c.mesh.data, c.mesh.fsdp = 3, 1
+  with pytest.raises(
+    config_lib.ConfigError, match=r'train\.batch_size=128 .*mesh\.data \* mesh\.fsdp = 3'
+  ):
+    config_lib.validate(c, check_devices=False)
+
+
+@pytest.mark.parametrize(
+  'sizes, devices, expected',
+  [((1, -1, 1), 8, (1, 8, 1)), ((2, -1, 2), 8, (2, 2, 2)), ((-1, 1, 1), 1, (1, 1, 1))],
+)
+def test_a_minus_one_mesh_axis_takes_the_remaining_devices(sizes, devices, expected):
+  c = load_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.model = sizes
+  assert config_lib.mesh_shape(c, devices) == expected
+
+
+@pytest.mark.parametrize(
+  'sizes, message',
+  [
+    ((-1, -1, 1), r'only one mesh axis may be -1'),
+    ((3, -1, 1), r'mesh\.fsdp=-1: the other mesh axes \(3 devices\) do not divide the 8'),
+    ((4, 4, 1), r'= 16 exceeds the 8 devices'),
+    ((0, 1, 1), r'mesh\.data=0 is invalid'),
+  ],
+)
+def test_bad_mesh_sizes_are_named(sizes, message):
+  c = load_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.model = sizes
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.mesh_shape(c, 8)
 
 
 def test_learned_quantiles_only_with_bond_and_no_correction():
