@@ -40,12 +40,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from bond_jax.types import PyTree
 
 Cache = list[dict[str, jax.Array]]
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# model.remat -> what jax.checkpoint keeps of a block for the backward pass (None: no remat).
+REMAT_POLICIES: dict[str, Any] = {
+  'none': None,
+  'block': jax.checkpoint_policies.nothing_saveable,
+  'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'save_attn': jax.checkpoint_policies.save_only_these_names('attn_out'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +93,11 @@ class ModelConfig:
   qkv_bias: bool = False  # Qwen2-style biases on q, k, v
   dtype: str = 'float32'  # activation dtype
   param_dtype: str = 'float32'
+  # Rematerialisation of each block in the backward pass (not an architecture choice; it
+  # changes memory and compute, never values): 'none' keeps every activation; 'block' keeps
+  # only each block's input and recomputes the rest; 'save_dots' also keeps the outputs of
+  # the weight matmuls; 'save_attn' also keeps each attention output (named 'attn_out').
+  remat: str = 'none'
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -103,6 +117,8 @@ class ModelConfig:
       raise ValueError('model.sliding_window must be set when a layer is local.')
     if self.activation not in ('gelu_tanh', 'silu'):
       raise ValueError(f"model.activation must be 'gelu_tanh' or 'silu', got {self.activation!r}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}.')
     if self.dtype not in _DTYPES or self.param_dtype not in _DTYPES:
       raise ValueError(f'model.dtype / param_dtype must be one of {sorted(_DTYPES)}.')
 
@@ -289,7 +305,7 @@ class Attention(nn.Module):
     out_BxTxKxGxH = jnp.einsum('bkgts,bskh->btkgh', probs, v_BxSxKxH)
     out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, n, h)
     out_BxTxD = dense(cfg.embed_dim, 'o_proj', axis=(-2, -1))(out_BxTxNxH)
-    return out_BxTxD, new_cache
+    return checkpoint_name(out_BxTxD, 'attn_out'), new_cache
 
 
 class MLP(nn.Module):
@@ -352,8 +368,10 @@ class Decoder(nn.Module):
       # inputs and unit-size tied logits at init.
       embedding_init=nn.initializers.normal(stddev=cfg.embed_dim**-0.5),
     )
+    policy = REMAT_POLICIES[cfg.remat]
+    block = Block if cfg.remat == 'none' else nn.remat(Block, policy=policy)
     self.blocks = [
-      Block(cfg, cfg.layer_type(i) == 'local', name=f'layer_{i}') for i in range(cfg.num_layers)
+      block(cfg, cfg.layer_type(i) == 'local', name=f'layer_{i}') for i in range(cfg.num_layers)
     ]
     self.final_norm = _norm(cfg)
     if not cfg.tie_embeddings:
@@ -386,11 +404,23 @@ class Decoder(nn.Module):
     return self.final_norm(x_BxTxD), new_cache
 
   def logits(self, h_BxTxD: jax.Array) -> jax.Array:
+    """Float32 logits [..., V] of final-normed hidden states (see `output_logits`)."""
     if self.cfg.tie_embeddings:
-      logits = self.embedder.attend(h_BxTxD)
-    else:
-      logits = self.lm_head(h_BxTxD)
+      return output_logits(self.cfg, {'embedder': {'embedding': self.embedder.embedding}}, h_BxTxD)
+    logits = self.lm_head(h_BxTxD)
     return _softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+
+  def last_logits(
+    self,
+    tokens_BxT,
+    positions_BxT,
+    mask_BxTxS,
+    cache: Cache | None = None,
+    cache_index: jax.Array | int = 0,
+  ) -> tuple[jax.Array, Cache | None]:
+    """Logits of the last position only [B, V] (a prefill needs no others), and the cache."""
+    h_BxTxD, new_cache = self.hidden(tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index)
+    return self.logits(h_BxTxD[:, -1]), new_cache
 
   def __call__(
     self,
@@ -402,6 +432,22 @@ class Decoder(nn.Module):
   ) -> tuple[jax.Array, Cache | None]:
     h_BxTxD, new_cache = self.hidden(tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index)
     return self.logits(h_BxTxD), new_cache
+
+
+def output_logits(cfg: ModelConfig, params: PyTree, h_BxTxD: jax.Array) -> jax.Array:
+  """Float32 logits of hidden states from the parameters alone (a pure function, so callers
+  can project a slice of positions at a time): the tied embedding as Flax's `Embed.attend`
+  computes it, or the untied `lm_head` as `Dense` does, then Gemma 2's soft cap."""
+  dt = cfg.jnp_dtype
+  if cfg.tie_embeddings:
+    weight_VxD = params['embedder']['embedding']
+    logits = jnp.dot(h_BxTxD.astype(dt), weight_VxD.astype(dt).T)
+  else:
+    weight_DxV = params['lm_head']['kernel']
+    logits = jax.lax.dot_general(
+      h_BxTxD.astype(dt), weight_DxV.astype(dt), (((h_BxTxD.ndim - 1,), (0,)), ((), ()))
+    )
+  return _softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> PyTree:
