@@ -78,10 +78,20 @@ def _process_logits(logits_BxV: jax.Array, sp: SamplingParams) -> jax.Array:
   return logits_BxV
 
 
-def _choose(logits_BxV: jax.Array, rng: jax.Array, sp: SamplingParams) -> jax.Array:
+def _choose(logits_BxV: jax.Array, keys_B: jax.Array, sp: SamplingParams) -> jax.Array:
+  """One token per row; row b draws with its own key keys_B[b]."""
   if sp.temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, _process_logits(logits_BxV, sp), axis=-1).astype(jnp.int32)
+  draw = lambda key, logits_V: jax.random.categorical(key, logits_V)
+  return jax.vmap(draw)(keys_B, _process_logits(logits_BxV, sp)).astype(jnp.int32)
+
+
+def row_keys(rng: jax.Array, step: jax.Array, rows_B: jax.Array) -> jax.Array:
+  """The key of each row at decode step `step`: a function of (rng, step, global row index)
+  only, so a row draws the same tokens whether its prompt is sampled alone, in a micro-batch
+  or in the whole batch."""
+  step_key = jax.random.fold_in(rng, step)
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, rows_B)
 
 
 def sample(
@@ -92,13 +102,17 @@ def sample(
   rng: jax.Array,
   sp: SamplingParams,
   num_samples: int = 1,
+  prompt_ids_B: jax.Array | None = None,
 ) -> SampleOutput:
   """Draw `num_samples` generations per prompt.
 
-  The prompt is prefilled once and its cache rows are repeated, so the samples
-  of one prompt share that work. Output rows are prompt-major: row
-  b * num_samples + j is sample j of prompt b. Each prompt needs at least one
-  real token. The loop stops as soon as every row has emitted EOS.
+  The prompt is prefilled once (only its last position's logits are built) and its cache
+  rows are repeated, so the samples of one prompt share that work. Output rows are
+  prompt-major: row b * num_samples + j is sample j of prompt b. Its randomness is keyed by
+  prompt_ids_B[b] * num_samples + j (`row_keys`; prompt_ids_B defaults to 0..B-1, the
+  prompts' indices in the whole batch), so sampling a batch in micro-batches of prompts
+  gives the same samples as sampling it whole. Each prompt needs at least one real token.
+  The loop stops as soon as every row has emitted EOS.
   """
   decoder = model_lib.Decoder(cfg)
   b, p = prompt_BxP.shape
@@ -110,22 +124,29 @@ def sample(
   key_valid_BxS = jnp.concatenate([prompt_valid_BxP, jnp.ones((b, g), bool)], axis=1)
   positions_BxP = model_lib.positions_from_mask(prompt_valid_BxP)
   mask_BxPxS = model_lib.attention_mask(jnp.arange(p), key_valid_BxS)
-  logits_BxPxV, cache = decoder.apply(
-    {'params': params}, prompt_BxP, positions_BxP, mask_BxPxS, cache, 0
+  logits_BxV, cache = decoder.apply(
+    {'params': params},
+    prompt_BxP,
+    positions_BxP,
+    mask_BxPxS,
+    cache,
+    0,
+    method=model_lib.Decoder.last_logits,
   )
   prompt_len_B = prompt_valid_BxP.sum(axis=-1).astype(jnp.int32)
 
   if num_samples > 1:
     rep = lambda x: jnp.repeat(x, num_samples, axis=0)
     cache = jax.tree.map(rep, cache)
-    logits_BxPxV, key_valid_BxS, prompt_len_B = map(
-      rep, (logits_BxPxV, key_valid_BxS, prompt_len_B)
-    )
+    logits_BxV, key_valid_BxS, prompt_len_B = map(rep, (logits_BxV, key_valid_BxS, prompt_len_B))
     b = b * num_samples
+  if prompt_ids_B is None:
+    prompt_ids_B = jnp.arange(b // num_samples)
+  rows_B = (prompt_ids_B[:, None] * num_samples + jnp.arange(num_samples)).reshape(-1)
 
   init = _DecodeState(
     step=jnp.zeros((), jnp.int32),
-    last_logits_BxV=logits_BxPxV[:, -1],
+    last_logits_BxV=logits_BxV,
     tokens_BxG=jnp.full((b, g), sp.pad_id, jnp.int32),
     mask_BxG=jnp.zeros((b, g), bool),
     logprobs_BxG=jnp.zeros((b, g), jnp.float32),
@@ -138,8 +159,7 @@ def sample(
     return (s.step < g) & ~jnp.all(s.done_B)
 
   def body(s: _DecodeState) -> _DecodeState:
-    rng, sub = jax.random.split(s.rng)
-    token_B = _choose(s.last_logits_BxV, sub, sp)
+    token_B = _choose(s.last_logits_BxV, row_keys(s.rng, s.step, rows_B), sp)
     logp_B = jnp.take_along_axis(
       jax.nn.log_softmax(s.last_logits_BxV, axis=-1), token_B[:, None], axis=-1
     )[:, 0]
@@ -165,7 +185,7 @@ def sample(
       logprobs_BxG=logprobs_BxG,
       done_B=done_B,
       cache=cache,
-      rng=rng,
+      rng=s.rng,
     )
 
   final = jax.lax.while_loop(cond, body, init)
@@ -189,24 +209,40 @@ def sequence_logprobs(
   prompt_valid_BxP: jax.Array,
   response_BxG: jax.Array,
   response_mask_BxG: jax.Array,
+  chunk: int = 0,
 ) -> jax.Array:
   """Teacher-forced per-token log pi(y_t | x, y_<t) [B, G]; 0 where the mask is False.
 
   Summing over G gives the sequence log-likelihood over generated tokens only:
-  prompt and padding never contribute.
+  prompt and padding never contribute. `chunk` > 0 (dividing G) projects that many
+  positions at a time, recomputing them in the backward pass, so the float32 logits are
+  held as [B, chunk, V] rather than [B, G, V]; the values are the same.
   """
-  p = prompt_BxP.shape[1]
+  p, g = prompt_BxP.shape[1], response_BxG.shape[1]
   tokens_BxL, valid_BxL = model_lib.concat_prompt_response(
     prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG
   )
   positions_BxL, mask_BxLxL = model_lib.sequence_inputs(valid_BxL)
+  h_BxLxD, _ = model_lib.Decoder(cfg).apply(
+    {'params': params}, tokens_BxL, positions_BxL, mask_BxLxL, method=model_lib.Decoder.hidden
+  )
+  # Position p - 1 + t predicts response token t; the prompt's own logits are never built.
+  h_BxGxD = h_BxLxD[:, p - 1 : -1]
 
-  def response_logits(decoder: model_lib.Decoder) -> jax.Array:
-    h_BxLxD, _ = decoder.hidden(tokens_BxL, positions_BxL, mask_BxLxL)
-    # Position p - 1 + t predicts response token t; the prompt's own logits are never built.
-    return decoder.logits(h_BxLxD[:, p - 1 : -1])
+  def token_logp(h_BxCxD: jax.Array, tokens_BxC: jax.Array) -> jax.Array:
+    logits_BxCxV = model_lib.output_logits(cfg, params, h_BxCxD)
+    logp_BxCxV = jax.nn.log_softmax(logits_BxCxV, axis=-1)
+    return jnp.take_along_axis(logp_BxCxV, tokens_BxC[..., None], axis=-1)[..., 0]
 
-  logits_BxGxV = model_lib.Decoder(cfg).apply({'params': params}, method=response_logits)
-  logp_BxGxV = jax.nn.log_softmax(logits_BxGxV.astype(jnp.float32), axis=-1)
-  logp_BxG = jnp.take_along_axis(logp_BxGxV, response_BxG[..., None], axis=-1)[..., 0]
+  if chunk <= 0 or chunk >= g:
+    logp_BxG = token_logp(h_BxGxD, response_BxG)
+  else:
+    if g % chunk:
+      raise ValueError(f'the log-prob chunk ({chunk}) must divide the response length ({g}).')
+    b, n = h_BxGxD.shape[0], g // chunk
+    by_chunk = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+    logp_NxBxC = jax.lax.map(
+      lambda xs: jax.checkpoint(token_logp)(*xs), (by_chunk(h_BxGxD), by_chunk(response_BxG))
+    )
+    logp_BxG = jnp.moveaxis(logp_NxBxC, 0, 1).reshape(b, g)
   return jnp.where(response_mask_BxG, logp_BxG, 0.0)
