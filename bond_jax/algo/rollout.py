@@ -51,6 +51,31 @@ def _repeat(x: jax.Array, times: int) -> jax.Array:
   return x if times == 1 else jnp.repeat(x, times, axis=0)
 
 
+def num_micro_batches(rows: int, size: int, field: str) -> int:
+  """How many micro-batches of `size` rows (0: one, the whole batch) `rows` splits into."""
+  if size <= 0 or size >= rows:
+    return 1
+  if rows % size:
+    raise ValueError(
+      f'config.{field}={size} must divide the {rows} rows it splits; pick a divisor of {rows}.'
+    )
+  return rows // size
+
+
+def split_micro_batches(tree: PyTree, n: int) -> PyTree:
+  """[R, ...] leaves -> [n, R / n, ...]: micro-batch i holds rows i, i + n, i + 2n, ...
+
+  Strided rather than contiguous, so that with rows split over devices every micro-batch
+  is spread over all of them (each device works on every micro-batch)."""
+  split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, tree)
+
+
+def join_micro_batches(tree: PyTree) -> PyTree:
+  """The inverse of `split_micro_batches`: [n, R / n, ...] -> [R, ...] in row order."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), tree)
+
+
 def draw(
   model: model_lib.ModelConfig,
   sp: sampling.SamplingParams,
@@ -61,26 +86,71 @@ def draw(
   prompt_valid_BxP: jax.Array,
   rng: jax.Array,
   per_prompt: int,
+  micro_batch: int = 0,
 ) -> tuple[Rows, jax.Array]:
-  """`per_prompt` samples of each prompt from `params` (one shared prefill), and their rewards."""
-  out = sampling.sample(model, params, prompt_BxP, prompt_valid_BxP, rng, sp, per_prompt)
-  rows = Rows(
-    _repeat(prompt_BxP, per_prompt),
-    _repeat(prompt_valid_BxP, per_prompt),
-    out.tokens_BxG,
-    out.mask_BxG,
+  """`per_prompt` samples of each prompt from `params` (one shared prefill), and their rewards.
+
+  micro_batch > 0: sample and score that many prompts at a time (a prompt's samples stay
+  together), so the KV cache and the reward model's activations are those of one
+  micro-batch; the samples are the same (`sampling.sample` keys each row by its index)."""
+
+  def one(prompt_BxP, prompt_valid_BxP, prompt_ids_B):
+    out = sampling.sample(
+      model, params, prompt_BxP, prompt_valid_BxP, rng, sp, per_prompt, prompt_ids_B
+    )
+    rows = Rows(
+      _repeat(prompt_BxP, per_prompt),
+      _repeat(prompt_valid_BxP, per_prompt),
+      out.tokens_BxG,
+      out.mask_BxG,
+    )
+    reward_B = reward_fn(
+      reward_params, rows.prompt_BxP, rows.prompt_valid_BxP, rows.tokens_BxG, rows.mask_BxG
+    )
+    return rows, reward_B
+
+  num_prompts = prompt_BxP.shape[0]
+  prompt_ids_B = jnp.arange(num_prompts)
+  n = num_micro_batches(num_prompts, micro_batch, 'sampling.micro_batch_size')
+  if n == 1:
+    return one(prompt_BxP, prompt_valid_BxP, prompt_ids_B)
+  # Per micro-batch: [m * per_prompt] rows, prompt-major. Regroup by prompt, put the prompts
+  # back in batch order, and flatten to the whole batch's prompt-major rows.
+  by_prompt = lambda x: x.reshape(-1, per_prompt, *x.shape[1:])
+  flat = lambda x: x.reshape(num_prompts * per_prompt, *x.shape[2:])
+  out = jax.lax.map(
+    lambda xs: jax.tree.map(by_prompt, one(*xs)),
+    split_micro_batches((prompt_BxP, prompt_valid_BxP, prompt_ids_B), n),
   )
-  reward_B = reward_fn(
-    reward_params, rows.prompt_BxP, rows.prompt_valid_BxP, rows.tokens_BxG, rows.mask_BxG
-  )
-  return rows, reward_B
+  return jax.tree.map(flat, join_micro_batches(out))
 
 
-def sequence_logp(model: model_lib.ModelConfig, params: PyTree, rows: Rows) -> jax.Array:
-  """log pi(y | x) of each row, summed over its generated tokens only."""
-  return sampling.sequence_logprobs(
-    model, params, rows.prompt_BxP, rows.prompt_valid_BxP, rows.tokens_BxG, rows.mask_BxG
-  ).sum(-1)
+def sequence_logp(
+  model: model_lib.ModelConfig,
+  params: PyTree,
+  rows: Rows,
+  micro_batch: int = 0,
+  chunk: int = 0,
+  field: str = 'train.micro_batch_size',
+) -> jax.Array:
+  """log pi(y | x) of each row, summed over its generated tokens only; `micro_batch` rows
+  at a time when > 0, and log-probs `chunk` positions at a time when > 0 (same values)."""
+
+  def one(rows: Rows) -> jax.Array:
+    return sampling.sequence_logprobs(
+      model,
+      params,
+      rows.prompt_BxP,
+      rows.prompt_valid_BxP,
+      rows.tokens_BxG,
+      rows.mask_BxG,
+      chunk=chunk,
+    ).sum(-1)
+
+  n = num_micro_batches(rows.tokens_BxG.shape[0], micro_batch, field)
+  if n == 1:
+    return one(rows)
+  return join_micro_batches(jax.lax.map(one, split_micro_batches(rows, n)))
 
 
 def best_of(rows: Rows, rewards_BxA: jax.Array, n: int) -> Rows:

@@ -41,6 +41,10 @@ class StepConfig:
   sampling: sampling.SamplingParams
   reward_fn: RewardFn
   bond: BondConfig = BondConfig()
+  # Memory knobs: none changes a value (to float32 rounding), only what is held at once.
+  sample_micro_batch: int = 0  # prompts sampled and scored at a time (0: the whole batch)
+  micro_batch: int = 0  # rows per log-prob pass and per gradient micro-batch (0: all rows)
+  logprob_chunk: int = 0  # response positions projected to logits at a time (0: all G)
 
 
 def _anchor_params(bond: BondConfig, state: TrainState) -> PyTree:
@@ -62,6 +66,7 @@ def rollout(
   draw = functools.partial(
     rollout_lib.draw, cfg.model, cfg.sampling, cfg.reward_fn, reward_params,
     prompt_BxP=prompt_BxP, prompt_valid_BxP=prompt_valid_BxP,
+    micro_batch=cfg.sample_micro_batch,
   )  # fmt: skip
   with jax.named_scope('sample_policy'):
     policy, policy_reward_B = draw(state.params, rng=rng_policy, per_prompt=policy_per_prompt)
@@ -85,12 +90,15 @@ def rollout(
 
 def reference(cfg: StepConfig, state: TrainState, rollout: Rollout) -> Rollout:
   """Phase 2: log pi_ref(y) and log pi_anchor(y) of the policy samples (no gradient)."""
+  logp = lambda params: rollout_lib.sequence_logp(
+    cfg.model, params, rollout.policy, cfg.micro_batch, cfg.logprob_chunk
+  )
   with jax.named_scope('reference_logprobs'):
-    logp_ref_B = rollout_lib.sequence_logp(cfg.model, state.ref_params, rollout.policy)
+    logp_ref_B = logp(state.ref_params)
     if rollout.anchor is None:
       logp_anchor_B = None
     elif cfg.bond.keeps_anchor_copy:
-      logp_anchor_B = rollout_lib.sequence_logp(cfg.model, state.anchor_params, rollout.policy)
+      logp_anchor_B = logp(state.anchor_params)
     else:  # a fixed anchor is pi_ref: one forward serves both
       logp_anchor_B = logp_ref_B
   return rollout.replace(logp_ref_B=logp_ref_B, logp_anchor_B=logp_anchor_B)
@@ -105,20 +113,45 @@ def targets(cfg: StepConfig, state: TrainState, rollout: Rollout) -> Targets:
 def loss_and_grad(
   cfg: StepConfig, params: PyTree, rollout: Rollout, targets: Targets
 ) -> tuple[tuple[jax.Array, Metrics, jax.Array], PyTree]:
-  """The algorithm's loss and its gradient w.r.t. the policy, in one batched forward over
-  [policy samples; Best-of-n samples]. Returns ((loss, terms, logp_B), grads)."""
+  """The algorithm's loss and its gradient w.r.t. the policy, over the rows
+  [policy samples; Best-of-n samples]. Returns ((loss, terms, logp_B), grads).
+
+  With `cfg.micro_batch` rows at a time: a forward pass gives every row's log pi(y); the
+  loss, a function of those, gives its derivative c_i in each one; then the gradient is
+  accumulated over micro-batches as sum_i c_i grad log pi(y_i), the chain rule term by term,
+  so it is the whole batch's gradient (to float32 rounding) with one micro-batch's
+  activations held at a time."""
   rows = rollout.policy if targets.bon_rows is None else rollout.policy.concat(targets.bon_rows)
   num_policy_rows = rollout.policy.tokens_BxG.shape[0]
   loss_fn = REGISTRY[cfg.bond.algorithm].loss
 
-  def objective(params):
-    logp_rows = rollout_lib.sequence_logp(cfg.model, params, rows)
+  def loss_of_logps(logp_rows):
     logp_B = logp_rows[:num_policy_rows]
     logp_bon_B = None if targets.bon_rows is None else logp_rows[num_policy_rows:]
     total, terms = loss_fn(cfg.bond, targets, logp_B, logp_bon_B)
     return total, (terms, logp_B)
 
-  (total, (terms, logp_B)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  logp = functools.partial(rollout_lib.sequence_logp, cfg.model, chunk=cfg.logprob_chunk)
+  n = rollout_lib.num_micro_batches(
+    rows.tokens_BxG.shape[0], cfg.micro_batch, 'train.micro_batch_size'
+  )
+  if n == 1:
+    objective = lambda params: loss_of_logps(logp(params, rows))
+    (total, (terms, logp_B)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return (total, terms, logp_B), grads
+
+  logp_rows = logp(jax.lax.stop_gradient(params), rows, cfg.micro_batch)
+  (total, (terms, logp_B)), dloss_dlogp = jax.value_and_grad(loss_of_logps, has_aux=True)(logp_rows)
+
+  def accumulate(grads, micro):
+    rows_m, dloss_dlogp_m = micro
+    surrogate = lambda params: jnp.sum(dloss_dlogp_m * logp(params, rows_m))
+    return jax.tree.map(jnp.add, grads, jax.grad(surrogate)(params)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, _ = jax.lax.scan(
+    accumulate, zeros, rollout_lib.split_micro_batches((rows, dloss_dlogp), n)
+  )
   return (total, terms, logp_B), grads
 
 
