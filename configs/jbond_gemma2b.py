@@ -49,7 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.preset = 'gemma_2b'  # architecture (bond_jax/models/decoder.py PRESETS): the shapes when no checkpoint is set; with one, its config.json is loaded and must agree on every shape (checked at start-up); '' = the checkpoint's only
   c.model.hf_checkpoint = ''  # pi_ref: local HF *ForCausalLM dir (config.json + safetensors); policy and anchor start from it
   c.model.dtype = 'bfloat16'  # activation dtype
-  c.model.param_dtype = 'float32'  # master weights: Adam updates of lr 3e-6 are below bfloat16 resolution
+  c.model.param_dtype = 'float32'  # master weights of policy and anchor: Adam updates of lr 3e-6, and EMA steps eta * (theta - anchor), are below bfloat16 resolution
+  c.model.reference_dtype = 'bfloat16'  # pi_ref is frozen, so bfloat16 loses nothing (Gemma checkpoints are bfloat16)
+  c.model.remat = 'block'  # recompute each block in the backward pass: 'none' | 'block' | 'save_dots' | 'save_attn'
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # local tokenizer dir; '' = model.hf_checkpoint
@@ -104,6 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.temperature = 1.0  # 1.0 with no truncation: samples come from pi itself
   c.sampling.top_k = 0  # 0: off (any other value biases the KL estimates)
   c.sampling.top_p = 1.0  # 1.0: off
+  c.sampling.micro_batch_size = 32  # prompts sampled and scored at a time (0: the whole batch; same samples either way)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-6  # Adam step size after warm-up (paper)
@@ -111,10 +114,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.grad_clip_norm = 0.0  # 0: no clipping (the paper does not mention any)
+  c.optim.mu_dtype = 'bfloat16'  # Adam's first moment in bfloat16 (the second stays float32)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 2000  # J-BOND updates (the paper does not state its run length)
   c.train.batch_size = 128  # prompts per update, over all hosts (paper)
+  c.train.micro_batch_size = 16  # rows per log-prob pass and gradient micro-batch (0: all; same update either way)
+  c.train.logprob_chunk = 64  # response positions turned into logits at a time (0: all G)
   c.train.max_bad_steps = 5  # consecutive steps with a non-finite loss, gradient, reward or log-prob (each skipped) that stop the run
 
   c.mesh = ml_collections.ConfigDict()

@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.preset = 'tiny'  # architecture (bond_jax/models/decoder.py PRESETS): 2 layers, width 64
   c.model.dtype = 'float32'  # activation dtype
   c.model.param_dtype = 'float32'
+  c.model.reference_dtype = ''  # dtype pi_ref is kept in ('' = param_dtype; it is frozen, so 'bfloat16' halves it safely)
+  c.model.remat = 'none'  # recompute in the backward pass: 'none' | 'block' | 'save_dots' | 'save_attn' (memory, never values)
 
   c.task = ml_collections.ConfigDict()
   c.task.name = 'noisy_copy'  # prompts: random tokens; reward: positions copied (0..prompt_len)
@@ -56,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.temperature = 1.0  # 1.0 with no truncation: samples come from pi itself
   c.sampling.top_k = 0  # 0: off (any other value biases the KL estimates)
   c.sampling.top_p = 1.0  # 1.0: off
+  c.sampling.micro_batch_size = 0  # prompts sampled and scored at a time (0: the whole batch; same samples either way)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2e-4  # Adam step size after warm-up
@@ -63,10 +66,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.grad_clip_norm = 0.0  # 0: no clipping
+  c.optim.mu_dtype = ''  # dtype of Adam's first moment ('' = the parameters')
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 200  # BOND updates
   c.train.batch_size = 128  # prompts per update
+  c.train.micro_batch_size = 0  # rows per log-prob pass and gradient micro-batch (0: all; same update either way)
+  c.train.logprob_chunk = 0  # response positions turned into logits at a time (0: all G)
   c.train.max_bad_steps = 5  # consecutive steps with a non-finite loss, gradient, reward or log-prob (each skipped) that stop the run
 
   c.mesh = ml_collections.ConfigDict()

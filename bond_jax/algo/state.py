@@ -36,10 +36,13 @@ def make_optimizer(
   b1: float = 0.9,
   b2: float = 0.999,
   grad_clip_norm: float = 0.0,
+  mu_dtype: str | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam with a linear warm-up from 0, then constant (the paper's J-BOND setting).
 
-  With warmup_steps = 0 the first step already takes the full learning rate.
+  With warmup_steps = 0 the first step already takes the full learning rate. `mu_dtype`
+  ('bfloat16' halves it) stores Adam's first moment in that dtype (None: the parameters');
+  the second moment stays in the parameters' dtype.
   """
   schedule = (
     optax.linear_schedule(0.0, learning_rate, warmup_steps)
@@ -47,7 +50,7 @@ def make_optimizer(
     else optax.constant_schedule(learning_rate)
   )
   parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
-  parts.append(optax.adam(schedule, b1=b1, b2=b2))
+  parts.append(optax.adam(schedule, b1=b1, b2=b2, mu_dtype=mu_dtype))
   return optax.chain(*parts), schedule
 
 
@@ -57,12 +60,19 @@ def init_state(
   ref_params: PyTree,
   tx: optax.GradientTransformation,
   rng: jax.Array,
+  ref_dtype: str | None = None,
 ) -> TrainState:
   """Policy (and the anchor, when `bond` moves one) start as copies of `params` (pi_ref;
-  Algorithm 2, line 1); the learned quantile model, when `bond` uses one, from pi_ref."""
+  Algorithm 2, line 1); the learned quantile model, when `bond` uses one, from pi_ref.
+
+  `ref_dtype` ('bfloat16' halves it) stores the frozen pi_ref in that dtype. The anchor
+  stays in the policy's dtype: an EMA step eta * (theta - anchor) is far below bfloat16's
+  resolution, so a bfloat16 anchor would never move."""
   copy = lambda tree: jax.tree.map(jnp.array, tree)  # distinct buffers: the state is donated
   learned = bond.uses_learned_quantiles
   quantile_params = qm.init_params(ref_params) if learned else None
+  if ref_dtype:
+    ref_params = jax.tree.map(lambda x: jnp.asarray(x, ref_dtype), ref_params)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=copy(params),

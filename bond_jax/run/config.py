@@ -179,6 +179,7 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
     c.eval.every,
     'must be an integer >= 0 (0: evaluate only at the end)',
   )
+  _validate_memory(c)
   _check(c.task.name in TASKS, 'task.name', c.task.name, f'one of {TASKS}')
   if c.task.name == 'hf':
     validate_real(c)
@@ -193,6 +194,49 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
     c.model.preset,
     f'one of {sorted(model_lib.PRESETS)}',
   )
+
+
+# Memory knobs and their defaults (off); a config written before they existed reads these.
+MEMORY_DEFAULTS = {
+  'model.remat': 'none',
+  'model.reference_dtype': '',  # '': model.param_dtype
+  'optim.mu_dtype': '',  # '': the parameters' dtype
+  'sampling.micro_batch_size': 0,
+  'train.micro_batch_size': 0,
+  'train.logprob_chunk': 0,
+}
+
+
+def memory(c: ml_collections.ConfigDict, field: str):
+  """A memory knob's value (its default when the config predates it)."""
+  section, key = field.split('.')
+  return c[section].get(key, MEMORY_DEFAULTS[field])
+
+
+def _validate_memory(c: ml_collections.ConfigDict) -> None:
+  remat = memory(c, 'model.remat')
+  _check(
+    remat in model_lib.REMAT_POLICIES,
+    'model.remat',
+    remat,
+    f'one of {tuple(model_lib.REMAT_POLICIES)}',
+  )
+  for field in ('model.reference_dtype', 'optim.mu_dtype'):
+    value = memory(c, field)
+    _check(value in ('', *DTYPES), field, value, f"'' (the parameters' dtype) or one of {DTYPES}")
+  for field, whole, what in (
+    ('sampling.micro_batch_size', 'train.batch_size', c.train.batch_size),
+    ('train.micro_batch_size', 'train.batch_size', c.train.batch_size),
+    ('train.logprob_chunk', 'sampling.max_new_tokens', c.sampling.max_new_tokens),
+  ):
+    size = memory(c, field)
+    _check(
+      isinstance(size, int) and not isinstance(size, bool) and size >= 0
+      and (size == 0 or what % size == 0),
+      field,
+      size,
+      f'must be 0 (off) or a divisor of {whole}={what}',
+    )  # fmt: skip
 
 
 def mesh_shape(
@@ -223,7 +267,9 @@ def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   the preset's shapes), else model.preset's, so shapes (and memory) can be planned
   without the checkpoint.
   """
-  dtypes = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+  dtypes = dict(
+    dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=memory(c, 'model.remat')
+  )
   if c.task.name == 'hf' and c.model.hf_checkpoint:
     return dataclasses.replace(checkpoint_config(c.model.hf_checkpoint), **dtypes)
   if c.model.preset not in model_lib.PRESETS:
@@ -271,7 +317,15 @@ def step_config(
   reward_fn: RewardFn,
   sp: sampling.SamplingParams,
 ) -> StepConfig:
-  return StepConfig(model=cfg, sampling=sp, reward_fn=reward_fn, bond=bond_config(c))
+  return StepConfig(
+    model=cfg,
+    sampling=sp,
+    reward_fn=reward_fn,
+    bond=bond_config(c),
+    sample_micro_batch=memory(c, 'sampling.micro_batch_size'),
+    micro_batch=memory(c, 'train.micro_batch_size'),
+    logprob_chunk=memory(c, 'train.logprob_chunk'),
+  )
 
 
 # ---------------------------------------------------------------------------

@@ -87,12 +87,18 @@ class RunSetup:
   prompts: Any  # next_batch() -> (prompt_BxP, valid_BxP) of this process; state(); restore()
   eval_prompts: tuple[np.ndarray, np.ndarray]  # (prompt_BxP, valid_BxP), all processes
   reference: Callable[[Any], Any]  # shardings -> pi_ref's parameters, placed on them
+  ref_dtype: str | None = None  # dtype pi_ref is kept in (None: the policy's)
 
 
 def optimizer(c: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam with warm-up from the `optim` block."""
   return state_lib.make_optimizer(
-    c.optim.learning_rate, c.optim.warmup_steps, c.optim.b1, c.optim.b2, c.optim.grad_clip_norm
+    c.optim.learning_rate,
+    c.optim.warmup_steps,
+    c.optim.b1,
+    c.optim.b2,
+    c.optim.grad_clip_norm,
+    mu_dtype=config_lib.memory(c, 'optim.mu_dtype') or None,
   )
 
 
@@ -137,6 +143,7 @@ def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
     tx=tx,
     schedule=schedule,
     reward_params=None,
+    ref_dtype=config_lib.memory(c, 'model.reference_dtype') or None,
     prompts=TaskPrompts(task, stream_key(c.seed, DATA_STREAM), c.train.batch_size),
     eval_prompts=tuple(
       np.asarray(x) for x in task.prompts(stream_key(c.seed, EVAL_STREAM), c.eval.num_prompts)
@@ -175,6 +182,7 @@ def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunS
     tx=tx,
     schedule=schedule,
     reward_params=reward_params,
+    ref_dtype=config_lib.memory(c, 'model.reference_dtype') or None,
     prompts=stream,
     eval_prompts=data.eval_prompts(c.data, tok, c.eval.num_prompts),
     reference=reference,
@@ -209,7 +217,7 @@ def abstract_state(setup: RunSetup) -> state_lib.TrainState:
   def shape():
     params = model_lib.init_params(setup.cfg, jax.random.PRNGKey(0))
     return state_lib.init_state(
-      setup.step_cfg.bond, params, params, setup.tx, jax.random.PRNGKey(0)
+      setup.step_cfg.bond, params, params, setup.tx, jax.random.PRNGKey(0), setup.ref_dtype
     )
 
   return jax.eval_shape(shape)
