@@ -78,12 +78,38 @@ def _process_logits(logits_BxV: jax.Array, sp: SamplingParams) -> jax.Array:
   return logits_BxV
 
 
+def inverse_cdf_sample(logits_BxV: jax.Array, u_B: jax.Array, block: int = 128) -> jax.Array:
+  """The token whose cumulative softmax mass first exceeds u_B (uniform in [0, 1)) of the
+  total: an exact draw from softmax(logits) up to float32 rounding, from one uniform per row
+  (Gumbel-max needs V). Two levels, so every cumulative sum is short (and so accurate): pick
+  the block of `block` tokens holding the target mass, then the token within it. Tokens of
+  zero mass (logits at the dtype's minimum, e.g. outside top-k) are never returned."""
+  b, v = logits_BxV.shape
+  num_blocks = -(-v // block)
+  mass_BxV = jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True))
+  mass_BxNxK = jnp.pad(mass_BxV, ((0, 0), (0, num_blocks * block - v))).reshape(
+    b, num_blocks, block
+  )
+  cdf_BxN = jnp.cumsum(mass_BxNxK.sum(-1), axis=-1)
+  total_B = cdf_BxN[:, -1]
+  target_B = jnp.minimum(u_B * total_B, jnp.nextafter(total_B, 0.0))
+  block_B = jnp.minimum(jnp.sum(cdf_BxN <= target_B[:, None], axis=-1), num_blocks - 1)
+  before_B = jnp.where(
+    block_B > 0, jnp.take_along_axis(cdf_BxN, jnp.maximum(block_B - 1, 0)[:, None], -1)[:, 0], 0.0
+  )
+  within_BxK = jnp.take_along_axis(mass_BxNxK, block_B[:, None, None], axis=1)[:, 0]
+  index_B = jnp.sum(jnp.cumsum(within_BxK, axis=-1) <= (target_B - before_B)[:, None], axis=-1)
+  # Rounding can put the target past the block's own sum: take its last token with mass.
+  last_B = block - 1 - jnp.argmax((within_BxK > 0)[:, ::-1], axis=-1)
+  return (block_B * block + jnp.minimum(index_B, last_B)).astype(jnp.int32)
+
+
 def _choose(logits_BxV: jax.Array, keys_B: jax.Array, sp: SamplingParams) -> jax.Array:
   """One token per row; row b draws with its own key keys_B[b]."""
   if sp.temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  draw = lambda key, logits_V: jax.random.categorical(key, logits_V)
-  return jax.vmap(draw)(keys_B, _process_logits(logits_BxV, sp)).astype(jnp.int32)
+  u_B = jax.vmap(jax.random.uniform)(keys_B)
+  return inverse_cdf_sample(_process_logits(logits_BxV, sp), u_B)
 
 
 def row_keys(rng: jax.Array, step: jax.Array, rows_B: jax.Array) -> jax.Array:

@@ -195,3 +195,44 @@ def test_samples_follow_model_distribution(tiny_cfg, tiny_params):
   probs = jax.nn.softmax(_forward(tiny_cfg, tiny_params, prompt, valid)[0, -1])
   freq = np.bincount(np.asarray(out.tokens_BxG[:, 0]), minlength=tiny_cfg.vocab_size) / 20_000
   assert np.abs(freq - np.asarray(probs)).max() < 0.015
+
+
+@pytest.mark.parametrize('scale', [1.0, 6.0])
+def test_inverse_cdf_draws_pass_a_chi_square_test_against_the_softmax(scale):
+  """One uniform per row, two-level search: counts of 60,000 draws from one row of 300
+  logits (not a multiple of the 128-token block; 20 masked out as top-k does) against the
+  softmax's expectation. scale 6 makes a peaked distribution with tiny tail masses."""
+  from scipy import stats
+
+  rng = np.random.default_rng(0)
+  logits_V = (scale * rng.standard_normal(300)).astype(np.float32)
+  masked = rng.choice(300, 20, replace=False)
+  logits_V[masked] = np.finfo(np.float32).min
+  n = 60_000
+  u_N = jax.random.uniform(jax.random.PRNGKey(3), (n,))
+  draw = jax.jit(sampling.inverse_cdf_sample)
+  tokens = np.asarray(draw(jnp.broadcast_to(jnp.asarray(logits_V), (n, 300)), u_N))
+  counts = np.bincount(tokens, minlength=300)
+  assert counts[masked].sum() == 0  # zero mass is never drawn
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits_V)), np.float64)
+  expected = probs * n
+  big = expected >= 5  # pool the small bins (masked ones included), as the test requires
+
+  def p_value(counts):
+    observed = np.append(counts[big], counts[~big].sum())
+    want = np.append(expected[big], expected[~big].sum())
+    keep = want > 0
+    scale = observed[keep].sum() / want[keep].sum()
+    return stats.chisquare(observed[keep], want[keep] * scale).pvalue
+
+  assert p_value(counts) > 1e-3, p_value(counts)
+  # The test can fail: the same draws shifted by one token are rejected.
+  assert p_value(np.bincount((tokens + 1) % 300, minlength=300)) < 1e-6
+
+
+def test_inverse_cdf_edges():
+  logits = jnp.log(jnp.array([[0.0, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+  logits = jnp.maximum(logits, jnp.finfo(jnp.float32).min)
+  for u in (0.0, 0.4999, 0.5001, 1.0 - 2**-24):
+    tokens = sampling.inverse_cdf_sample(logits, jnp.full((2,), u), block=2)
+    assert int(tokens[0]) == (1 if u < 0.5 else 2) and int(tokens[1]) == 0
