@@ -83,13 +83,13 @@ def test_rewards_win_rate_and_quantile_by_counting(scores):
 
 
 def test_kl_to_best_of_n_against_exact_values(scores):
-  """The Monte-Carlo KLs to Best-of-4 of pi_ref land near the testbed's exact sums (they are
-  consistent as K grows; K = 64 of 256 sequences leaves a small bias: observed 0.003 and
-  0.05 nats on values of 3.0 and 10.4)."""
+  """The Monte-Carlo KLs to Best-of-4 of pi_ref land near the testbed's exact sums (3.0 and
+  10.4 nats). Over 12 seeds (this test's shapes) their errors had means 0.014 and -0.014 and
+  standard deviations 0.023 and 0.066, so the bounds are about 4 standard deviations."""
   _, policy, ref = scores
   metrics = jax.device_get(estimates.policy_metrics(policy, ref, kl_n=N))
   exact = jax.device_get(TB.evaluate(POLICY, REF, N))
   assert float(metrics['kl_bwd']) == pytest.approx(float(exact['kl_bwd']), abs=0.1)
-  assert float(metrics['kl_fwd']) == pytest.approx(float(exact['kl_fwd']), abs=0.1)
+  assert float(metrics['kl_fwd']) == pytest.approx(float(exact['kl_fwd']), abs=0.25)
   with pytest.raises(ValueError, match='at least 65'):
     estimates.kl_to_bon(policy, ref, K + 1)
