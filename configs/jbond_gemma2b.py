@@ -107,6 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.top_k = 0  # 0: off (any other value biases the KL estimates)
   c.sampling.top_p = 1.0  # 1.0: off
   c.sampling.micro_batch_size = 32  # prompts sampled and scored at a time (0: the whole batch; same samples either way)
+  c.sampling.decode_dtype = 'bfloat16'  # decode with the weight matrices cast once per step ('' = as stored); = model.dtype, so the samples are unchanged
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-6  # Adam step size after warm-up (paper)

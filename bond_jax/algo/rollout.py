@@ -87,12 +87,15 @@ def draw(
   rng: jax.Array,
   per_prompt: int,
   micro_batch: int = 0,
+  decode_dtype: str | None = None,
 ) -> tuple[Rows, jax.Array]:
   """`per_prompt` samples of each prompt from `params` (one shared prefill), and their rewards.
 
   micro_batch > 0: sample and score that many prompts at a time (a prompt's samples stay
   together), so the KV cache and the reward model's activations are those of one
-  micro-batch; the samples are the same (`sampling.sample` keys each row by its index)."""
+  micro-batch; the samples are the same (`sampling.sample` keys each row by its index).
+  decode_dtype: decode with the weight matrices cast to it once (`sampling.decode_params`)."""
+  params = sampling.decode_params(params, decode_dtype)
 
   def one(prompt_BxP, prompt_valid_BxP, prompt_ids_B):
     out = sampling.sample(

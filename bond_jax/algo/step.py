@@ -45,6 +45,8 @@ class StepConfig:
   sample_micro_batch: int = 0  # prompts sampled and scored at a time (0: the whole batch)
   micro_batch: int = 0  # rows per log-prob pass and per gradient micro-batch (0: all rows)
   logprob_chunk: int = 0  # response positions projected to logits at a time (0: all G)
+  # Speed: decode with the weight matrices cast once per step to this dtype (None: as stored).
+  decode_dtype: str | None = None
 
 
 def _anchor_params(bond: BondConfig, state: TrainState) -> PyTree:
@@ -66,7 +68,7 @@ def rollout(
   draw = functools.partial(
     rollout_lib.draw, cfg.model, cfg.sampling, cfg.reward_fn, reward_params,
     prompt_BxP=prompt_BxP, prompt_valid_BxP=prompt_valid_BxP,
-    micro_batch=cfg.sample_micro_batch,
+    micro_batch=cfg.sample_micro_batch, decode_dtype=cfg.decode_dtype,
   )  # fmt: skip
   with jax.named_scope('sample_policy'):
     policy, policy_reward_B = draw(state.params, rng=rng_policy, per_prompt=policy_per_prompt)

@@ -223,6 +223,17 @@ def sample(
   )
 
 
+def decode_params(params: PyTree, dtype: str | None) -> PyTree:
+  """The weight matrices (every leaf of 2 or more dimensions) cast to `dtype` for decoding;
+  norm scales and biases keep theirs. With `dtype` equal to the model's activation dtype the
+  samples are unchanged: the layers cast their weights to it before every matmul anyway, and
+  this does it once per step instead of once per decoded token. None: no copy."""
+  if not dtype:
+    return params
+  cast = lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(cast, params)
+
+
 # One compiled sampler per (model, sampling settings, shapes), shared by every
 # set of parameters: policy, anchor and reference.
 sample_jit = jax.jit(sample, static_argnames=('cfg', 'sp', 'num_samples'))

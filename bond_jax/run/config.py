@@ -202,6 +202,7 @@ MEMORY_DEFAULTS = {
   'model.reference_dtype': '',  # '': model.param_dtype
   'optim.mu_dtype': '',  # '': the parameters' dtype
   'sampling.micro_batch_size': 0,
+  'sampling.decode_dtype': '',  # '': the weights' own dtype
   'train.micro_batch_size': 0,
   'train.logprob_chunk': 0,
 }
@@ -221,7 +222,7 @@ def _validate_memory(c: ml_collections.ConfigDict) -> None:
     remat,
     f'one of {tuple(model_lib.REMAT_POLICIES)}',
   )
-  for field in ('model.reference_dtype', 'optim.mu_dtype'):
+  for field in ('model.reference_dtype', 'optim.mu_dtype', 'sampling.decode_dtype'):
     value = memory(c, field)
     _check(value in ('', *DTYPES), field, value, f"'' (the parameters' dtype) or one of {DTYPES}")
   for field, whole, what in (
@@ -325,6 +326,7 @@ def step_config(
     sample_micro_batch=memory(c, 'sampling.micro_batch_size'),
     micro_batch=memory(c, 'train.micro_batch_size'),
     logprob_chunk=memory(c, 'train.logprob_chunk'),
+    decode_dtype=memory(c, 'sampling.decode_dtype') or None,
   )
 
 

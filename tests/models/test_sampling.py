@@ -5,6 +5,7 @@ and sampler settings static: each (config, settings, shapes) compiles once, and 
 that share one reuse it.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -236,3 +237,19 @@ def test_inverse_cdf_edges():
   for u in (0.0, 0.4999, 0.5001, 1.0 - 2**-24):
     tokens = sampling.inverse_cdf_sample(logits, jnp.full((2,), u), block=2)
     assert int(tokens[0]) == (1 if u < 0.5 else 2) and int(tokens[1]) == 0
+
+
+def test_a_decode_copy_in_the_activation_dtype_draws_the_same_samples(tiny_cfg, tiny_params):
+  """bfloat16 activations with float32 weights: the layers cast each weight to bfloat16 before
+  its matmul, so casting the weight matrices once beforehand changes no sample."""
+  cfg = dataclasses.replace(tiny_cfg, dtype='bfloat16')
+  prompt, valid = _left_padded_prompts(cfg.vocab_size, [3, 5], 6)
+  sp = sampling.SamplingParams(max_new_tokens=8)
+  rng = jax.random.PRNGKey(5)
+  as_stored = _sample(cfg, tiny_params, prompt, valid, rng, sp, num_samples=4)
+  copy = sampling.decode_params(tiny_params, 'bfloat16')
+  assert copy['layer_0']['mlp']['up_proj']['kernel'].dtype == jnp.bfloat16
+  assert copy['layer_0']['pre_attn_norm']['scale'].dtype == jnp.float32
+  cast_once = _sample(cfg, copy, prompt, valid, rng, sp, num_samples=4)
+  np.testing.assert_array_equal(cast_once.tokens_BxG, as_stored.tokens_BxG)
+  np.testing.assert_array_equal(cast_once.logprobs_BxG, as_stored.logprobs_BxG)
