@@ -72,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_jsonl_path = ''  # JSONL of evaluation prompts ('' = data.jsonl_path)
   c.data.jsonl_field = 'prompt'  # key of each JSONL object that holds the text
   c.data.prompt_template = '{text}'  # x = template with {text} replaced, before the chat template
-  c.data.max_prompt_len = 512  # P: prompts are left-padded to this many tokens
+  c.data.max_prompt_len = 512  # P: prompts longer than this are dropped or truncated (data.overlong)
+  c.data.prompt_bucket = 128  # a batch is left-padded to its longest prompt rounded up to a multiple of this (at most P: 4 compiled shapes); 0: always to P
   c.data.overlong = 'drop'  # prompts longer than P: 'drop' them | 'truncate' their text (template kept)
   c.data.shuffle_seed = 0  # epoch e visits the prompts in the permutation of (shuffle_seed, e)
 

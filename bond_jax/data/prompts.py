@@ -170,8 +170,13 @@ class PromptStream:
     process_index: int = 0,
     process_count: int = 1,
     source: str = 'the dataset',
+    bucket: int = 0,
   ):
-    """`source` names the texts in errors (a file, a TFDS split)."""
+    """`source` names the texts in errors (a file, a TFDS split). `bucket` > 0: a batch is
+    padded to its longest prompt rounded up to a multiple of `bucket` (at most
+    max_prompt_len), not to max_prompt_len, so short prompts cost less and the step sees at
+    most max_prompt_len / bucket distinct shapes; every process pads to the same width (each
+    reads the whole global batch)."""
     if overlong not in OVERLONG:
       raise ConfigError(f'config.data.overlong={overlong!r} is invalid: one of {OVERLONG}.')
     if '{text}' not in prompt_template:
@@ -194,6 +199,12 @@ class PromptStream:
     self.local_batch = global_batch // process_count
     self._rows = slice(process_index * self.local_batch, (process_index + 1) * self.local_batch)
     self.source = source
+    if not isinstance(bucket, int) or bucket < 0:
+      raise ConfigError(
+        f'config.data.prompt_bucket={bucket!r} is invalid: 0 (pad to data.max_prompt_len) or '
+        'a positive number of tokens.'
+      )
+    self.bucket = bucket
     self.num_dropped = 0  # overlong prompts skipped so far by this object (not checkpointed)
     self._shortest_dropped: int | None = None  # tokens of the shortest overlong prompt
     self._epoch, self._index = 0, 0
@@ -261,9 +272,18 @@ class PromptStream:
       out.append(ids)
     return out
 
-  def pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad rows to max_prompt_len: (prompt_BxP int32, valid_BxP bool)."""
-    p = self.max_prompt_len
+  def width(self, rows: Sequence[Sequence[int]]) -> int:
+    """The padded width of a batch: max_prompt_len, or its bucket (see `bucket`)."""
+    if not self.bucket:
+      return self.max_prompt_len
+    longest = max((len(ids) for ids in rows), default=1)
+    return min(self.max_prompt_len, -(-max(longest, 1) // self.bucket) * self.bucket)
+
+  def pad(
+    self, rows: Sequence[Sequence[int]], width: int | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad rows to `width` (default max_prompt_len): (prompt_BxP int32, valid_BxP bool)."""
+    p = width or self.max_prompt_len
     prompt_BxP = np.full((len(rows), p), self.tokenizer.ids.pad_id, np.int32)
     valid_BxP = np.zeros((len(rows), p), bool)
     for i, ids in enumerate(rows):
@@ -273,8 +293,10 @@ class PromptStream:
     return prompt_BxP, valid_BxP
 
   def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-    """This process's rows of the next global batch: (prompt_BxP int32, valid_BxP bool)."""
-    return self.pad(self._next_global()[self._rows])
+    """This process's rows of the next global batch: (prompt_BxP int32, valid_BxP bool),
+    P = `width` of the global batch."""
+    rows = self._next_global()
+    return self.pad(rows[self._rows], self.width(rows))
 
   def state(self) -> dict[str, int]:
     """The position before the next batch (JSON-able; the same on every process)."""
@@ -342,6 +364,7 @@ def from_config(
     process_index=process_index,
     process_count=process_count,
     source=source_name(d),
+    bucket=d.get('prompt_bucket', 0),
   )
 
 

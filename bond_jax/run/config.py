@@ -420,6 +420,13 @@ def validate_real(c: ml_collections.ConfigDict) -> None:
   if '{text}' not in d.prompt_template:
     _fail('data.prompt_template', d.prompt_template, "must contain '{text}'")
   _positive_int(c, 'data.max_prompt_len')
+  bucket = c.data.get('prompt_bucket', 0)
+  _check(
+    isinstance(bucket, int) and not isinstance(bucket, bool) and bucket >= 0,
+    'data.prompt_bucket',
+    bucket,
+    'must be 0 (pad every batch to data.max_prompt_len) or a positive number of tokens',
+  )
   if d.overlong not in prompts.OVERLONG:
     _fail('data.overlong', d.overlong, f'one of {prompts.OVERLONG}')
   if not isinstance(d.shuffle_seed, int):

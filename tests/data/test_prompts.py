@@ -243,3 +243,24 @@ def test_eval_prompts_in_stored_order(tok, tmp_path):
   ]
   with pytest.raises(ConfigError, match=r'config\.eval\.num_prompts=5 .* only 3'):
     data.eval_prompts(cfg, tok, 5)
+
+
+def test_buckets_pad_a_batch_to_its_longest_prompt_rounded_up(tok):
+  texts = ['a', 'a b c d e f g h i j k l m n o p', 'b', 'c', 'd', 'e', 'f', 'g']
+  whole = _stream(tok, texts, shuffle=False, global_batch=4)
+  halves = [
+    _stream(tok, texts, shuffle=False, global_batch=4, bucket=8, process_index=i, process_count=2)
+    for i in range(2)
+  ]
+  lengths = [len(tok.encode(TEMPLATE.replace('{text}', t))) for t in texts]
+  for first in (True, False):  # batch 1 holds the long prompt, batch 2 only short ones
+    want_width = -(-max(lengths[:4] if first else lengths[4:]) // 8) * 8
+    full = whole.next_batch()
+    parts = [h.next_batch() for h in halves]
+    assert want_width < 48
+    for prompt, _ in parts:  # both processes pad to the global batch's width
+      assert prompt.shape == (2, want_width)
+    # The same prompts, only less left padding.
+    assert _rows(*full) == _rows(*parts[0]) + _rows(*parts[1])
+  with pytest.raises(ConfigError, match=r'config\.data\.prompt_bucket=-1 is invalid'):
+    _stream(tok, bucket=-1)
