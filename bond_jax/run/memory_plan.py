@@ -320,7 +320,7 @@ class Plan:
   compile_s: float
   host_peak_bytes: int  # peak resident memory of this process so far
   error: str = ''  # the compiler's out-of-memory message
-  required_temporaries: int = 0  # from that message
+  required: int = 0  # what that message says the step needs in all, arguments included
   compiler_limit: int = 0  # the HBM the TPU compiler allows, from that message
   reward_note: str = ''
   compiled: Any = dataclasses.field(default=None, repr=False)  # the compiled step, if any
@@ -329,8 +329,7 @@ class Plan:
   def peak(self) -> int:
     if self.memory is not None:
       return self.memory.peak
-    # The compiler stopped: at least the arguments plus the temporaries it asked for.
-    return sum(self.trees.values()) + self.required_temporaries
+    return self.required  # the compiler stopped: what it needed
 
   @property
   def fits(self) -> bool:
@@ -359,7 +358,7 @@ class Plan:
       out['xla_bytes_per_device'] = dataclasses.asdict(m)
     else:
       out['error'] = self.error
-      out['xla_gib_per_device'] = {'temporaries': gib(self.required_temporaries)}
+      out['xla_gib_per_device'] = {'required': gib(self.required)}
     return out
 
 
@@ -368,8 +367,10 @@ _UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 
 
 def parse_hbm_oom(message: str) -> tuple[int, int] | None:
-  """(temporaries needed, HBM available) in bytes from the TPU compiler's CompileTimeHbmOom
-  message (its sizes are binary: 'G' is GiB), or None for any other error."""
+  """(bytes needed, HBM available) from the TPU compiler's CompileTimeHbmOom message, or
+  None for any other error. Its sizes are binary ('G' is GiB), and what it calls "HLO
+  temporaries" includes the arguments: a sort of a 10 GiB argument (20 GiB of temporaries
+  when it fits) is reported as 30.00G."""
   if 'CompileTimeHbmOom' not in message:
     return None
   m = _OOM.search(message)
@@ -443,7 +444,7 @@ def plan(c: ml_collections.ConfigDict, target: Target) -> Plan:
     first = str(e).strip().splitlines()[0]
     return Plan(
       **common, memory=None, lower_s=t1 - t0, compile_s=time.time() - t1,
-      host_peak_bytes=_host_peak_bytes(), error=first, required_temporaries=oom[0],
+      host_peak_bytes=_host_peak_bytes(), error=first, required=oom[0],
       compiler_limit=oom[1],
     )  # fmt: skip
   return Plan(
@@ -516,8 +517,8 @@ def describe(
   else:
     lines += [
       f'  the TPU compiler refused: {result.error}',
-      row('peak >= arguments + the temporaries it asked for', result.peak)
-      + f' of {memory} (the compiler allows {result.compiler_limit / GIB:.2f} GiB): DOES NOT FIT',
+      row('peak = what the compiler needed (arguments included)', result.peak)
+      + f' of {memory} (the compiler allows {result.compiler_limit / GIB:.2f}): DOES NOT FIT',
     ]
   if t.kind == 'gpu':
     lines.append(
@@ -616,8 +617,8 @@ def fit_or_stop(
     if oom is None:
       raise
     raise RunError(
-      f'the train step needs {oom[0] / GIB:.2f} GiB of temporaries per device but the TPU '
-      f'allows {oom[1] / GIB:.2f} GiB: it will not fit; size the config with {command}'
+      f'the train step needs {oom[0] / GIB:.2f} GiB per device but the TPU compiler allows '
+      f'{oom[1] / GIB:.2f} GiB: it will not fit; size the config with {command}'
     ) from e
   if limit is not None:
     check_fits(compiled, limit, command)

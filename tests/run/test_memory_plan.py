@@ -206,6 +206,26 @@ def test_hbm_oom_message():
   assert memory_plan.parse_hbm_oom('INTERNAL: something else') is None
 
 
+def test_refused_plan_reports_what_the_compiler_needed():
+  refused = memory_plan.Plan(
+    target=memory_plan.parse_target('v5e:4x4'),
+    mesh_shape=(1, 16, 1),
+    trees={'params': GIB, 'opt_state': 2 * GIB},
+    memory=None,
+    lower_s=1.0,
+    compile_s=2.0,
+    host_peak_bytes=GIB,
+    error='RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: ...',
+    required=int(17.43 * GIB),
+    compiler_limit=int(15.75 * GIB),
+  )
+  summary = refused.summary()
+  assert summary['fits'] is False and summary['peak_gib_per_device'] == 17.43
+  assert summary['device_memory_gib'] == 16 and 'CompileTimeHbmOom' in summary['error']
+  text = '\n'.join(memory_plan.describe(refused, 'configs/jbond_gemma7b.py'))
+  assert 'DOES NOT FIT' in text and 'the compiler allows 15.75' in text
+
+
 def test_local_target_of_a_tpu_slice():
   devices = [
     types.SimpleNamespace(platform='tpu', device_kind='TPU v5 lite', coords=(x, y, 0))
