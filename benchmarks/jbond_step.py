@@ -7,10 +7,11 @@ What is compared, per optimizer step, at the same sample budget (32 prompts x 3 
 of 64 tokens, fp32, temperature 1, no truncation, fixed length: no EOS on either side):
 
 - ours: `bond_jax.algo.step.train_step` for J-BOND (beta 0.5, EMA anchor), jitted once with
-  the state donated, Adam. It draws 1 policy sample and 2 anchor samples per prompt (the
-  anchor is an EMA copy of the policy), scores all three, computes log pi_ref and log
-  pi_anchor of the policy sample (no gradient), then one forward + backward over 2 rows
-  per prompt (the policy sample and the best of the two anchor samples) and the EMA move.
+  the state donated (`make_train_step`), Adam. It draws 1 policy sample and 2 anchor samples
+  per prompt (the anchor is an EMA copy of the policy), scores all three, computes log
+  pi_ref and log pi_anchor of the policy sample (no gradient), then one forward + backward
+  over 2 rows per prompt (the policy sample and the best of the two anchor samples) and the
+  EMA move.
 - TRL: `GRPOTrainer.train()` with `num_generations=3` and `per_device_train_batch_size=96`,
   so that one optimizer step generates 3 completions for each of 32 prompts. With
   `--beta > 0` (default 0.04) it loads a reference model and computes its log-probs of all
@@ -26,7 +27,12 @@ may run on, so with --threads below the core count the process is pinned to that
 By default the steps are interleaved (TRL step, our step, TRL step, ...) so that a change
 in the machine's load hits both sides alike; `--order=sequential` runs all of TRL's steps,
 then all of ours. Each side's first step (compile / warm-up) is not timed. Prints a table
-and, as its last line, the results as JSON.
+and, as its last line, the results as JSON (with the 1-minute load average before and after).
+
+On a small machine shared with other work, compare at a low load: PyTorch's OpenMP threads
+suffer far more than XLA's from competing processes (on a busy 2-core machine TRL's generate
+of 96 x 64 tokens took 3.4 s with 1 thread and 10-26 s with 2), which inflates the ratio;
+`--threads=1` gives a figure that depends little on the load.
 """
 
 from __future__ import annotations
