@@ -239,9 +239,11 @@ def plan_setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> run_set
 
 
 def prompt_shape(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> tuple[int, int]:
-  """(B, P) of the global prompt batch the loop feeds."""
+  """(B, P) of the widest global prompt batch the loop feeds: with data.prompt_bucket a
+  batch of short prompts is padded to fewer than data.max_prompt_len tokens, and compiles
+  its own, smaller, step."""
   if c.task.name == 'hf':
-    return c.train.batch_size, c.data.max_prompt_len  # left-padded to data.max_prompt_len
+    return c.train.batch_size, c.data.max_prompt_len
   task = config_lib.task(c, cfg)
   shape = jax.eval_shape(lambda: task.prompts(jax.random.key(0), c.train.batch_size))[0].shape
   return tuple(shape)
@@ -602,9 +604,11 @@ def planner_command(
 def fit_or_stop(
   step_fn: Callable[..., Any], *args: Any, config_file: str = '<your config file>'
 ) -> Callable[..., Any]:
-  """Compile `step_fn` (the jitted train step) for `args` once and stop with a RunError when
-  it will not fit on this machine's accelerators; returns the compiled step to run (no
-  second compile). On CPU, or when the device does not tell its memory: `step_fn` itself."""
+  """Compile `step_fn` (the jitted train step) for `args` (arrays or ShapeDtypeStructs with
+  their shardings) once, and stop with a one-line RunError when it will not fit on this
+  machine's accelerators: the TPU compiler's refusal, or a peak above the device's
+  allocator limit (`check_fits`). Returns the compiled step, to be called in place of
+  `step_fn` (no second compile). On CPU: `step_fn` itself, nothing compiled."""
   device = jax.devices()[0]
   if device.platform not in ('tpu', 'gpu'):
     return step_fn
