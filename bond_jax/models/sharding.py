@@ -1,17 +1,35 @@
 """Sharding policy, in one place: a mesh, a rule table for parameters, a check.
 
-The mesh has two axes: 'data' (batch; parameters are replicated along it) and
-'model' (tensor parallelism). Each parameter is matched, by its '/'-joined path
-(e.g. 'layer_3/attn/q_proj/kernel'), against `PARAM_RULES`; the first rule whose
-regex matches gives an ordered list of candidate PartitionSpecs, and the first
-candidate whose sharded dimensions divide evenly by the mesh axis sizes is used.
-If none divides (e.g. a single key/value head under multi-query attention), the
-next candidate shards another dimension, and the last resort is replicated.
-Anything no rule matches (norm scales, small heads) is replicated.
+The mesh has three axes:
+
+  'data'   the batch is split over it; parameters are replicated along it
+  'fsdp'   the batch is split over it too, and every large parameter is split over
+           it (fully sharded data parallel: XLA gathers a parameter where it is used)
+  'model'  tensor parallelism: heads, MLP width and vocabulary are split over it
+
+Each parameter is matched, by its '/'-joined path (e.g. 'layer_3/attn/q_proj/kernel'),
+against `PARAM_RULES`; the first rule whose regex matches gives an ordered list of
+candidate PartitionSpecs, and the first candidate whose sharded dimensions divide evenly
+by the mesh axis sizes is used. A rule names the dimension 'model' splits (heads, F, V)
+and the one 'fsdp' splits (the model width D); its fallbacks, in order: both axes on the
+fsdp dimension (e.g. a single key/value head under multi-query attention), both on the
+model dimension, each axis alone, and finally replicated. So any mesh works, and an axis
+of size 1 divides everything. Anything no rule matches (norm scales, small biases,
+scalars) is replicated.
+
+Rules match path suffixes, so one table covers every tree that holds a model: the
+policy, the anchor and pi_ref in the TrainState ('params/...', 'anchor_params/...',
+'ref_params/...'), Adam's moments ('opt_state/.../mu/<parameter path>', 'nu'), the reward
+model and the learned quantile model ('decoder/<parameter path>', 'score/kernel').
+
+Activations follow the batch, split over 'data' and 'fsdp' (`data_sharding`). Where XLA's
+propagation from the inputs picks another layout, `constrain_batch` (rows) and
+`gather_fsdp` (a parameter gathered before its use) state it, inside a function traced
+under `jax.set_mesh(mesh)`; outside one they do nothing.
 
 Typical use, so that parameters are born sharded:
 
-  mesh = make_mesh(data=2, model=4)
+  mesh = make_mesh(data=1, fsdp=-1, model=1)
   abstract = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
   shardings = param_shardings(abstract, mesh)
   params = jax.jit(lambda: model.init_params(cfg, jax.random.key(0)),
@@ -33,18 +51,45 @@ from bond_jax.types import PyTree
 
 DATA, FSDP, MODEL = 'data', 'fsdp', 'model'
 BATCH_AXES = (DATA, FSDP)  # the batch is split over both data-parallel axes
+PARAM_AXES = (FSDP, MODEL)  # the axes parameters are split over
 
-# (path regex, candidate specs in order of preference). Shapes follow model.py:
-# embedding [V, D], q/k/v kernels [D, N|K, H] and biases [N|K, H], o_proj kernel
-# [N, H, D], MLP gate/up [D, F] and down [F, D], lm_head [D, V], reward score [D, 1].
+
+def _split(ndim: int, model_dim: int, fsdp_dim: int | None) -> tuple[P, ...]:
+  """Candidates for a tensor whose `model_dim` is split over 'model' and `fsdp_dim` over
+  'fsdp', then the fallbacks (see the module docstring); fsdp_dim None: 'model' only."""
+
+  def spec(*placed: tuple[int, Any]) -> P:
+    dims: list[Any] = [None] * ndim
+    for dim, axes in placed:
+      dims[dim] = axes
+    return P(*dims)
+
+  if fsdp_dim is None:
+    return (spec((model_dim, MODEL)),)
+  both = (FSDP, MODEL)
+  return (
+    spec((model_dim, MODEL), (fsdp_dim, FSDP)),
+    spec((fsdp_dim, both)),  # the model dimension does not divide: both on the fsdp one
+    spec((model_dim, both)),  # the fsdp dimension does not divide: both on the model one
+    spec((model_dim, MODEL)),
+    spec((fsdp_dim, FSDP)),
+    spec((fsdp_dim, MODEL)),
+    spec((model_dim, FSDP)),
+  )
+
+
+# (path regex, candidate specs in order of preference). Shapes follow decoder.py and
+# reward_model.py: embedding [V, D], q/k/v kernels [D, N|K, H] and biases [N|K, H], o_proj
+# kernel [N, H, D], MLP gate/up [D, F] and down [F, D], lm_head [D, V], score head [D, 1].
 PARAM_RULES: tuple[tuple[str, tuple[P, ...]], ...] = (
-  (r'embedder/embedding$', (P(MODEL, None), P(None, MODEL))),  # vocab-sharded
-  (r'attn/[qkv]_proj/kernel$', (P(None, MODEL, None), P(MODEL, None, None))),  # heads, else D
-  (r'attn/[qkv]_proj/bias$', (P(MODEL, None),)),
-  (r'attn/o_proj/kernel$', (P(MODEL, None, None), P(None, None, MODEL))),  # heads, else D
-  (r'mlp/(gate|up)_proj/kernel$', (P(None, MODEL), P(MODEL, None))),  # F, else D
-  (r'mlp/down_proj/kernel$', (P(MODEL, None), P(None, MODEL))),  # F, else D
-  (r'lm_head/kernel$', (P(None, MODEL), P(MODEL, None))),  # vocab, else D
+  (r'embedder/embedding$', _split(2, model_dim=0, fsdp_dim=1)),  # V over model, D over fsdp
+  (r'attn/[qkv]_proj/kernel$', _split(3, model_dim=1, fsdp_dim=0)),  # heads / D
+  (r'attn/[qkv]_proj/bias$', _split(2, model_dim=0, fsdp_dim=None)),  # heads (small)
+  (r'attn/o_proj/kernel$', _split(3, model_dim=0, fsdp_dim=2)),  # heads / D
+  (r'mlp/(gate|up)_proj/kernel$', _split(2, model_dim=1, fsdp_dim=0)),  # F / D
+  (r'mlp/down_proj/kernel$', _split(2, model_dim=0, fsdp_dim=1)),  # F / D
+  (r'lm_head/kernel$', _split(2, model_dim=1, fsdp_dim=0)),  # V / D
+  (r'score/kernel$', (P(FSDP, None),)),  # reward / quantile model head [D, 1]: D over fsdp
   (r'norm/scale$', (P(),)),  # norms (and q/k norms) replicated
 )
 
@@ -141,14 +186,60 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def _context_mesh() -> Any:
+  """The mesh of the enclosing `jax.set_mesh`, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def constrain_batch(tree: PyTree) -> PyTree:
+  """Each array of `tree` constrained to rows split over 'data' and 'fsdp', its other
+  dimensions left to XLA (unconstrained, e.g. a vocabulary split over 'model').
+
+  For activations inside a jitted function traced under `jax.set_mesh(mesh)`, where XLA's
+  propagation could pick another layout (a freshly created buffer, a loop carry). A no-op
+  outside a mesh context, for a mesh without the batch axes, and for an array whose leading
+  dimension the batch axes do not divide (or a scalar).
+  """
+  mesh = _context_mesh()
+  if mesh is None or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return tree
+  ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+  def constrain(x: Any) -> Any:
+    if x.ndim == 0 or x.shape[0] % ways:
+      return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *[P.UNCONSTRAINED] * (x.ndim - 1)))
+
+  return jax.tree.map(constrain, tree)
+
+
+def gather_fsdp(x: jax.Array, name: str) -> jax.Array:
+  """Parameter `x` (path `name`, e.g. 'embedder/embedding') constrained to its rule's spec
+  without 'fsdp': the all-gather FSDP does before a use, stated where XLA would otherwise
+  move activations instead (an embedding lookup: gathering rows of a table split over D
+  makes XLA replicate the looked-up activations). A no-op outside a mesh context.
+  """
+  mesh = _context_mesh()
+  if mesh is None or FSDP not in mesh.axis_names:
+    return x
+  dims = []
+  for axes in param_spec(name, tuple(x.shape), mesh):
+    kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a not in (FSDP, None))
+    dims.append(kept[0] if len(kept) == 1 else (kept or None))
+  return jax.lax.with_sharding_constraint(x, P(*dims))
+
+
 def assert_big_tensors_sharded(params: PyTree, mesh: Mesh, min_size: int = 2**20) -> None:
-  """Raise if a parameter with >= min_size elements is replicated over the 'model' axis.
+  """Raise if a parameter with >= min_size elements is split over none of the parameter
+  axes ('fsdp', 'model') that have more than one device.
 
   A start-up check that the rule table still matches the parameter names: a renamed
   module would otherwise silently replicate a large tensor on every device. Nothing is
-  checked when the 'model' axis has size 1.
+  checked when both axes have size 1.
   """
-  if mesh.shape[MODEL] == 1:
+  axes = [a for a in PARAM_AXES if mesh.shape.get(a, 1) > 1]
+  if not axes:
     return
   offenders = []
   for path, x in jax.tree_util.tree_leaves_with_path(params):
@@ -158,15 +249,16 @@ def assert_big_tensors_sharded(params: PyTree, mesh: Mesh, min_size: int = 2**20
     spec = sharding.spec if isinstance(sharding, NamedSharding) else None
     used = {
       a
-      for axes in (spec or ())
-      if axes is not None
-      for a in (axes if isinstance(axes, tuple) else (axes,))
+      for dim_axes in (spec or ())
+      if dim_axes is not None and dim_axes is not P.UNCONSTRAINED
+      for a in (dim_axes if isinstance(dim_axes, tuple) else (dim_axes,))
     }
-    if MODEL not in used:
+    if not used & set(axes):
       offenders.append(f'{path_name(path)} {tuple(x.shape)} spec={spec}')
   if offenders:
+    sizes = ', '.join(f"'{a}'={mesh.shape[a]}" for a in axes)
     raise AssertionError(
-      f'{len(offenders)} parameter(s) of >= {min_size} elements are not sharded over '
-      f"'{MODEL}' (add a rule to sharding.PARAM_RULES or make the dimension divisible by "
-      f'{mesh.shape[MODEL]}): ' + '; '.join(offenders)
+      f'{len(offenders)} parameter(s) of >= {min_size} elements are split over none of the '
+      f'mesh axes {sizes} (add a rule to sharding.PARAM_RULES or make a dimension divisible '
+      'by an axis size): ' + '; '.join(offenders)
     )
