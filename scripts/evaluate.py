@@ -4,7 +4,7 @@ latest checkpoint is skipped with a warning). Usage:
   python scripts/evaluate.py --workdir=runs/jbond_tiny
   python scripts/evaluate.py --workdir=runs/jbond_tiny --step=100 --which=anchor
   python scripts/evaluate.py --workdir=runs/jbond_tiny --all_steps --num_prompts=128
-  python scripts/evaluate.py --workdir=runs/jbond_tiny --mesh.data=4 --mesh.model=1
+  python scripts/evaluate.py --workdir=runs/jbond_tiny --mesh.data=1 --mesh.fsdp=-1 --mesh.model=1
 
 Prints the table (rewards of pi_ref, Best-of-N of pi_ref and the policy; the policy's KL to
 pi_ref, log quantile, win rate and KLs to Best-of-eval.kl_n) and writes
@@ -28,6 +28,7 @@ _STEP = flags.DEFINE_integer('step', None, 'Evaluate this checkpoint step (defau
 _ALL = flags.DEFINE_bool('all_steps', False, 'Evaluate every kept checkpoint, into one JSONL.')
 _WHICH = flags.DEFINE_enum('which', 'policy', list(evaluation.WHICH), 'Which model to evaluate.')
 _DATA = flags.DEFINE_integer('mesh.data', None, 'Data-parallel devices (default: the run).')
+_FSDP = flags.DEFINE_integer('mesh.fsdp', None, 'FSDP devices, -1: the rest (default: the run).')
 _MODEL = flags.DEFINE_integer('mesh.model', None, 'Tensor-parallel devices (default: the run).')
 _PROMPTS = flags.DEFINE_integer('num_prompts', None, 'Held-out prompts (default: the run).')
 flags.mark_flags_as_required(['workdir'])
@@ -36,9 +37,10 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  if (_DATA.value is None) != (_MODEL.value is None):
-    sys.exit('error: give --mesh.data and --mesh.model together (or neither).')
-  mesh = None if _DATA.value is None else (_DATA.value, _MODEL.value)
+  sizes = (_DATA.value, _FSDP.value, _MODEL.value)
+  if len({size is None for size in sizes}) > 1:
+    sys.exit('error: give --mesh.data, --mesh.fsdp and --mesh.model together (or none of them).')
+  mesh = None if _DATA.value is None else sizes
   try:
     evaluation.evaluate_workdir(
       _WORKDIR.value, step=_STEP.value, all_steps=_ALL.value, which=_WHICH.value,

@@ -96,14 +96,18 @@ def summary(
 
 
 def _read_config(
-  workdir: pathlib.Path, mesh_shape: tuple[int, int] | None, num_prompts: int | None
+  workdir: pathlib.Path, mesh_shape: tuple[int, int, int] | None, num_prompts: int | None
 ) -> ml_collections.ConfigDict:
   config_path = workdir / 'config.json'
   if not config_path.is_file():
     raise FileNotFoundError(f'{config_path} not found: is {workdir} a bond_jax workdir?')
   c = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   if mesh_shape is not None:
-    c.mesh.data, c.mesh.model = mesh_shape
+    if len(mesh_shape) != 3:
+      raise ConfigError(
+        f'mesh_shape={tuple(mesh_shape)!r} is invalid: give (data, fsdp, model) sizes.'
+      )
+    c.mesh.data, c.mesh.fsdp, c.mesh.model = mesh_shape
   if num_prompts is not None:
     c.eval.num_prompts = num_prompts
   config_lib.validate(c)
@@ -124,12 +128,13 @@ def load_workdir(
   workdir: str | pathlib.Path,
   *,
   step: int | None = None,
-  mesh_shape: tuple[int, int] | None = None,
+  mesh_shape: tuple[int, int, int] | None = None,
   num_prompts: int | None = None,
 ) -> tuple[ml_collections.ConfigDict, run_setup.RunSetup, TrainState]:
   """A run's config, setup and TrainState (the latest usable checkpoint, or `step`), read
-  back from its workdir onto a (mesh.data, mesh.model) = `mesh_shape` mesh of this machine
-  (default: the run's). A damaged latest checkpoint is skipped with a warning."""
+  back from its workdir onto a (mesh.data, mesh.fsdp, mesh.model) = `mesh_shape` mesh of
+  this machine (default: the run's; -1 takes all remaining devices). A damaged latest
+  checkpoint is skipped with a warning."""
   workdir = pathlib.Path(workdir)
   c = _read_config(workdir, mesh_shape, num_prompts)
   setup, target, ckpts = _open(workdir, c)
@@ -148,17 +153,18 @@ def evaluate_workdir(
   step: int | None = None,
   all_steps: bool = False,
   which: str = 'policy',
-  mesh_shape: tuple[int, int] | None = None,
+  mesh_shape: tuple[int, int, int] | None = None,
   num_prompts: int | None = None,
 ) -> list[dict[str, Any]]:
   """Evaluate checkpoints of a workdir: the latest usable one, `step`, or (`all_steps`) every
-  kept one; the policy or (`which='anchor'`) the anchor; on a `mesh_shape` mesh of this
-  machine (default: the run's), on the first `num_prompts` held-out prompts (default: the
-  run's eval.num_prompts).
+  kept one; the policy or (`which='anchor'`) the anchor; on a (data, fsdp, model) =
+  `mesh_shape` mesh of this machine (default: the run's; -1 takes all remaining devices),
+  on the first `num_prompts` held-out prompts (default: the run's eval.num_prompts).
 
   Writes workdir/eval/step_<N>_<which>.json for each step (eval/all_steps_<which>.jsonl
-  with `all_steps`), and summary.json when it evaluates the latest policy with the run's
-  settings; prints each table and returns them.
+  with `all_steps`; each result's 'mesh' is the [data, fsdp, model] sizes used), and
+  summary.json when it evaluates the latest policy with the run's settings; prints each
+  table and returns them.
   """
   workdir = pathlib.Path(workdir)
   if which not in WHICH:
@@ -188,7 +194,7 @@ def evaluate_workdir(
       result = table(c, setup, params, state.ref_params)
       result['step'] = int(state.step)
       print(f'step {result["step"]}, {which}:', bon_table.format_table(result), sep='\n')
-    result.update(which=which, mesh=[c.mesh.data, c.mesh.model])
+    result.update(which=which, mesh=list(config_lib.mesh_shape(c, jax.device_count())))
     (out_dir / f'step_{result["step"]}_{which}.json').write_text(json.dumps(result, indent=2))
     results.append(result)
   if all_steps:

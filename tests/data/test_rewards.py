@@ -170,20 +170,20 @@ def test_mesh_path_equals_default_device(dirs):
   cfg = _reward_cfg(checkpoint=str(dirs['rm_b']), tokenizer_path=str(dirs['tok_b']))
   batch = _batch(policy)
   fn, params = rewards.make_reward(cfg, policy)
-  fn_mesh, params_mesh = rewards.make_reward(cfg, policy, mesh=sharding.make_mesh(1, 1))
+  fn_mesh, params_mesh = rewards.make_reward(cfg, policy, mesh=sharding.make_mesh(1, 1, 1))
   np.testing.assert_allclose(jax.jit(fn_mesh)(params_mesh, *batch), fn(params, *batch), rtol=1e-5)
 
 
 _MESH_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    jax.config.update('jax_num_cpu_devices', 4)
+    jax.config.update('jax_num_cpu_devices', 8)
     import ml_collections, numpy as np
     from bond_jax.data import rewards
     from bond_jax.models import sharding
     from bond_jax.data import tokenizer
     args = json.loads(sys.argv[1])
-    mesh = sharding.make_mesh(2, 2)
+    mesh = sharding.make_mesh(data=2, fsdp=2, model=2)
     policy = tokenizer.load(args['policy'])
     batch = [np.asarray(x) for x in args['batch']]
     batch[0], batch[2] = batch[0].astype(np.int32), batch[2].astype(np.int32)
@@ -197,7 +197,8 @@ _MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_reward_on_a_2x2_mesh_matches_one_device(dirs):
+def test_sharded_reward_on_a_2x2x2_mesh_matches_one_device(dirs):
+  """Reward-model parameters split over 'fsdp' and 'model', rows over 'data' and 'fsdp'."""
   policy = tokenizer_lib.load(dirs['tok_a'])
   batch = _batch(policy)
   cfgs = {

@@ -47,11 +47,14 @@ def _config(artefacts, source: str):
     c.data.tfds_name, c.data.split, c.data.text_field = 'xsum', 'train', 'document'
     c.data.overlong = 'truncate'
   c.data.max_prompt_len = 48
-  c.mesh.data = c.mesh.model = 1
+  c.mesh.data = c.mesh.fsdp = c.mesh.model = 1
   c.train.num_steps = 2
   c.train.batch_size = 4
   c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 0
   c.sampling.max_new_tokens = 6
+  # The config's memory knobs, scaled to this batch: 2 prompts sampled at a time, 2 rows per
+  # gradient micro-batch, log-probs 3 positions at a time.
+  c.sampling.micro_batch_size, c.train.micro_batch_size, c.train.logprob_chunk = 2, 2, 3
   c.ckpt.every = 1
   c.eval.num_prompts, c.eval.samples_per_prompt = 2, 4
   c.eval.bon_ns, c.eval.policy_samples_per_prompt = (2, 4), 2
