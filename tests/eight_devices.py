@@ -10,11 +10,17 @@ main process works through the other tests, and each part writes OUT/results.jso
 
   sharding  {'exit_code': pytest's exit code}; the report is in the process's output
   runs      for each run below, {'workdir', 'rows' (metrics.jsonl), 'summary'}:
-              one      micro_config(MICRO_STEPS) on one device
-              dp8      the same on 8 data-parallel devices
-              dp2_tp4  the same on a 2 x 4 data x model mesh
-              resumed  tests/run/test_loop.py's crash_then_resume
+              one            micro_config(MICRO_STEPS) on one device
+              dp8            the same on a (data, fsdp, model) = (8, 1, 1) mesh
+              fsdp8          ... on (1, 8, 1)
+              dp2_fsdp2_tp2  ... on (2, 2, 2)
+              resumed        tests/run/test_loop.py's crash_then_resume
             or {'error': traceback}
+
+The runs share pi_ref: the embedded task's supervised pi_ref is a pure function of the
+config (run.setup.train_reference), trained once here (on one device, like every run's)
+and reused by the later runs. The sharded runs save one checkpoint (at their end) instead
+of one every 2 steps; nothing reads their checkpoints.
 """
 
 import json
@@ -31,9 +37,12 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 
 from bond_jax.run import loop as trainer  # noqa: E402
+from bond_jax.run import setup as run_setup  # noqa: E402
 from tests.run.test_loop import MICRO_STEPS, crash_then_resume, micro_config  # noqa: E402
 
-MESHES = {'one': (1, 1), 'dp8': (8, 1), 'dp2_tp4': (2, 4)}  # name: (data, model)
+# name: (data, fsdp, model); 'one' first (the others are compared with it)
+MESHES = {'one': (1, 1, 1), 'dp8': (8, 1, 1), 'fsdp8': (1, 8, 1), 'dp2_fsdp2_tp2': (2, 2, 2)}
+FIELDS = ('seed', 'model', 'task', 'reference')  # the config fields pi_ref depends on
 
 
 def sharding(out: pathlib.Path) -> dict:
@@ -47,13 +56,34 @@ def _read(workdir: pathlib.Path, summary: dict) -> dict:
   return {'workdir': str(workdir), 'rows': rows, 'summary': summary}
 
 
+def _share_reference() -> None:
+  """run.setup.train_reference remembers each pi_ref by what it is a function of."""
+  train, cache = run_setup.train_reference, {}
+
+  def shared(c, cfg, task, verbose=False):
+    fields = [c[f].to_dict() if hasattr(c[f], 'to_dict') else c[f] for f in FIELDS]
+    key = (json.dumps(fields, sort_keys=True), cfg, repr(task))
+    if key not in cache:
+      cache[key] = train(c, cfg, task, verbose)
+    return cache[key]
+
+  run_setup.train_reference = shared
+
+
 def runs(out: pathlib.Path) -> dict:
   assert jax.device_count() == 8
+  _share_reference()
+  # Runs on one mesh compile the same step and evaluation (fsdp8 and both halves of
+  # resumed, which keeps the config's mesh (1, -1, 1)): compiled once, read back after.
+  jax.config.update('jax_compilation_cache_dir', str(out / 'compilation_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   try:
     results = {}
-    for name, (data, model) in MESHES.items():
+    for name, (data, fsdp, model) in MESHES.items():
       c = micro_config(MICRO_STEPS)
-      c.mesh.data, c.mesh.model = data, model
+      c.mesh.data, c.mesh.fsdp, c.mesh.model = data, fsdp, model
+      if name != 'one':
+        c.ckpt.every = MICRO_STEPS
       results[name] = _read(out / name, trainer.run(c, out / name))
     results['resumed'] = _read(out / 'resumed', crash_then_resume(out / 'resumed'))
     return results

@@ -25,7 +25,9 @@ def workdir(tmp_path_factory, micro_runs):
   """A one-device micro J-BOND run with checkpoints at steps 2 and 4: a copy of the one the
   background process trained (tests/eight_devices.py), as the tests write eval/ into it."""
   one = pathlib.Path(micro_runs['one']['workdir'])
-  assert json.loads((one / 'config.json').read_text()) == json.loads(micro_config(4).to_json())
+  c = micro_config(4)
+  c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, 1, 1  # one device of the 8 there
+  assert json.loads((one / 'config.json').read_text()) == json.loads(c.to_json())
   return shutil.copytree(one, tmp_path_factory.mktemp('evaluation') / 'run')
 
 
@@ -69,11 +71,11 @@ def test_one_device_checkpoint_evaluated_on_four_devices(workdir):
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
   proc = subprocess.run(
     [sys.executable, 'scripts/evaluate.py', f'--workdir={workdir}', '--step=2', '--which=anchor',
-     '--mesh.data=4', '--mesh.model=1'],
+     '--mesh.data=4', '--mesh.fsdp=1', '--mesh.model=1'],
     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
   four = json.loads((workdir / 'eval' / 'step_2_anchor.json').read_text())
-  assert four['mesh'] == [4, 1] and one['mesh'] == [1, 1]
+  assert four['mesh'] == [4, 1, 1] and one['mesh'] == [1, 1, 1]
   for key in KEYS:
     np.testing.assert_allclose(four[key], one[key], rtol=2e-3, atol=2e-4, err_msg=key)
