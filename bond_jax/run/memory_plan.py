@@ -233,7 +233,14 @@ def plan_setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> run_set
   reward_fn, reward_params = _reward(c, cfg, mesh)
   step_cfg = config_lib.step_config(c, cfg, reward_fn, config_lib.sampling_params(c))
   tx, schedule = run_setup.optimizer(c)
-  known = dict(cfg=cfg, step_cfg=step_cfg, tx=tx, schedule=schedule, reward_params=reward_params)
+  known = dict(
+    cfg=cfg,
+    step_cfg=step_cfg,
+    tx=tx,
+    schedule=schedule,
+    reward_params=reward_params,
+    ref_dtype=config_lib.memory(c, 'model.reference_dtype') or None,
+  )
   rest = {f.name: None for f in dataclasses.fields(run_setup.RunSetup) if f.name not in known}
   return run_setup.RunSetup(**known, **rest)
 
