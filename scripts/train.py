@@ -5,8 +5,20 @@
 Override any field with --config.<field>=<value>, e.g. --config.bond.beta=1.0.
 The same command with the same workdir resumes from the latest checkpoint; SIGTERM or
 Ctrl-C saves the current step first (exit status 128 + the signal).
+
+Several processes (hosts) train one run together when flags or the environment say so;
+each process runs the same command and `jax.distributed.initialize` joins them:
+
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I   explicit (any cluster)
+  --distributed                          JAX finds them itself (TPU pod slices, SLURM, Open MPI)
+  JAX_COORDINATOR_ADDRESS, or SLURM / Open MPI with more than one task   the same, unasked
+
+The mesh then spans every process's devices, each process feeds its own rows of the batch,
+the checkpoint directory must be shared by all of them, and only process 0 writes
+config.json, metrics, TensorBoard, the progress bar, summary.json and stdout.
 """
 
+import os
 import pathlib
 import re
 import sys
@@ -21,6 +33,16 @@ from bond_jax.run import loop as trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'Multi-process runs: HOST:PORT of process 0 (same on every process).'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process runs: processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "Multi-process runs: this one's index.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  'distributed',
+  False,
+  'Join a multi-process run whose processes JAX detects (TPU pod slice, SLURM, Open MPI).',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -56,9 +78,56 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'error: {message or str(e).strip().splitlines()[0]}')
 
 
+def _cluster_in_environment() -> str | None:
+  """What in the environment says this is one of several processes, or None."""
+  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    return 'JAX_COORDINATOR_ADDRESS'
+  slurm = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID')
+  if all(v in os.environ for v in slurm) and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    return 'SLURM_NTASKS'
+  if 'OMPI_MCA_orte_hnp_uri' in os.environ and int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'OMPI_COMM_WORLD_SIZE'
+  return None
+
+
+def _start_processes() -> None:
+  """`jax.distributed.initialize` when flags or the environment ask for several processes
+  (before anything starts JAX's backend); then only process 0 prints to stdout."""
+  explicit = {
+    'coordinator_address': _COORDINATOR.value,
+    'num_processes': _NUM_PROCESSES.value,
+    'process_id': _PROCESS_ID.value,
+  }
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if given and len(given) < 3 and not _DISTRIBUTED.value:
+    missing = ', '.join(f'--{k}' for k in explicit if k not in given)
+    sys.exit(
+      f'error: {", ".join(f"--{k}" for k in given)} without {missing}: give all three, or add '
+      '--distributed to let JAX detect the rest (TPU pod slice, SLURM, Open MPI).'
+    )
+  n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
+  if n is not None and (n < 1 or (i is not None and not 0 <= i < n)):
+    sys.exit(f'error: --process_id={i} --num_processes={n}: need 0 <= process_id < num_processes.')
+  why = '--distributed' if _DISTRIBUTED.value else ('flags' if given else _cluster_in_environment())
+  if why is None:
+    return
+  import jax  # noqa: PLC0415 (after flag parsing: nothing may start the backend before this)
+
+  try:
+    jax.distributed.initialize(**given)
+  except Exception as e:  # noqa: BLE001 (a wrong address, a missing peer: one line)
+    text = str(e).strip().splitlines()
+    sys.exit(
+      f'error: jax.distributed.initialize ({why}) failed: {text[0] if text else type(e).__name__}'
+    )
+  if jax.process_index() != 0:  # process 0 speaks for the run; errors still go to stderr
+    sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 (for the life of the process)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  _start_processes()
   try:
     config = _CONFIG.value
     config.keys()  # a config file that failed to load raises on first use

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -441,6 +442,14 @@ def load_reward_params(
 # Export.
 
 
+def _to_host(x: Any) -> np.ndarray:
+  """One tensor, whole, on this host: its shards gathered from every process when some
+  live on other hosts (a collective: every process calls it, in the same order)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def export_hf(
   cfg: ModelConfig,
   params: PyTree,
@@ -454,17 +463,22 @@ def export_hf(
   Reward-model params ({'decoder', 'score'}) are written as *ForSequenceClassification
   with num_labels=1. Weights go one shard at a time (model.safetensors, or
   model-0000i-of-0000n.safetensors + index past max_shard_bytes), so the host holds at
-  most one shard. hf_overrides set config fields (e.g. pad_token_id=0).
+  most one shard; `params` may be sharded arrays (on several processes too), each
+  gathered to the host one tensor at a time. On several processes every one must call
+  this (the gathers are collectives) and process 0 writes.
   """
   out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  writer = jax.process_index() == 0
+  if writer:
+    out_dir.mkdir(parents=True, exist_ok=True)
   reward = 'score' in params
   arch = None
   if reward:
     arch = _CAUSAL_LM[_family(cfg)].replace('ForCausalLM', 'ForSequenceClassification')
     hf_overrides = {'num_labels': 1, **hf_overrides}
   hf_config = hf_config_dict(cfg, arch, **hf_overrides)
-  (out_dir / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+  if writer:
+    (out_dir / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True))
 
   leaves = jax.tree_util.tree_leaves_with_path(params)
   tensors = [
@@ -486,13 +500,13 @@ def export_hf(
   weight_map = {}
   for s, indices in enumerate(shards):
     file = 'model.safetensors' if n == 1 else f'model-{s + 1:05d}-of-{n:05d}.safetensors'
-    arrays = {
-      tensors[i].hf_name: tensors[i].to_hf(np.asarray(jax.device_get(leaves[i][1])))
-      for i in indices
-    }
-    save_file(arrays, str(out_dir / file), metadata={'format': 'pt'})
+    arrays = {tensors[i].hf_name: tensors[i].to_hf(_to_host(leaves[i][1])) for i in indices}
+    if writer:
+      save_file(arrays, str(out_dir / file), metadata={'format': 'pt'})
     weight_map.update(dict.fromkeys(arrays, file))
     del arrays
+  if not writer:
+    return out_dir
   if n > 1:
     total = sum(x.size * x.dtype.itemsize for _, x in leaves)
     index = {'metadata': {'total_size': total}, 'weight_map': weight_map}

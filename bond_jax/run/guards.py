@@ -3,7 +3,17 @@
 Each check raises one line (a `ConfigError` or `RunError`) before anything is compiled:
 an invalid train.max_bad_steps, an unwritable workdir, a config that cannot resume the
 workdir's checkpoints (the fields are listed; the allowed changes are recorded in
-config_changes.jsonl), a reward function of the wrong shape or dtype.
+config_changes.jsonl), a reward function of the wrong shape or dtype, and, when a Hugging
+Face run resumes, a pi_ref whose files changed since the checkpoint was saved.
+
+pi_ref of a Hugging Face run is not saved in its checkpoints: it is `model.hf_checkpoint`,
+reloaded on resume (`reference_reloader`). What each checkpoint records instead is
+`reference_record`: the path and the SHA-256 of the files pi_ref is loaded from (its
+safetensors, their index and config.json). The files' bytes, not the loaded arrays: they
+hash the same on any mesh and any number of processes (a resume may change the mesh),
+each process can hash them without gathering a tensor, and the hash does not depend on
+how loading converts dtypes; the cost is one read of the files (hashed in parallel, much
+less than loading them onto devices). A re-saved but equal checkpoint counts as changed.
 """
 
 from __future__ import annotations
@@ -17,14 +27,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost as orbax_multihost
 
+from bond_jax.run import checkpoint
 from bond_jax.run import setup as run_setup
 from bond_jax.run.setup import log
-from bond_jax.types import ConfigError
+from bond_jax.types import ConfigError, PyTree
 
 # Config fields a resumed run may change: how long it runs, what it logs and evaluates,
-# how often it checkpoints, how it is laid out on devices, and pi_ref's supervised
-# training (pi_ref itself is restored from the checkpoint). A prefix ends with '.'.
+# how often it checkpoints, how it is laid out on devices and in memory (rematerialisation,
+# micro-batches, chunked log-probs: the same update to float32 tolerance), and pi_ref's
+# supervised training (pi_ref itself is restored from the checkpoint). A prefix ends
+# with '.'.
 RESUMABLE_CHANGES = (
   'train.num_steps',
   'train.max_bad_steps',
@@ -34,6 +49,10 @@ RESUMABLE_CHANGES = (
   'log.',
   'mesh.',
   'reference.',
+  'model.remat',
+  'train.micro_batch_size',
+  'train.logprob_chunk',
+  'sampling.micro_batch_size',
 )
 
 
@@ -101,13 +120,25 @@ def config_changes(
   return allowed, refused
 
 
+def align_processes(name: str) -> None:
+  """On several processes, wait until every one reaches this point (the coordination
+  service's barrier, which waits long; `name` is used once), then open their collectives
+  together. CPU (gloo) collectives give up when a peer is 30 s late to the first one over
+  a set of devices; later ones wait."""
+  if jax.process_count() > 1:
+    orbax_multihost.get_barrier_sync_fn()(key=name, timeout_ms=60 * 60 * 1000)
+    multihost_utils.sync_global_devices(name)
+
+
 def check_resume_config(
   workdir: pathlib.Path, c: ml_collections.ConfigDict, resume_step: int | None
 ) -> None:
   """Refuse to resume a workdir's checkpoints under a config that changes what they mean;
-  record the allowed changes in config_changes.jsonl; then write config.json."""
+  record the allowed changes in config_changes.jsonl; then write config.json (process 0,
+  once every process has read the previous one)."""
   path = workdir / 'config.json'
   current = json.loads(c.to_json_best_effort())
+  allowed = {}
   if resume_step is not None and path.is_file():
     allowed, refused = config_changes(json.loads(path.read_text()), current)
     if refused:
@@ -117,19 +148,87 @@ def check_resume_config(
         f'resume: {listed}; use a new --workdir, or change only '
         f'{", ".join(f + "*" if f.endswith(".") else f for f in RESUMABLE_CHANGES)}.'
       )
-    if allowed:
-      record = {
-        'time': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-        'resumed_from_checkpoint': resume_step,
-        'changes': {k: {'old': a, 'new': b} for k, (a, b) in allowed.items()},
-      }
-      with open(workdir / 'config_changes.jsonl', 'a') as f:
-        f.write(json.dumps(record) + '\n')
-      log(
-        'config changed since the last run (recorded in config_changes.jsonl): '
-        + ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in allowed.items())
-      )
+  align_processes('bond_jax_config_read')
+  if jax.process_index() != 0:
+    return
+  if allowed:
+    record = {
+      'time': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+      'resumed_from_checkpoint': resume_step,
+      'changes': {k: {'old': a, 'new': b} for k, (a, b) in allowed.items()},
+    }
+    with open(workdir / 'config_changes.jsonl', 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    log(
+      'config changed since the last run (recorded in config_changes.jsonl): '
+      + ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in allowed.items())
+    )
   path.write_text(c.to_json_best_effort(indent=2))
+
+
+# ---------------------------------------------------------------------------
+# pi_ref of a Hugging Face run: reloaded, not saved.
+
+REFERENCE = 'reference'  # checkpoint metadata: reference_record of the run
+REFERENCE_FILES = ('config.json', '*.safetensors', '*.safetensors.index.json')
+
+
+def reference_record(c: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """{'path', 'sha256', 'files': {name: sha256}} of the files pi_ref is loaded from on a
+  Hugging Face run (model.hf_checkpoint); None on the embedded task, whose pi_ref is
+  trained in-process and saved in each checkpoint."""
+  if c.task.name != 'hf':
+    return None
+  path = c.model.hf_checkpoint
+  try:
+    files = checkpoint.file_digests(path, REFERENCE_FILES)
+  except OSError as e:
+    raise ConfigError(
+      f'config.model.hf_checkpoint={path!r}: cannot read its files to checksum pi_ref '
+      f'({_first_line(e)}).'
+    ) from e
+  return {'path': str(path), 'sha256': checkpoint.combined_digest(files), 'files': files}
+
+
+def _files_changed(saved: dict[str, str], now: dict[str, str]) -> str:
+  """'model.safetensors differs, x added' (at most three named)."""
+  names = sorted(n for n in saved.keys() | now.keys() if saved.get(n) != now.get(n))
+  what = [
+    f'{n} {"added" if n not in saved else "removed" if n not in now else "differs"}'
+    for n in names[:3]
+  ]
+  return ', '.join(what) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+
+
+def reference_reloader(
+  c: ml_collections.ConfigDict, setup: run_setup.RunSetup
+) -> checkpoint.Reload:
+  """What `checkpoint.Checkpoints` calls for a checkpoint that left pi_ref (ref_params) out:
+  reload it from model.hf_checkpoint onto the target's shardings, once its files are
+  checked against the checksum the checkpoint recorded; ConfigError when they changed.
+  Loaded once and shared by every checkpoint it is asked for (all hold the same pi_ref)."""
+  loaded: dict[str, PyTree] = {}
+  now: list[dict[str, Any]] = []
+
+  def reload(field: str, metadata: dict[str, Any], abstract: PyTree) -> PyTree:
+    saved = metadata.get(REFERENCE)
+    if field != 'ref_params' or not saved:
+      raise ValueError(f'cannot reload {field!r} (recorded: {sorted(metadata)})')
+    if not now:
+      now.append(reference_record(c))
+    if now[0]['sha256'] != saved['sha256']:
+      raise ConfigError(
+        f'config.model.hf_checkpoint={c.model.hf_checkpoint!r} changed since the checkpoint '
+        f'was saved ({_files_changed(saved.get("files", {}), now[0]["files"])}; sha256 '
+        f'{now[0]["sha256"][:12]}..., recorded {saved["sha256"][:12]}...): pi_ref is reloaded '
+        'from it on resume; restore the files the run started from, or use a new --workdir.'
+      )
+    if saved['sha256'] not in loaded:
+      shardings = jax.tree.map(lambda x: x.sharding, abstract)
+      loaded[saved['sha256']] = setup.reference(shardings)
+    return loaded[saved['sha256']]
+
+  return reload
 
 
 def _reward_source(c: ml_collections.ConfigDict) -> str:

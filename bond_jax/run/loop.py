@@ -5,6 +5,16 @@ restores the latest usable checkpoint (policy, anchor, reference, optimizer, ste
 plus the prompt stream's position, saved as that checkpoint's metadata) and continues with
 the next step and the next unseen batch, so a resumed run reproduces an uninterrupted one.
 
+Checkpoints are written in the background while training goes on (`checkpoint.py`); the
+run waits for the last one before it returns or stops on a signal. A Hugging Face run's
+pi_ref is not in them: it is reloaded from model.hf_checkpoint, whose checksum each
+checkpoint records and a resume checks (`guards.reference_reloader`).
+
+Several processes (`jax.distributed`, see scripts/train.py) run this same loop: the mesh
+spans all their devices, each feeds its own rows of the batch (`_global`), Orbax saves and
+restores every process's shards, and only process 0 writes config.json, metrics and
+summary.json.
+
 What can go wrong, and what happens:
 
   SIGTERM / SIGINT     the current step finishes, is checkpointed, and `Preempted` is
@@ -29,6 +39,7 @@ import pathlib
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -91,17 +102,25 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
   config_lib.validate(c)  # before anything is loaded or compiled
   guards.check_max_bad_steps(c)
   workdir = guards.prepare_workdir(workdir)
-  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep)
+  ckpts = checkpoint.Checkpoints(
+    workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep, asynchronous=True
+  )
   try:
     guards.check_resume_config(workdir, c, ckpts.latest_step)
     mesh = run_setup.make_mesh(c)
     setup = run_setup.build(c, mesh)
     guards.check_reward(c, setup)
-    return _train(c, workdir, mesh, setup, ckpts)
+    ckpts.reload = guards.reference_reloader(c, setup)
+    summary = _train(c, workdir, mesh, setup, ckpts)
+    ckpts.wait()  # the last save, written while the final evaluation ran
+    return summary
   except checkpoint.CheckpointError as e:
     raise RunError(str(e)) from e
   finally:
-    ckpts.close()
+    try:
+      ckpts.close()  # waits for a save still in flight
+    except checkpoint.CheckpointError as e:  # only when another error is on its way out
+      log(f'warning: {e}')
 
 
 def _train(
@@ -124,15 +143,18 @@ def _train(
     checkpoint.with_sharding(abstract, state_sharding), move_aside=True
   )
   counters = {'skipped_steps': 0, 'bad_in_a_row': 0}
+  reference = None  # guards.reference_record of a Hugging Face run's pi_ref (not saved)
   if restored is not None:
     for step, why in restored.skipped:
       log(f'warning: skipped checkpoint step {step} ({why}); moved it to {ckpts.directory}.skipped')
     setup.prompts.restore(restored.metadata['data_position'])
     counters.update({k: restored.metadata[k] for k in counters if k in restored.metadata})
+    reference = restored.metadata.get(guards.REFERENCE)  # checked when pi_ref was reloaded
   # The first batch before pi_ref is made and the step compiled: bad data fails fast.
   first_batch = setup.prompts.next_batch()
   if restored is None:
     ref_params = setup.reference(state_sharding.ref_params)
+    reference = guards.reference_record(c)
     state = jax.jit(
       functools.partial(state_lib.init_state, setup.step_cfg.bond, tx=setup.tx),
       out_shardings=state_sharding,
@@ -141,15 +163,32 @@ def _train(
     state = restored.state
     log(f'resumed from {ckpts.directory} at step {int(state.step)}')
   sharding.assert_big_tensors_sharded(state.params, mesh)
+  if reference is not None:
+    log(f'pi_ref is not saved in checkpoints: reloaded from {reference["path"]} on resume')
 
   step_fn = run_setup.jit_train_step(setup, state_sharding, batch_sharding)
   start = int(state.step)
-  if start < c.train.num_steps:
+  if start < c.train.num_steps and jax.process_index() == 0:
     (workdir / 'summary.json').unlink(missing_ok=True)  # written again at the end
   writer = metrics.MetricWriter(
     workdir, c.train.num_steps, start, c.log.tensorboard, c.log.progress
   )
-  position = lambda: {'data_position': setup.prompts.state(), **counters}
+  extra = {guards.REFERENCE: reference} if reference is not None else {}
+  leave_out = ('ref_params',) if reference is not None else ()
+
+  def save(step: int, force: bool = False) -> None:
+    meta = {'data_position': setup.prompts.state(), **counters, **extra}
+    ckpts.save(step, state, force=force, metadata=meta, leave_out=leave_out)
+
+  if start < c.train.num_steps:
+    # Compiled before the first step, and every process waits for the others, so that
+    # they start it together (one may load the step from a compilation cache while another
+    # compiles it).
+    t0 = time.time()
+    prompt, valid = _global(batch_sharding, c.train.batch_size, *first_batch)
+    step_fn = step_fn.lower(state, prompt, valid, setup.reward_params).compile()
+    log(f'train step compiled in {time.time() - t0:.0f}s')
+    guards.align_processes('bond_jax_first_step')
   t_last = time.time()
   with _StopSignals() as stop:
     try:
@@ -174,9 +213,9 @@ def _train(
             f'warning: step {step + 1} skipped ({", ".join(bad)}): parameters unchanged '
             f'({counters["bad_in_a_row"]} in a row of at most {c.train.max_bad_steps})'
           )
-        ckpts.save(step + 1, state, metadata=position())
+        save(step + 1)
         if stop.signum is not None or ckpts.preempted(step + 1):
-          _preempted(ckpts, state, position(), stop.signum or signal.SIGTERM)
+          _preempted(ckpts, save, step + 1, stop.signum or signal.SIGTERM)
         if counters['bad_in_a_row'] >= c.train.max_bad_steps:
           n = counters['bad_in_a_row']
           steps = f'steps {step + 2 - n}-{step + 1} ({n} in a row)' if n > 1 else f'step {step + 1}'
@@ -187,17 +226,17 @@ def _train(
           )
     finally:
       writer.close()
-    ckpts.save(int(state.step), state, force=True, metadata=position())
+    save(int(state.step), force=True)
     if stop.signum is not None:  # arrived during the last step's save
-      _preempted(ckpts, state, position(), stop.signum)
+      _preempted(ckpts, save, int(state.step), stop.signum)
   return evaluate_state(c, setup, state, workdir)
 
 
 def _preempted(
-  ckpts: checkpoint.Checkpoints, state: state_lib.TrainState, meta: dict[str, Any], signum: int
+  ckpts: checkpoint.Checkpoints, save: Callable[..., None], step: int, signum: int
 ) -> None:
-  step = int(state.step)
-  ckpts.save(step, state, force=True, metadata=meta)
+  save(step, force=True)
+  ckpts.wait()  # on disk, with its manifest, before the process goes
   raise Preempted(
     f'stopped by {signal.Signals(signum).name} after step {step}, which is saved in '
     f'{ckpts.directory}: rerun the same command to resume.',
@@ -211,16 +250,20 @@ def evaluate_state(
   state: state_lib.TrainState,
   workdir: pathlib.Path,
 ) -> dict[str, Any]:
-  """The run's last phase: the table of `state`'s policy, printed and in summary.json."""
-  return evaluation.summary(c, setup, state, workdir)
+  """The run's last phase: the table of `state`'s policy, printed and in summary.json.
+  Every process computes it (the sampling is sharded over all devices); process 0 alone
+  prints it and writes summary.json."""
+  if jax.process_index() == 0:
+    return evaluation.summary(c, setup, state, workdir)
+  result = evaluation.table(c, setup, state.params, state.ref_params)  # what summary computes
+  return {**result, 'step': int(state.step)}
 
 
 def export_policy(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
-  """The latest checkpoint's policy as a Hugging Face checkpoint directory."""
+  """The latest checkpoint's policy as a Hugging Face checkpoint directory (gathered to the
+  host one tensor at a time; written by process 0)."""
   c, setup, state = load_workdir(workdir)
   tokenizer_dir = None
   if c.task.name == 'hf':
     tokenizer_dir = config_lib.tokenizer_path(c)
-  return pathlib.Path(
-    hf.export_hf(setup.cfg, jax.device_get(state.params), out_dir, tokenizer_dir=tokenizer_dir)
-  )
+  return pathlib.Path(hf.export_hf(setup.cfg, state.params, out_dir, tokenizer_dir=tokenizer_dir))

@@ -6,6 +6,9 @@ The logs follow the state: a writer that starts at step s (a resumed run) first 
 step that was logged, lost in a crash and trained again appears once. Non-finite values
 (a skipped step: see `step.nonfinite_flags`) are written as null and left out of
 TensorBoard; stopping on them is the loop's decision (`train.max_bad_steps`).
+
+On several processes only process 0 writes (the metrics are the same on every process:
+they are computed from global arrays); the others' writers do nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import pathlib
 from typing import Any
 
+import jax
 import tqdm
 
 # Shown in the progress bar (the rest goes to the files).
@@ -52,10 +56,12 @@ class MetricWriter:
     tensorboard: bool = True,
     progress: bool = True,
   ):
+    self._jsonl = self._tb = self._bar = None
+    if jax.process_index() != 0:
+      return
     workdir = pathlib.Path(workdir)
     cut_jsonl(workdir / 'metrics.jsonl', initial_step)
     self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115 (closed in close())
-    self._tb = None
     if tensorboard:
       # tensorboardX imports torch (seconds): only when TensorBoard is on.
       from tensorboardX import SummaryWriter
@@ -76,6 +82,8 @@ class MetricWriter:
     )
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if self._jsonl is None:
+      return
     scalars = {k: float(v) for k, v in scalars.items()}
     row = {k: _finite_or_none(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'step': step, **row}) + '\n')
@@ -90,7 +98,6 @@ class MetricWriter:
     self._bar.update(1)
 
   def close(self) -> None:
-    self._bar.close()
-    self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+    for part in (self._bar, self._jsonl, self._tb):
+      if part is not None:
+        part.close()

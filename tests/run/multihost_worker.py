@@ -1,0 +1,60 @@
+"""One process of tests/run/test_multihost.py's runs: scripts/train.py as it is, with every
+path the process opens for writing, renames to or removes recorded by an audit hook and
+written to RECORD (a JSON list) when it exits.
+
+  python tests/run/multihost_worker.py RECORD [scripts/train.py flags ...]
+
+With MULTIHOST_WORKER_NO_EVALUATION=1 the run ends after its last checkpoint, without the
+final evaluation (as if it crashed there; a resumed run evaluates).
+
+Not collected by pytest (the name does not start with test_).
+"""
+
+import atexit
+import json
+import os
+import pathlib
+import runpy
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+_WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _path(p) -> str | None:
+  if isinstance(p, str | bytes | os.PathLike):
+    return os.path.abspath(os.fsdecode(p))
+  return None  # a file descriptor
+
+
+def main() -> None:
+  record, argv = pathlib.Path(sys.argv[1]), sys.argv[2:]
+  touched: set[str] = set()
+
+  def hook(event: str, args: tuple) -> None:
+    if event == 'open':
+      path, mode, flags = args
+      writes = (isinstance(mode, str) and any(ch in mode for ch in 'wax+')) or (
+        isinstance(flags, int) and flags & _WRITES
+      )
+      if writes and (p := _path(path)):
+        touched.add(p)
+    elif event in ('os.rename', 'os.remove') and (
+      p := _path(args[1 if event == 'os.rename' else 0])
+    ):
+      touched.add(p)
+
+  sys.addaudithook(hook)
+  if os.environ.get('MULTIHOST_WORKER_NO_EVALUATION') == '1':
+    sys.path.insert(0, str(ROOT))
+    from bond_jax.run import loop
+
+    loop.evaluate_state = lambda *args: {}
+  atexit.register(lambda: record.write_text(json.dumps(sorted(touched))))
+  script = ROOT / 'scripts' / 'train.py'
+  sys.argv = [str(script), *argv]
+  runpy.run_path(str(script), run_name='__main__')
+
+
+if __name__ == '__main__':
+  main()
