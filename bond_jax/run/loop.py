@@ -156,7 +156,9 @@ def _train(
     ref_params = setup.reference(state_sharding.ref_params)
     reference = guards.reference_record(c)
     state = jax.jit(
-      functools.partial(state_lib.init_state, setup.step_cfg.bond, tx=setup.tx),
+      functools.partial(
+        state_lib.init_state, setup.step_cfg.bond, tx=setup.tx, ref_dtype=setup.ref_dtype
+      ),
       out_shardings=state_sharding,
     )(ref_params, ref_params, rng=run_setup.stream_key(c.seed, run_setup.STATE_STREAM))
   else:
