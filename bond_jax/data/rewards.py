@@ -158,7 +158,7 @@ def _retokenized_reward(
     return jax.pure_callback(host_fn, shapes, *rows, vmap_method='sequential')
 
   if mesh is not None:
-    rows = P(sharding.DATA)
+    rows = P(sharding.BATCH_AXES)
     callback = jax.shard_map(
       callback, mesh=mesh, in_specs=(rows,) * 4, out_specs=(rows, rows), check_vma=False
     )

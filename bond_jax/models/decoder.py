@@ -42,6 +42,7 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from bond_jax.models import sharding
 from bond_jax.types import PyTree
 
 Cache = list[dict[str, jax.Array]]
@@ -389,16 +390,21 @@ class Decoder(nn.Module):
   ) -> tuple[jax.Array, Cache | None]:
     """Final-normed hidden states [B, T, D] and the updated cache."""
     cfg = self.cfg
-    x_BxTxD = self.embedder(tokens_BxT)
+    # The lookup as nn.Embed does it, from the table gathered over 'fsdp' (else XLA moves
+    # the looked-up activations instead); activations stay split over the batch axes.
+    table_VxD = sharding.gather_fsdp(self.embedder.embedding, 'embedder/embedding')
+    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(cfg.jnp_dtype)
     if cfg.scale_embeddings:
       # sqrt(D) rounded through the weights' dtype, as transformers does (in bf16,
       # sqrt(3072) = 55.4256 becomes 55.5), then through the activation dtype.
       scale = jnp.asarray(cfg.embed_dim**0.5, cfg.jnp_param_dtype).astype(cfg.jnp_dtype)
       x_BxTxD = x_BxTxD * scale
+    x_BxTxD = sharding.constrain_batch(x_BxTxD)
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.blocks):
       layer_cache = cache[i] if cache is not None else None
       x_BxTxD, c = block(x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index)
+      x_BxTxD = sharding.constrain_batch(x_BxTxD)
       if new_cache is not None:
         new_cache.append(c)
     return self.final_norm(x_BxTxD), new_cache

@@ -200,8 +200,10 @@ def jit_train_step(
 ) -> Callable[..., Any]:
   """The train step as the loop runs it (and as the memory planner compiles it): state
   sharded by the rules and donated, prompts split over the batch axes, reward parameters
-  where they were placed. Call as step(state, prompt_BxP, valid_BxP, reward_params)."""
-  return jax.jit(
+  where they were placed. Call as step(state, prompt_BxP, valid_BxP, reward_params).
+  Traced under `jax.set_mesh`, so the layouts the model states (`sharding.constrain_batch`,
+  `sharding.gather_fsdp`) hold."""
+  jitted = jax.jit(
     functools.partial(
       step_lib.train_step, cfg=setup.step_cfg, tx=setup.tx, schedule=setup.schedule
     ),
@@ -209,6 +211,23 @@ def jit_train_step(
     out_shardings=(state_sharding, None),
     donate_argnames='state',
   )
+  return OnMesh(jitted, batch_sharding.mesh)
+
+
+class OnMesh:
+  """A jitted function called and lowered under `jax.set_mesh(mesh)` (only those: eager
+  arrays made outside it stay on their default device)."""
+
+  def __init__(self, jitted: Any, mesh: jax.sharding.Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args: Any, **kwargs: Any) -> Any:
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
 
 
 def abstract_state(setup: RunSetup) -> state_lib.TrainState:
