@@ -69,10 +69,15 @@ def test_lean_step_equals_the_plain_step(tiny_cfg, tiny_params, copy_task):
   for m_p, m_l in zip(metrics_p, metrics_l, strict=True):
     assert float(m_p['generated_tokens']) == float(m_l['generated_tokens'])
     np.testing.assert_allclose(m_l['reward_policy'], m_p['reward_policy'], rtol=0, atol=0)
-    np.testing.assert_allclose(m_l['loss'], m_p['loss'], rtol=1e-5, atol=1e-6)
+    # The loss is a difference of terms ~40x its size: float32 rounding of the terms.
+    scale = sum(abs(float(m_p[k])) for k in ('loss_fwd', 'loss_bwd', 'loss_reg'))
+    for k in ('loss', 'loss_fwd', 'loss_bwd', 'loss_reg'):
+      np.testing.assert_allclose(m_l[k], m_p[k], rtol=0, atol=1e-5 * scale)
   # ... and the same update, to float32 rounding, after two steps: in every tensor the
-  # two runs' parameters differ by at most 1e-5 of the largest change the plain run made
-  # (plus two units in the last place of the value itself).
+  # two runs' parameters differ by at most 1e-4 of the largest change the plain run made
+  # (plus two units in the last place of the value itself). One step's gradients differ by
+  # ~2e-6 of their largest entry (summation order); a wrong micro-batch weighting or a
+  # missing row would differ by the order of the change itself.
   start = jax.tree.map(np.asarray, _two_steps.start)
   for name in ('params', 'anchor_params'):
     for lean_x, plain_x, start_x in zip(
@@ -83,7 +88,7 @@ def test_lean_step_equals_the_plain_step(tiny_cfg, tiny_params, copy_task):
       change = float(np.abs(np.asarray(plain_x) - start_x).max())
       assert change > 0, name  # every tensor moved: the comparison is not vacuous
       plain_x, lean_x = np.asarray(plain_x), np.asarray(lean_x)
-      bound = 1e-5 * change + 2 * np.spacing(np.abs(plain_x))
+      bound = 1e-4 * change + 2 * np.spacing(np.abs(plain_x))
       assert np.all(np.abs(lean_x - plain_x) <= bound), name
 
 
