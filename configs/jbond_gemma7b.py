@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
   """jbond_gemma2b.py with the fields below changed; every other field (and its comment) is there."""
   c = config_lib.load_config_file(pathlib.Path(__file__).with_name('jbond_gemma2b.py'))
   c.model.preset = 'gemma_7b'  # architecture: the shapes without a checkpoint; the checkpoint's config.json must agree (checked at start-up)
+  c.train.micro_batch_size = 4  # rows per log-prob pass and gradient micro-batch (7B activations are larger; see the README's planner table)
+  c.sampling.micro_batch_size = 16  # prompts sampled and scored at a time
   c.mesh.data = 1  # devices the batch is split over, parameters replicated (data parallel)
   c.mesh.fsdp = -1  # devices the batch and every large parameter are split over (FSDP); -1: all remaining devices
   c.mesh.model = 1  # devices each parameter is split over (tensor parallel)
