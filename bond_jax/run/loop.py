@@ -47,7 +47,7 @@ import ml_collections
 
 from bond_jax.algo import state as state_lib
 from bond_jax.models import hf, sharding
-from bond_jax.run import checkpoint, evaluation, guards, metrics
+from bond_jax.run import checkpoint, evaluation, guards, memory_plan, metrics
 from bond_jax.run import config as config_lib
 from bond_jax.run import setup as run_setup
 from bond_jax.run.evaluation import load_workdir
@@ -55,6 +55,18 @@ from bond_jax.run.guards import Preempted, RunError
 from bond_jax.run.setup import log
 
 _NONFINITE_FLAGS = ('nonfinite_rewards', 'nonfinite_logprobs', 'nonfinite_loss', 'nonfinite_grads')
+
+
+def _by_width(compiled: Any, shape: tuple[int, ...], jitted: Any) -> Any:
+  """The step compiled ahead of time for the first batch's prompt shape; a batch padded to
+  another width (`data.prompt_bucket`) goes through the jitted step, compiled once per
+  width."""
+
+  def step(state: Any, prompt: jax.Array, valid: jax.Array, reward_params: Any) -> Any:
+    fn = compiled if prompt.shape == shape else jitted
+    return fn(state, prompt, valid, reward_params)
+
+  return step
 
 
 def _global(
@@ -186,9 +198,15 @@ def _train(
     # Compiled before the first step, and every process waits for the others, so that
     # they start it together (one may load the step from a compilation cache while another
     # compiles it).
+    # On a TPU or GPU it is also checked against the devices' memory (`memory_plan`): a step
+    # that will not fit stops here with the planner command, not at its first allocation.
     t0 = time.time()
     prompt, valid = _global(batch_sharding, c.train.batch_size, *first_batch)
-    step_fn = step_fn.lower(state, prompt, valid, setup.reward_params).compile()
+    if jax.devices()[0].platform in ('tpu', 'gpu'):
+      compiled = memory_plan.fit_or_stop(step_fn, state, prompt, valid, setup.reward_params)
+    else:
+      compiled = step_fn.lower(state, prompt, valid, setup.reward_params).compile()
+    step_fn = _by_width(compiled, prompt.shape, step_fn)
     log(f'train step compiled in {time.time() - t0:.0f}s')
     guards.align_processes('bond_jax_first_step')
   t_last = time.time()
