@@ -29,6 +29,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bond_jax.run import config as config_lib  # noqa: E402
+from bond_jax.run import guards  # noqa: E402
 from bond_jax.run import loop as trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -78,56 +79,25 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'error: {message or str(e).strip().splitlines()[0]}')
 
 
-def _cluster_in_environment() -> str | None:
-  """What in the environment says this is one of several processes, or None."""
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    return 'JAX_COORDINATOR_ADDRESS'
-  slurm = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID')
-  if all(v in os.environ for v in slurm) and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-    return 'SLURM_NTASKS'
-  if 'OMPI_MCA_orte_hnp_uri' in os.environ and int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
-    return 'OMPI_COMM_WORLD_SIZE'
-  return None
-
-
 def _start_processes() -> None:
   """`jax.distributed.initialize` when flags or the environment ask for several processes
   (before anything starts JAX's backend); then only process 0 prints to stdout."""
-  explicit = {
-    'coordinator_address': _COORDINATOR.value,
-    'num_processes': _NUM_PROCESSES.value,
-    'process_id': _PROCESS_ID.value,
-  }
-  given = {k: v for k, v in explicit.items() if v is not None}
-  if given and len(given) < 3 and not _DISTRIBUTED.value:
-    missing = ', '.join(f'--{k}' for k in explicit if k not in given)
-    sys.exit(
-      f'error: {", ".join(f"--{k}" for k in given)} without {missing}: give all three, or add '
-      '--distributed to let JAX detect the rest (TPU pod slice, SLURM, Open MPI).'
-    )
-  n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
-  if n is not None and (n < 1 or (i is not None and not 0 <= i < n)):
-    sys.exit(f'error: --process_id={i} --num_processes={n}: need 0 <= process_id < num_processes.')
-  why = '--distributed' if _DISTRIBUTED.value else ('flags' if given else _cluster_in_environment())
-  if why is None:
-    return
-  import jax  # noqa: PLC0415 (after flag parsing: nothing may start the backend before this)
+  if guards.start_processes(
+    _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, detect=_DISTRIBUTED.value
+  ):
+    import jax  # noqa: PLC0415
 
-  try:
-    jax.distributed.initialize(**given)
-  except Exception as e:  # noqa: BLE001 (a wrong address, a missing peer: one line)
-    text = str(e).strip().splitlines()
-    sys.exit(
-      f'error: jax.distributed.initialize ({why}) failed: {text[0] if text else type(e).__name__}'
-    )
-  if jax.process_index() != 0:  # process 0 speaks for the run; errors still go to stderr
-    sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 (for the life of the process)
+    if jax.process_index() != 0:  # process 0 speaks for the run; errors still go to stderr
+      sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 (for the life of the process)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  _start_processes()
+  try:
+    _start_processes()
+  except (config_lib.ConfigError, trainer.RunError) as e:
+    sys.exit(f'error: {e}')
   try:
     config = _CONFIG.value
     config.keys()  # a config file that failed to load raises on first use

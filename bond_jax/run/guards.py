@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost as orbax_multihost
 
 from bond_jax.run import checkpoint
+from bond_jax.run import config as config_lib
 from bond_jax.run import setup as run_setup
 from bond_jax.run.setup import log
 from bond_jax.types import ConfigError, PyTree
@@ -108,16 +109,70 @@ def config_changes(
   previous: dict[str, Any], current: dict[str, Any]
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
   """(allowed, refused) differences between two configs as JSON, {field: (old, new)};
-  a field one of them lacks shows as '<absent>'."""
+  a field one of them lacks reads as its default when it has one (a config written before
+  the field existed: `config.MEMORY_DEFAULTS`), else as '<absent>'."""
   old, new = _flatten(previous), _flatten(current)
+  defaults = config_lib.MEMORY_DEFAULTS
   allowed, refused = {}, {}
   for field in sorted(old.keys() | new.keys()):
-    a, b = old.get(field, '<absent>'), new.get(field, '<absent>')
+    a = old.get(field, defaults.get(field, '<absent>'))
+    b = new.get(field, defaults.get(field, '<absent>'))
     if a == b:
       continue
     ok = any(field == f or (f.endswith('.') and field.startswith(f)) for f in RESUMABLE_CHANGES)
     (allowed if ok else refused)[field] = (a, b)
   return allowed, refused
+
+
+def _cluster_in_environment() -> str | None:
+  """What in the environment says this is one of several processes, or None."""
+  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    return 'JAX_COORDINATOR_ADDRESS'
+  slurm = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID')
+  if all(v in os.environ for v in slurm) and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    return 'SLURM_NTASKS'
+  if 'OMPI_MCA_orte_hnp_uri' in os.environ and int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'OMPI_COMM_WORLD_SIZE'
+  return None
+
+
+def start_processes(
+  coordinator_address: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  detect: bool = False,
+) -> bool:
+  """Join the other processes of a multi-process run (`jax.distributed.initialize`) when
+  the three flags --coordinator_address, --num_processes, --process_id are given, when
+  `detect` (--distributed: JAX detects them on a TPU pod slice, SLURM or Open MPI), or
+  when the environment says so (JAX_COORDINATOR_ADDRESS; SLURM or Open MPI with several
+  tasks). Call before anything starts JAX's backend. True when it joined; ConfigError for
+  inconsistent flags, RunError when joining fails."""
+  explicit = {
+    'coordinator_address': coordinator_address,
+    'num_processes': num_processes,
+    'process_id': process_id,
+  }
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if given and len(given) < 3 and not detect:
+    missing = ', '.join(f'--{k}' for k in explicit if k not in given)
+    raise ConfigError(
+      f'{", ".join(f"--{k}" for k in given)} without {missing}: give all three, or add '
+      '--distributed to let JAX detect the rest (TPU pod slice, SLURM, Open MPI).'
+    )
+  n, i = num_processes, process_id
+  if n is not None and (n < 1 or (i is not None and not 0 <= i < n)):
+    raise ConfigError(
+      f'--process_id={i} --num_processes={n}: need 0 <= process_id < num_processes.'
+    )
+  why = '--distributed' if detect else ('flags' if given else _cluster_in_environment())
+  if why is None:
+    return False
+  try:
+    jax.distributed.initialize(**given)
+  except Exception as e:  # noqa: BLE001 (a wrong address, a missing peer: one line)
+    raise RunError(f'jax.distributed.initialize ({why}) failed: {_first_line(e)}') from e
+  return True
 
 
 def align_processes(name: str) -> None:

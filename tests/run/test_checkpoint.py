@@ -7,7 +7,7 @@
 - A fixed anchor or REINFORCE writes no anchor tree.
 - A Hugging Face run's pi_ref is not written: the checkpoint records the SHA-256 of its
   files, a restore reloads it from them, and a changed file stops the restore with one line
-  naming model.hf_checkpoint.
+  naming model.hf_checkpoint (Checkpoints and guards alone, then through the loop).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ from bond_jax.algo import state as state_lib
 from bond_jax.models import hf
 from bond_jax.run import checkpoint, guards
 from bond_jax.run import config as config_lib
+from bond_jax.run import loop as trainer
 from bond_jax.types import ConfigError
+from tests import hf_fixtures
+from tests.run.test_e2e_hf import _config as e2e_config
 from tests.run.test_loop import micro_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -310,3 +313,51 @@ def test_dataclass_states_keep_their_type_through_leave_out(tmp_path):
   ckpts.close()
   assert isinstance(state, S) and meta[checkpoint.LEFT_OUT] == ['b']
   assert state.a.tolist() == [1.0] * 3 and state.b.tolist() == [7.0, 7.0]
+
+
+def test_a_hugging_face_run_resumes_with_pi_ref_reloaded_from_its_files(
+  tmp_path, monkeypatch, capsys
+):
+  """Through the loop: a checkpoint without pi_ref, a resume that reloads it, and one that
+  stops because its files changed. The resume has no step left to train and the final
+  evaluation is left out (one compiled step in all)."""
+  tok = hf_fixtures.make_tokenizer_dir(tmp_path / 'tokenizer')
+  artefacts = {
+    'policy': str(hf_fixtures.make_policy_dir(tmp_path / 'policy', tok)),
+    'reward': str(hf_fixtures.make_reward_dir(tmp_path / 'reward', tok)),
+    'jsonl': str(hf_fixtures.write_jsonl(tmp_path / 'prompts.jsonl', ['a b', 'c d', 'e f'])),
+  }
+  monkeypatch.setattr(trainer, 'evaluate_state', lambda c, setup, state, workdir: {})
+  c = e2e_config(artefacts, 'jsonl')
+  c.train.num_steps = 1
+  workdir = tmp_path / 'run'
+
+  trainer.run(c, workdir)
+  trainer.run(c, workdir)
+  out = capsys.readouterr().out
+  assert f'resumed from {workdir / "checkpoints"} at step 1' in out
+  assert out.count(f'loading pi_ref from {artefacts["policy"]}') == 2  # trained, then resumed
+  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', 1, 2, read_only=True)
+  assert ckpts.steps == [1]
+  record = ckpts._ckpt.metadata(1).custom_metadata[guards.REFERENCE]
+  stored = _on_disk(ckpts, 1)
+  ckpts.close()
+  assert record == guards.reference_record(c)
+  assert 'ref_params' not in stored and {'params', 'anchor_params', 'opt_state'} <= stored
+
+  weights = pathlib.Path(artefacts['policy']) / 'model.safetensors'
+  raw = bytearray(weights.read_bytes())
+  raw[-5] ^= 0xFF
+  weights.write_bytes(bytes(raw))
+  with pytest.raises(ConfigError, match=r'^config\.model\.hf_checkpoint=.* changed since'):
+    trainer.run(c, workdir)
+
+
+def test_a_config_from_before_the_memory_knobs_resumes_under_their_defaults():
+  now = micro_config(4).to_dict()
+  before = {k: {f: v for f, v in sec.items() if f'{k}.{f}' not in config_lib.MEMORY_DEFAULTS}
+            if isinstance(sec, dict) else sec for k, sec in now.items()}  # fmt: skip
+  assert before != now  # the micro config has the knobs
+  assert guards.config_changes(before, now) == ({}, {})
+  now['optim']['mu_dtype'] = 'bfloat16'  # not the default: a change, and not a safe one
+  assert guards.config_changes(before, now) == ({}, {'optim.mu_dtype': ('', 'bfloat16')})

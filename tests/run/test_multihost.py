@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 
 from bond_jax.run import config as config_lib
+from bond_jax.run import guards
 from bond_jax.run import loop as trainer
+from bond_jax.types import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT = 400  # seconds for each launch
@@ -186,3 +188,17 @@ def test_only_process_0_writes_the_run_files_and_log(runs):
     assert any(p.is_relative_to(two / 'checkpoints') for p in written[1]), launch
     out = [(base / f'{launch}{i}.out').read_text() for i in range(2)]
     assert '[bond_jax]' in out[0] and '[bond_jax]' not in out[1], launch
+
+
+def test_process_flags_must_come_together(monkeypatch):
+  for var in ('JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'OMPI_MCA_orte_hnp_uri'):
+    monkeypatch.delenv(var, raising=False)
+  assert guards.start_processes(None, None, None) is False  # one process: nothing to join
+  with pytest.raises(
+    ConfigError,
+    match=r'^--num_processes without --coordinator_address, --process_id: give all three, or '
+    r'add --distributed',
+  ):
+    guards.start_processes(None, 2, None)
+  with pytest.raises(ConfigError, match=r'^--process_id=2 --num_processes=2: need 0 <= '):
+    guards.start_processes('localhost:1234', 2, 2)
