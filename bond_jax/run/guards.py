@@ -280,7 +280,9 @@ def reference_reloader(
       )
     if saved['sha256'] not in loaded:
       shardings = jax.tree.map(lambda x: x.sharding, abstract)
-      loaded[saved['sha256']] = setup.reference(shardings)
+      # In the dtype the state keeps it in (model.reference_dtype), as when the run began.
+      cast = lambda x, want: x.astype(want.dtype)
+      loaded[saved['sha256']] = jax.tree.map(cast, setup.reference(shardings), abstract)
     return loaded[saved['sha256']]
 
   return reload
