@@ -23,13 +23,16 @@ beta = 0.5, eta = 0.02 (Fig. 5, 7; Fig. 6 sweeps eta in {0.01, 0.05, 0.1} and
 gamma in {0, 0.5, 1, 2}), n = 2 anchor samples. Override e.g.
 --config.bond.eta=0.05 --config.bond.gamma=1.0.
 
-Hardware (sized, not yet run at this scale): one host with 8 x H100 80 GB, mesh
-data=2 x model=4. Float32 master weights (Adam steps of 3e-6 vanish in bfloat16)
-for policy, anchor, pi_ref and two Adam moments are ~50 GB, i.e. ~12 GB per
-device when sharded 4 ways, plus the bfloat16 reward model and the [rows, G,
-256k] logits of the log-prob passes (vocab-sharded). Each step samples 1 policy
-and 2 anchor responses of up to 256 tokens per prompt (384 generations) and
-scores them: expect tens of seconds per step.
+Hardware (planned, not yet run at this scale): TPU v5e-8 (16 GiB per chip), FSDP over all
+8 chips (mesh.fsdp=-1), or 8 x H100 80 GB the same way. Float32 master weights for policy
+and anchor (Adam steps of 3e-6, and EMA steps, vanish in bfloat16), pi_ref and the reward
+model in bfloat16, Adam's first moment in bfloat16; blocks rematerialised; sampling in
+micro-batches of 32 prompts, log-probs and gradients in micro-batches of 16 rows, logits 64
+positions at a time. `python scripts/memory_plan.py --config=configs/jbond_gemma2b.py
+--target=v5e:2x4` (TPU compiler, on a CPU machine): 10.92 GiB per chip of 16 (measured with
+pi_ref still float32; README "Running at scale"). One 80 GB GPU is not yet shown to fit
+(the CPU compiler's plan: 105 GiB). Each step samples 1 policy and 2 anchor responses of up
+to 256 tokens per prompt (384 generations) and scores them: expect tens of seconds per step.
 
 Expected result (the paper's Fig. 6-7 shapes; its reward model is private, so no
 absolute numbers): the policy's average reward rises steadily over training

@@ -24,14 +24,12 @@ Fig. 5 ablation is --config.bond.anchor=periodic --config.bond.anchor_period=50;
 the Fig. 7 baseline is --config.bond.algorithm=reinforce
 --config.bond.beta_rl=0.01 (swept over 0.001..1).
 
-Hardware (sized, not yet run at this scale): one host with 8 x H100 80 GB, mesh
-data=1 x model=8. Float32 master weights (Adam steps of 3e-6 vanish in bfloat16)
-for policy, anchor, pi_ref and two Adam moments are ~170 GB, ~21 GB per device
-sharded 8 ways, plus the bfloat16 reward model, the KV caches of 256 anchor
-generations (Gemma 7B has 16 KV heads: ~0.45 MB per token in bfloat16) and the
-vocab-sharded logits of the log-prob passes. If it does not fit, lower
-sampling.max_new_tokens or use 16 devices (mesh.data=2). Expect about a minute
-per step.
+Hardware (planned, not yet run at this scale): 8 x H100 80 GB with FSDP over all of them
+(mesh.fsdp=-1): `python scripts/memory_plan.py --config=configs/jbond_gemma7b.py
+--target=gpu:8` gives 48.4 GiB per GPU (CPU compiler, an overestimate); or TPU v5e-32:
+13.20 GiB per chip of 16 (TPU compiler; v5e-16 needs 17.43 GiB and does not fit). The
+memory knobs are jbond_gemma2b.py's, with micro-batches of 4 rows and 16 prompts. Expect
+about a minute per step.
 
 Expected result (the paper's Fig. 5 and 7 shapes; its reward model is private,
 so no absolute numbers): the policy's average reward rises steadily while
