@@ -203,6 +203,7 @@ MEMORY_DEFAULTS = {
   'optim.mu_dtype': '',  # '': the parameters' dtype
   'sampling.micro_batch_size': 0,
   'sampling.decode_dtype': '',  # '': the weights' own dtype
+  'data.prompt_bucket': 0,  # 0: pad every batch to data.max_prompt_len
   'train.micro_batch_size': 0,
   'train.logprob_chunk': 0,
 }

@@ -20,7 +20,7 @@ import ml_collections
 from bond_jax.algo.state import TrainState
 from bond_jax.eval import bon_table
 from bond_jax.models import sharding
-from bond_jax.run import checkpoint
+from bond_jax.run import checkpoint, guards
 from bond_jax.run import config as config_lib
 from bond_jax.run import setup as run_setup
 from bond_jax.run.guards import RunError
@@ -120,7 +120,15 @@ def _open(workdir: pathlib.Path, c: ml_collections.ConfigDict):
   setup = run_setup.build(c, mesh)
   abstract = run_setup.abstract_state(setup)
   target = checkpoint.with_sharding(abstract, sharding.param_shardings(abstract, mesh))
-  ckpts = checkpoint.Checkpoints(workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep, read_only=True)
+  # A Hugging Face run's checkpoints leave pi_ref out: reload it from model.hf_checkpoint,
+  # checked against the checksum they recorded.
+  ckpts = checkpoint.Checkpoints(
+    workdir / 'checkpoints',
+    c.ckpt.every,
+    c.ckpt.keep,
+    read_only=True,
+    reload=guards.reference_reloader(c, setup),
+  )
   return setup, target, ckpts
 
 
