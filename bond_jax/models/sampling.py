@@ -84,6 +84,7 @@ def inverse_cdf_sample(logits_BxV: jax.Array, u_B: jax.Array, block: int = 128) 
   (Gumbel-max needs V). Two levels, so every cumulative sum is short (and so accurate): pick
   the block of `block` tokens holding the target mass, then the token within it. Tokens of
   zero mass (logits at the dtype's minimum, e.g. outside top-k) are never returned."""
+  logits_BxV = jax.lax.stop_gradient(logits_BxV)  # a draw has no gradient (as argmax)
   b, v = logits_BxV.shape
   num_blocks = -(-v // block)
   mass_BxV = jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True))
