@@ -215,6 +215,11 @@ def memory(c: ml_collections.ConfigDict, field: str):
   return c[section].get(key, MEMORY_DEFAULTS[field])
 
 
+def memory_dtype(c: ml_collections.ConfigDict, field: str) -> str | None:
+  """A dtype knob's value, None for '' (the parameters' own dtype)."""
+  return memory(c, field) or None
+
+
 def _validate_memory(c: ml_collections.ConfigDict) -> None:
   remat = memory(c, 'model.remat')
   _check(
@@ -327,7 +332,7 @@ def step_config(
     sample_micro_batch=memory(c, 'sampling.micro_batch_size'),
     micro_batch=memory(c, 'train.micro_batch_size'),
     logprob_chunk=memory(c, 'train.logprob_chunk'),
-    decode_dtype=memory(c, 'sampling.decode_dtype') or None,
+    decode_dtype=memory_dtype(c, 'sampling.decode_dtype'),
   )
 
 

@@ -239,7 +239,7 @@ def plan_setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> run_set
     tx=tx,
     schedule=schedule,
     reward_params=reward_params,
-    ref_dtype=config_lib.memory(c, 'model.reference_dtype') or None,
+    ref_dtype=config_lib.memory_dtype(c, 'model.reference_dtype'),
   )
   rest = {f.name: None for f in dataclasses.fields(run_setup.RunSetup) if f.name not in known}
   return run_setup.RunSetup(**known, **rest)

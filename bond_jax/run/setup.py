@@ -98,7 +98,7 @@ def optimizer(c: ml_collections.ConfigDict) -> tuple[optax.GradientTransformatio
     c.optim.b1,
     c.optim.b2,
     c.optim.grad_clip_norm,
-    mu_dtype=config_lib.memory(c, 'optim.mu_dtype') or None,
+    mu_dtype=config_lib.memory_dtype(c, 'optim.mu_dtype'),
   )
 
 
@@ -143,7 +143,7 @@ def _noisy_copy(c: ml_collections.ConfigDict) -> RunSetup:
     tx=tx,
     schedule=schedule,
     reward_params=None,
-    ref_dtype=config_lib.memory(c, 'model.reference_dtype') or None,
+    ref_dtype=config_lib.memory_dtype(c, 'model.reference_dtype'),
     prompts=TaskPrompts(task, stream_key(c.seed, DATA_STREAM), c.train.batch_size),
     eval_prompts=tuple(
       np.asarray(x) for x in task.prompts(stream_key(c.seed, EVAL_STREAM), c.eval.num_prompts)
@@ -182,7 +182,7 @@ def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunS
     tx=tx,
     schedule=schedule,
     reward_params=reward_params,
-    ref_dtype=config_lib.memory(c, 'model.reference_dtype') or None,
+    ref_dtype=config_lib.memory_dtype(c, 'model.reference_dtype'),
     prompts=stream,
     eval_prompts=data.eval_prompts(c.data, tok, c.eval.num_prompts),
     reference=reference,
