@@ -47,16 +47,6 @@ import tempfile
 import time
 from typing import Any
 
-# The tiny Gemma of benchmarks/sampler_vs_transformers.py (5.9 M parameters).
-SHAPE = dict(
-  vocab_size=8192,
-  num_layers=4,
-  embed_dim=256,
-  hidden_dim=1024,
-  num_heads=4,
-  num_kv_heads=1,
-  head_dim=64,
-)
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2  # Gemma's ids, shared by the exported config and the tokenizer
 LEARNING_RATE = 1e-6
 
@@ -121,8 +111,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from bond_jax.models import hf, sampling
   from bond_jax.types import parameter_free
 
-  vocab = SHAPE['vocab_size']
-  cfg = model_lib.ModelConfig(**SHAPE)
+  sys.path.insert(0, str(root / 'benchmarks'))
+  from sampler_vs_transformers import CFG as cfg  # the tiny Gemma both benchmarks time
+
+  vocab = cfg.vocab_size
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   steps = args.steps + 1  # the first step of each side compiles / warms up, untimed
   rng = np.random.default_rng(0)
