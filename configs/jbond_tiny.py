@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'
   c.model.reference_dtype = ''  # dtype pi_ref is kept in ('' = param_dtype; it is frozen, so 'bfloat16' halves it safely)
   c.model.remat = 'none'  # recompute in the backward pass: 'none' | 'block' | 'save_dots' | 'save_attn' (memory, never values)
+  c.model.scan_layers = False  # blocks as one lax.scan over stacked parameters ('layers/...'): compiles once for all layers (values unchanged); fixed for a run's life
 
   c.task = ml_collections.ConfigDict()
   c.task.name = 'noisy_copy'  # prompts: random tokens; reward: positions copied (0..prompt_len)

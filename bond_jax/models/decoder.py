@@ -18,14 +18,21 @@ an argument and goes out as a result. Every call gets
   positions_BxT  RoPE position of each token (left padding does not count)
   mask_BxTxS     which cache slots each query may attend to (causality and
                  padding already folded in; see `attention_mask`)
-  cache          per-layer {'k', 'v'} arrays of shape [B, S, K, H], or None
+  cache          per-layer {'k', 'v'} arrays of shape [B, S, K, H] (with
+                 `scan_layers`, one {'k', 'v'} of shape [L, B, S, K, H]), or None
   cache_index    the slot where this call's T tokens are written
 
 Without a cache, S == T and slots are sequence indices. Slots and positions
 differ by a per-row constant (the row's left padding), so a sliding window
 measured in slots equals one measured in positions.
 
-Shape suffixes: B batch, T query length, S key/cache length, D model width,
+With `ModelConfig.scan_layers` the blocks are one `nn.scan` over a stacked parameter tree
+('layers/...' with a leading axis of length L, the number of layers) instead of
+'layer_0' ... 'layer_{L-1}': the same function, compiled once for all layers, and XLA
+holds one layer's temporaries at a time (an unrolled stack lets the CPU compiler keep
+several layers' backward buffers alive together). `hf` loads and exports either layout.
+
+Shape suffixes: L layers, B batch, T query length, S key/cache length, D model width,
 N query heads, K key/value heads, G = N // K, H head width, F MLP width,
 V vocabulary.
 """
@@ -45,7 +52,8 @@ from jax.ad_checkpoint import checkpoint_name
 from bond_jax.models import sharding
 from bond_jax.types import PyTree
 
-Cache = list[dict[str, jax.Array]]
+# Per-layer {'k', 'v'} arrays, or (scan_layers) one dict of arrays stacked over layers.
+Cache = list[dict[str, jax.Array]] | dict[str, jax.Array]
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -99,6 +107,11 @@ class ModelConfig:
   # only each block's input and recomputes the rest; 'save_dots' also keeps the outputs of
   # the weight matmuls; 'save_attn' also keeps each attention output (named 'attn_out').
   remat: str = 'none'
+  # Run the blocks as one lax.scan over stacked parameters ('layers/...', leading axis L)
+  # rather than unrolled ('layer_i/...'): values are unchanged; compile time and the
+  # compiler's temporaries stop growing with depth. Mixed local / global layers scan too
+  # (each layer's type is an input of the scan).
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -172,6 +185,9 @@ def concat_prompt_response(
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.scan_layers:
+    stacked = (cfg.num_layers, *shape)
+    return {'k': jnp.zeros(stacked, cfg.jnp_dtype), 'v': jnp.zeros(stacked, cfg.jnp_dtype)}
   return [
     {'k': jnp.zeros(shape, cfg.jnp_dtype), 'v': jnp.zeros(shape, cfg.jnp_dtype)}
     for _ in range(cfg.num_layers)
@@ -230,6 +246,11 @@ def apply_rope(
 ) -> jax.Array:
   """Rotary embedding, half-split convention (as in Gemma and transformers)."""
   inv_freq_h = jnp.asarray(rope_inv_freq(x_BxTxNxH.shape[-1], base, scale, llama3))
+  return rotate(x_BxTxNxH, positions_BxT, inv_freq_h)
+
+
+def rotate(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq_h: jax.Array) -> jax.Array:
+  """`apply_rope` with the inverse frequencies [H/2] given (they may be traced)."""
   angles_BxTxh = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_h
   sin = jnp.sin(angles_BxTxh)[:, :, None, :]
   cos = jnp.cos(angles_BxTxh)[:, :, None, :]
@@ -248,12 +269,16 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 
 class Attention(nn.Module):
+  """`local`: whether this layer attends within `sliding_window`; None: the call's
+  `local_flag` (a traced boolean, for a scan over layers of mixed types)."""
+
   cfg: ModelConfig
-  local: bool
+  local: bool | None
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index, local_flag=None):
     cfg = self.cfg
+    local = self.local if self.local is not None else local_flag
     dense = lambda feats, name, axis=-1, bias=False: nn.DenseGeneral(
       feats,
       axis=axis,
@@ -271,12 +296,15 @@ class Attention(nn.Module):
       k_BxTxKxH = norm('k_norm')(k_BxTxKxH)
     # Gemma 3 local layers have their own unscaled base; otherwise every layer uses the
     # global base and scaling (as transformers does for Qwen2 / Llama sliding layers).
-    if self.local and cfg.rope_local_base is not None:
-      rope = (cfg.rope_local_base, 1.0, None)
-    else:
-      rope = (cfg.rope_base, cfg.rope_scale, cfg.rope_llama3)
-    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, *rope)
-    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, *rope)
+    global_rope = (cfg.rope_base, cfg.rope_scale, cfg.rope_llama3)
+    local_rope = (cfg.rope_local_base, 1.0, None) if cfg.rope_local_base is not None else None
+    inv_freq_h = rope_inv_freq(cfg.head_dim, *global_rope)
+    if local_rope is not None and isinstance(local, bool):
+      inv_freq_h = rope_inv_freq(cfg.head_dim, *(local_rope if local else global_rope))
+    elif local_rope is not None:
+      inv_freq_h = jnp.where(local, rope_inv_freq(cfg.head_dim, *local_rope), inv_freq_h)
+    q_BxTxNxH = rotate(q_BxTxNxH, positions_BxT, jnp.asarray(inv_freq_h))
+    k_BxTxKxH = rotate(k_BxTxKxH, positions_BxT, jnp.asarray(inv_freq_h))
 
     if cache is not None:
       idx = (0, cache_index, 0, 0)
@@ -286,11 +314,14 @@ class Attention(nn.Module):
     else:
       k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
 
-    if self.local:  # a query sees keys less than `sliding_window` slots back (as transformers)
+    if (
+      local is not False
+    ):  # a query sees keys less than `sliding_window` slots back (as transformers)
       t, s = mask_BxTxS.shape[-2:]
       q_slot_T = cache_index + jnp.arange(t)
       in_window_TxS = q_slot_T[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window
-      mask_BxTxS = mask_BxTxS & in_window_TxS[None]
+      windowed_BxTxS = mask_BxTxS & in_window_TxS[None]
+      mask_BxTxS = windowed_BxTxS if local is True else jnp.where(local, windowed_BxTxS, mask_BxTxS)
 
     b, t, n, h = q_BxTxNxH.shape
     k_heads = cfg.num_kv_heads
@@ -332,16 +363,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+  """One layer: (x, this layer's cache) -> (x, its new cache), the signature a scan over
+  layers needs (x the carry; the cache and `local_flag` scanned, the rest broadcast)."""
+
   cfg: ModelConfig
-  local: bool
+  local: bool | None  # None: the layer type comes in as `local_flag` (see Attention)
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index, local_flag=None):
     cfg = self.cfg
     norm = lambda name: _norm(cfg, name)
     h = norm('pre_attn_norm')(x_BxTxD)
     h, new_cache = Attention(cfg, self.local, name='attn')(
-      h, positions_BxT, mask_BxTxS, cache, cache_index
+      h, positions_BxT, mask_BxTxS, cache, cache_index, local_flag
     )
     if cfg.use_post_norms:
       h = norm('post_attn_norm')(h)
@@ -350,7 +384,7 @@ class Block(nn.Module):
     h = MLP(cfg, name='mlp')(h)
     if cfg.use_post_norms:
       h = norm('post_ffw_norm')(h)
-    return x_BxTxD + h, new_cache
+    return sharding.constrain_batch(x_BxTxD + h), new_cache
 
 
 class Decoder(nn.Module):
@@ -370,10 +404,27 @@ class Decoder(nn.Module):
       embedding_init=nn.initializers.normal(stddev=cfg.embed_dim**-0.5),
     )
     policy = REMAT_POLICIES[cfg.remat]
-    block = Block if cfg.remat == 'none' else nn.remat(Block, policy=policy)
-    self.blocks = [
-      block(cfg, cfg.layer_type(i) == 'local', name=f'layer_{i}') for i in range(cfg.num_layers)
-    ]
+    # Inside a scan the loop already keeps XLA from merging the recomputation with the
+    # forward pass, so the barrier remat adds by default is not needed (as Flax advises).
+    block = (
+      Block
+      if cfg.remat == 'none'
+      else nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+    )
+    if cfg.scan_layers:
+      types = {cfg.layer_type(i) for i in range(cfg.num_layers)}
+      self.local_L = jnp.array([cfg.layer_type(i) == 'local' for i in range(cfg.num_layers)])
+      self.layers = nn.scan(
+        block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+        length=cfg.num_layers,
+      )(cfg, None if len(types) > 1 else types == {'local'}, name='layers')
+    else:
+      self.blocks = [
+        block(cfg, cfg.layer_type(i) == 'local', name=f'layer_{i}') for i in range(cfg.num_layers)
+      ]
     self.final_norm = _norm(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(
@@ -400,11 +451,15 @@ class Decoder(nn.Module):
       scale = jnp.asarray(cfg.embed_dim**0.5, cfg.jnp_param_dtype).astype(cfg.jnp_dtype)
       x_BxTxD = x_BxTxD * scale
     x_BxTxD = sharding.constrain_batch(x_BxTxD)
+    if self.cfg.scan_layers:
+      x_BxTxD, new_cache = self.layers(
+        x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index, self.local_L
+      )
+      return self.final_norm(x_BxTxD), new_cache
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.blocks):
       layer_cache = cache[i] if cache is not None else None
       x_BxTxD, c = block(x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index)
-      x_BxTxD = sharding.constrain_batch(x_BxTxD)
       if new_cache is not None:
         new_cache.append(c)
     return self.final_norm(x_BxTxD), new_cache

@@ -20,6 +20,7 @@ the norm after attention and `pre_feedforward_layernorm` for the pre-MLP one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -158,11 +159,14 @@ def config_from_hf(hf_config: dict[str, Any], dtype: str = 'float32') -> ModelCo
 
 
 def _canonical(cfg: ModelConfig) -> ModelConfig:
-  """`cfg` with fields that do not change the function written one way."""
+  """`cfg` with fields that do not change the function written one way (how it is
+  computed, rematerialised or scanned, is not the checkpoint's business)."""
   local = 'local' in cfg.layer_types
   qpas = cfg.query_pre_attn_scalar
   return dataclasses.replace(
     cfg,
+    remat='none',
+    scan_layers=False,
     layer_types=cfg.layer_types if local else (),
     sliding_window=cfg.sliding_window if local else None,
     query_pre_attn_scalar=None if qpas in (None, cfg.head_dim) else float(qpas),
@@ -323,6 +327,16 @@ def _hf_tensor(
   return _Tensor(hf, *_layout(kind, shape))
 
 
+def _per_layer(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+  """[(name, shape)] of the per-layer parameters behind one of ours: a scanned layer's
+  stack 'layers/attn/q_proj/kernel' [L, ...] is 'layer_i/attn/q_proj/kernel' [...] for
+  each i; any other parameter is itself."""
+  if not sharding_lib.stacked(name):
+    return [(name, shape)]
+  rest = name.split('layers/', 1)[1]
+  return [(f'layer_{i}/{rest}', shape[1:]) for i in range(shape[0])]
+
+
 # ---------------------------------------------------------------------------
 # Loading.
 
@@ -365,11 +379,11 @@ def _load_tree(
   head_prefix = 'language_model.' if prefix == 'language_model.model.' else ''
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   names = [sharding_lib.path_name(p).removeprefix(strip) for p, _ in leaves]
-  tensors = [
-    _hf_tensor(n, tuple(x.shape), cfg, prefix, head_prefix)
-    for n, (_, x) in zip(names, leaves, strict=True)
+  tensors = [  # per leaf, its HF tensors (one per layer for a scanned layer's stack)
+    [_hf_tensor(n, s, cfg, prefix, head_prefix) for n, s in _per_layer(name, tuple(x.shape))]
+    for name, (_, x) in zip(names, leaves, strict=True)
   ]
-  missing = [t.hf_name for t in tensors if t.hf_name not in weight_map]
+  missing = [t.hf_name for ts in tensors for t in ts if t.hf_name not in weight_map]
   if missing:
     raise KeyError(
       f'Checkpoint {str(path)!r} is missing tensor(s) {missing[:5]}'
@@ -381,23 +395,28 @@ def _load_tree(
     if isinstance(shardings, jax.sharding.Mesh):
       shardings = sharding_lib.param_shardings(abstract, shardings)
     shard_leaves = treedef.flatten_up_to(shardings)
-  by_file: dict[Path, list[int]] = {}
-  for i, t in enumerate(tensors):
-    by_file.setdefault(weight_map[t.hf_name], []).append(i)
   out: list[Any] = [None] * len(leaves)
-  for file, indices in by_file.items():
-    with safe_open(file, framework='numpy') as f:
-      for i in indices:
-        t, (_, spec) = tensors[i], leaves[i]
+  with contextlib.ExitStack() as files:
+    opened = {
+      file: files.enter_context(safe_open(file, framework='numpy'))
+      for file in sorted({weight_map[t.hf_name] for ts in tensors for t in ts})
+    }
+    for i, ts in enumerate(tensors):  # one leaf on the host at a time
+      spec = leaves[i][1]
+      parts = []
+      for t in ts:
+        f = opened[weight_map[t.hf_name]]
         found = tuple(f.get_slice(t.hf_name).get_shape())
         if found != t.hf_shape:
           raise ValueError(
-            f'Tensor {t.hf_name!r} in {file.name} has shape {found}, '
+            f'Tensor {t.hf_name!r} in {weight_map[t.hf_name].name} has shape {found}, '
             f'expected {t.hf_shape} (our {names[i]} {tuple(spec.shape)}).'
           )
-        w = t.to_ours(f.get_tensor(t.hf_name)).astype(spec.dtype)
-        out[i] = jax.device_put(w, shard_leaves[i])
-        del w
+        parts.append(t.to_ours(f.get_tensor(t.hf_name)).astype(spec.dtype))
+      w = np.stack(parts) if sharding_lib.stacked(names[i]) else parts[0]
+      del parts
+      out[i] = jax.device_put(w, shard_leaves[i])
+      del w
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -480,17 +499,19 @@ def export_hf(
   if writer:
     (out_dir / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True))
 
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  tensors = [
-    _hf_tensor(
-      sharding_lib.path_name(p).removeprefix('decoder/'), tuple(x.shape), cfg, 'model.', ''
-    )
-    for p, x in leaves
-  ]
+  # One entry per HF tensor: (its layout, how to take it from our tree); a scanned
+  # layer's stack gives one per layer, sliced on the devices before its gather.
+  entries: list[tuple[_Tensor, Callable[[], np.ndarray], int]] = []
+  for p, x in jax.tree_util.tree_leaves_with_path(params):
+    name = sharding_lib.path_name(p).removeprefix('decoder/')
+    parts = _per_layer(name, tuple(x.shape))
+    for i, (part, shape) in enumerate(parts):
+      take = (lambda x=x, i=i: _to_host(x[i])) if len(parts) > 1 else (lambda x=x: _to_host(x))
+      nbytes = math.prod(shape) * x.dtype.itemsize
+      entries.append((_hf_tensor(part, shape, cfg, 'model.', ''), take, nbytes))
   shards: list[list[int]] = [[]]
   size = 0
-  for i, (_, x) in enumerate(leaves):
-    nbytes = x.size * x.dtype.itemsize
+  for i, (_, _, nbytes) in enumerate(entries):
     if shards[-1] and size + nbytes > max_shard_bytes:
       shards.append([])
       size = 0
@@ -500,7 +521,7 @@ def export_hf(
   weight_map = {}
   for s, indices in enumerate(shards):
     file = 'model.safetensors' if n == 1 else f'model-{s + 1:05d}-of-{n:05d}.safetensors'
-    arrays = {tensors[i].hf_name: tensors[i].to_hf(_to_host(leaves[i][1])) for i in indices}
+    arrays = {entries[i][0].hf_name: entries[i][0].to_hf(entries[i][1]()) for i in indices}
     if writer:
       save_file(arrays, str(out_dir / file), metadata={'format': 'pt'})
     weight_map.update(dict.fromkeys(arrays, file))
@@ -508,7 +529,7 @@ def export_hf(
   if not writer:
     return out_dir
   if n > 1:
-    total = sum(x.size * x.dtype.itemsize for _, x in leaves)
+    total = sum(nbytes for _, _, nbytes in entries)
     index = {'metadata': {'total_size': total}, 'weight_map': weight_map}
     (out_dir / 'model.safetensors.index.json').write_text(json.dumps(index, indent=2))
   if tokenizer_dir is not None:

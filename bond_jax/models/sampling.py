@@ -15,12 +15,14 @@ from them are biased (the config and the metrics name the setting).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from bond_jax.models import decoder as model_lib
+from bond_jax.models import sharding
 from bond_jax.types import PyTree
 
 
@@ -164,7 +166,8 @@ def sample(
 
   if num_samples > 1:
     rep = lambda x: jnp.repeat(x, num_samples, axis=0)
-    cache = jax.tree.map(rep, cache)
+    batch_axis = 1 if cfg.scan_layers else 0  # a stacked cache is [L, B, S, K, H]
+    cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=batch_axis), cache)
     logits_BxV, key_valid_BxS, prompt_len_B = map(rep, (logits_BxV, key_valid_BxS, prompt_len_B))
     b = b * num_samples
   if prompt_ids_B is None:
@@ -231,8 +234,12 @@ def decode_params(params: PyTree, dtype: str | None) -> PyTree:
   this does it once per step instead of once per decoded token. None: no copy."""
   if not dtype:
     return params
-  cast = lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
-  return jax.tree.map(cast, params)
+
+  def cast(path: Any, x: jax.Array) -> jax.Array:
+    ndim = x.ndim - sharding.stacked(sharding.path_name(path))  # a scan's layer axis aside
+    return x.astype(dtype) if ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 # One compiled sampler per (model, sampling settings, shapes), shared by every

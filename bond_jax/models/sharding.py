@@ -17,6 +17,9 @@ model dimension, each axis alone, and finally replicated. So any mesh works, and
 of size 1 divides everything. Anything no rule matches (norm scales, small biases,
 scalars) is replicated.
 
+A scan over layers stacks each layer parameter on a leading axis ('layers/attn/...',
+[L, ...]); that axis stays whole and the rules place the rest.
+
 Rules match path suffixes, so one table covers every tree that holds a model: the
 policy, the anchor and pi_ref in the TrainState ('params/...', 'anchor_params/...',
 'ref_params/...'), Adam's moments ('opt_state/.../mu/<parameter path>', 'nu'), the reward
@@ -163,8 +166,21 @@ def _divides(spec: P, shape: tuple[int, ...], mesh: Mesh) -> bool:
   return True
 
 
+_STACKED = re.compile(r'(^|/)layers/')
+
+
+def stacked(name: str) -> bool:
+  """Whether parameter `name` belongs to a scan over layers ('layers/...', or
+  'decoder/layers/...' in a reward or quantile model): its first axis is the layer."""
+  return bool(_STACKED.search(name))
+
+
 def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """The PartitionSpec of one parameter under `PARAM_RULES` (replicated when nothing fits)."""
+  """The PartitionSpec of one parameter under `PARAM_RULES` (replicated when nothing fits).
+  A scanned layer's leading layer axis is never split (each step of the scan reads one
+  layer whole); the rules apply to the rest of its shape."""
+  if stacked(name) and shape:
+    return P(None, *param_spec(_STACKED.sub(r'\1', name, count=1), shape[1:], mesh))
   for pattern, candidates in PARAM_RULES:
     if re.search(pattern, name):
       for spec in candidates:

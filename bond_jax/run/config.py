@@ -199,6 +199,7 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
 # Memory knobs and their defaults (off); a config written before they existed reads these.
 MEMORY_DEFAULTS = {
   'model.remat': 'none',
+  'model.scan_layers': False,  # layout of the parameters, so fixed for a run's life
   'model.reference_dtype': '',  # '': model.param_dtype
   'optim.mu_dtype': '',  # '': the parameters' dtype
   'sampling.micro_batch_size': 0,
@@ -228,6 +229,8 @@ def _validate_memory(c: ml_collections.ConfigDict) -> None:
     remat,
     f'one of {tuple(model_lib.REMAT_POLICIES)}',
   )
+  scan = memory(c, 'model.scan_layers')
+  _check(isinstance(scan, bool), 'model.scan_layers', scan, 'True or False')
   for field in ('model.reference_dtype', 'optim.mu_dtype', 'sampling.decode_dtype'):
     value = memory(c, field)
     _check(value in ('', *DTYPES), field, value, f"'' (the parameters' dtype) or one of {DTYPES}")
@@ -275,7 +278,10 @@ def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   without the checkpoint.
   """
   dtypes = dict(
-    dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=memory(c, 'model.remat')
+    dtype=c.model.dtype,
+    param_dtype=c.model.param_dtype,
+    remat=memory(c, 'model.remat'),
+    scan_layers=memory(c, 'model.scan_layers'),
   )
   if c.task.name == 'hf' and c.model.hf_checkpoint:
     return dataclasses.replace(checkpoint_config(c.model.hf_checkpoint), **dtypes)

@@ -200,7 +200,7 @@ def _drop_biases(params):
           n: {'kernel': p['kernel']} if n.endswith('proj') else p for n, p in v['attn'].items()
         },
       }
-      if k.startswith('layer_')
+      if k.startswith('layer')
       else v
     )
     for k, v in params.items()
@@ -492,3 +492,46 @@ def test_missing_and_misshapen_tensor_errors(tmp_path):
   save_file(bad, path / 'model.safetensors', metadata={'format': 'pt'})
   with pytest.raises(ValueError, match=rf'{name}.*shape \(32, 32\), expected \(16, 32\)'):
     hf.load_params(path)
+
+
+@pytest.mark.parametrize('family', ['gemma2', 'gemma3_text', 'qwen2'])
+def test_scanned_layers_load_match_and_export(tmp_path, family):
+  """A checkpoint loaded as a scan over layers (each layer stacked on a leading axis) runs
+  to transformers' logits, holds the unrolled load's tensors, and exports the same files
+  (small shards, so a stack's layers are split across files)."""
+  torch_model, path = _save(tmp_path, family, seed=2)
+  cfg, params = hf.load_params(path)
+  scan = dataclasses.replace(cfg, scan_layers=True)
+  _, stacked = hf.load_params(path, cfg=scan)
+  for i in range(cfg.num_layers):
+    jax.tree.map(
+      lambda s, u, i=i: np.testing.assert_array_equal(s[i], u),
+      stacked['layers'],
+      params[f'layer_{i}'],
+    )
+  tokens, valid = _batch(left=True)
+  theirs = _torch_run(torch_model, tokens, valid, True)
+  ours = model.forward(scan, stacked, jnp.asarray(tokens), jnp.asarray(valid))
+  assert _rel_err(ours, theirs, valid) <= RTOL
+  for change in _FEATURES[family]:  # each feature still matters inside the scan
+    off = dataclasses.replace(scan, **change)
+    off_params = stacked if scan.qkv_bias == off.qkv_bias else _drop_biases(stacked)
+    ours = model.forward(off, off_params, jnp.asarray(tokens), jnp.asarray(valid))
+    assert _rel_err(ours, theirs, valid) > 1e-3, f'{family}: {change} does not matter'
+
+  a = hf.export_hf(cfg, params, tmp_path / 'unrolled', max_shard_bytes=4096)
+  b = hf.export_hf(scan, stacked, tmp_path / 'scanned', max_shard_bytes=4096)
+  assert json.loads((b / 'config.json').read_text()) == json.loads((a / 'config.json').read_text())
+
+  def tensors(out):  # every tensor of a sharded export (shards hold them in another order)
+    index = json.loads((out / 'model.safetensors.index.json').read_text())
+    found = {}
+    for file in sorted(set(index['weight_map'].values())):
+      found.update(load_file(out / file))
+    assert sorted(found) == sorted(index['weight_map'])
+    return index['metadata'], found
+
+  (meta_a, want), (meta_b, got) = tensors(a), tensors(b)
+  assert meta_b == meta_a and sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])

@@ -253,3 +253,78 @@ def test_a_decode_copy_in_the_activation_dtype_draws_the_same_samples(tiny_cfg, 
   cast_once = _sample(cfg, copy, prompt, valid, rng, sp, num_samples=4)
   np.testing.assert_array_equal(cast_once.tokens_BxG, as_stored.tokens_BxG)
   np.testing.assert_array_equal(cast_once.logprobs_BxG, as_stored.logprobs_BxG)
+
+
+def _stack_layers(cfg, params):
+  """Unrolled parameters ('layer_i/...') restacked as a scan over layers reads them."""
+  layers = [params[f'layer_{i}'] for i in range(cfg.num_layers)]
+  out = {k: v for k, v in params.items() if not k.startswith('layer_')}
+  out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return out
+
+
+@pytest.mark.parametrize('remat', ['none', 'block'])
+def test_scanned_layers_equal_unrolled_ones(remat):
+  """The same weights run as a scan over layers (mixed local / global layers with their own
+  RoPE bases, so each layer's type is a traced input of the scan) give the unrolled model's
+  logits, gradient, cached samples (several per prompt: the stacked cache is repeated along
+  its batch axis) and teacher-forced log-likelihoods, to float32 rounding."""
+  cfg = model_lib.preset(
+    'tiny',
+    num_layers=3,
+    embed_dim=32,
+    hidden_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    layer_types=('local', 'global', 'local'),
+    sliding_window=3,
+    rope_base=10_000.0,
+    rope_local_base=100.0,
+    rope_scale=2.0,
+    use_qk_norm=True,
+    use_post_norms=True,
+  )
+  scan = dataclasses.replace(cfg, scan_layers=True, remat=remat)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  stacked = _stack_layers(cfg, params)
+  born = model_lib.init_params(scan, jax.random.PRNGKey(0))
+  assert jax.tree.structure(born) == jax.tree.structure(stacked)
+  assert born['layers']['attn']['q_proj']['kernel'].shape == (3, 32, 4, 8)
+
+  tokens, valid = _left_padded_prompts(cfg.vocab_size, [9, 5, 2], 9)
+  np.testing.assert_allclose(
+    _forward(scan, stacked, tokens, valid), _forward(cfg, params, tokens, valid), atol=2e-5
+  )
+
+  def loss(c, p):
+    return jnp.sum(jax.nn.log_softmax(model_lib.forward(c, p, tokens, valid))[..., 3])
+
+  g_unrolled = jax.jit(jax.grad(lambda p: loss(cfg, p)))(params)
+  g_scanned = jax.jit(jax.grad(lambda p: loss(scan, p)))(stacked)
+  np.testing.assert_allclose(
+    g_scanned['layers']['mlp']['up_proj']['kernel'],
+    jnp.stack([g_unrolled[f'layer_{i}']['mlp']['up_proj']['kernel'] for i in range(3)]),
+    rtol=1e-4,
+    atol=1e-5,
+  )
+
+  sp = sampling.SamplingParams(max_new_tokens=6)
+  rng = jax.random.PRNGKey(3)
+  a = _sample(cfg, params, tokens, valid, rng, sp, num_samples=2)
+  b = _sample(scan, stacked, tokens, valid, rng, sp, num_samples=2)
+  np.testing.assert_array_equal(b.tokens_BxG, a.tokens_BxG)
+  np.testing.assert_allclose(b.logprobs_BxG, a.logprobs_BxG, atol=2e-5)
+  prompts = jnp.repeat(tokens, 2, axis=0), jnp.repeat(valid, 2, axis=0)
+  np.testing.assert_allclose(
+    _sequence_logprobs(scan, stacked, *prompts, b.tokens_BxG, b.mask_BxG),
+    _sequence_logprobs(cfg, params, *prompts, a.tokens_BxG, a.mask_BxG),
+    atol=5e-5,
+  )
+
+
+def test_a_decode_copy_of_scanned_layers_keeps_norm_scales(tiny_cfg, tiny_params):
+  """Stacked norm scales [L, D] are 2-D but not weight matrices: they keep their dtype."""
+  copy = sampling.decode_params(_stack_layers(tiny_cfg, tiny_params), 'bfloat16')
+  assert copy['layers']['mlp']['up_proj']['kernel'].dtype == jnp.bfloat16
+  assert copy['layers']['pre_attn_norm']['scale'].dtype == jnp.float32

@@ -59,6 +59,13 @@ FSDP4_MODEL2 = {
   ('opt_state/1/0/mu/layer_0/attn/k_proj/kernel', (64, 1, 16)): P(FM, None, None),
   ('opt_state/1/0/nu/embedder/embedding', (96, 64)): P('model', 'fsdp'),
   ('opt_state/1/0/count', ()): P(),
+  # A scan over layers stacks them on a leading axis that stays whole; the rest as above.
+  ('layers/attn/q_proj/kernel', (18, 64, 4, 16)): P(None, 'fsdp', 'model', None),
+  ('layers/attn/k_proj/kernel', (3, 64, 1, 16)): P(None, FM, None, None),
+  ('layers/mlp/down_proj/kernel', (3, 256, 64)): P(None, 'model', 'fsdp'),
+  ('layers/pre_attn_norm/scale', (3, 64)): P(None),
+  ('decoder/layers/mlp/gate_proj/kernel', (2, 64, 256)): P(None, 'fsdp', 'model'),
+  ('opt_state/1/0/mu/layers/attn/o_proj/kernel', (2, 4, 16, 64)): P(None, 'model', None, 'fsdp'),
 }
 
 
