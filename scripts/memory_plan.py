@@ -37,6 +37,14 @@ _TARGET = flags.DEFINE_string('target', None, f'What to plan for: {memory_plan.T
 _GPU_MEMORY = flags.DEFINE_float(
   'gpu_memory_gib', None, 'Memory per GPU in GiB for gpu:N targets (default: the H100 80 GB).'
 )
+_GPU_COMPILER = flags.DEFINE_enum(
+  'gpu_compiler',
+  'cpu',
+  ['cpu', 'tpu'],
+  "How gpu:N targets are compiled: 'cpu' (N fake CPU devices; bfloat16 widened to float32, "
+  "so temporaries are overstated) or 'tpu' (the TPU compiler for N v5p chips, a closer "
+  'stand-in for XLA:GPU; needs requirements-tpu.txt).',
+)
 flags.mark_flags_as_required(['config', 'target'])
 
 
@@ -71,8 +79,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
-    target = memory_plan.parse_target(_TARGET.value, _GPU_MEMORY.value)
-    if target.kind == 'gpu':
+    target = memory_plan.parse_target(_TARGET.value, _GPU_MEMORY.value, _GPU_COMPILER.value)
+    if target.kind == 'gpu' and target.compile_with == 'cpu':
       import jax  # noqa: PLC0415 (the device count is set before JAX's backend starts)
 
       jax.config.update('jax_num_cpu_devices', target.num_devices)
@@ -89,7 +97,9 @@ def main(argv):
     result = memory_plan.plan(config, target)
   except (config_lib.ConfigError, memory_plan.TargetError) as e:
     sys.exit(f'error: {e}')
-  calibration = memory_plan.calibration() if target.kind == 'gpu' else None
+  calibration = (
+    memory_plan.calibration() if target.compile_with == 'cpu' and target.kind == 'gpu' else None
+  )
   for line in memory_plan.describe(result, label, calibration):
     print(line)
   summary = result.summary()

@@ -18,6 +18,11 @@ Targets (`parse_target`):
   gpu:N, gpu:N:h200                  N fake CPU devices (JAX's CPU compiler; it widens
                                      bfloat16 to float32, so its temporaries overstate a
                                      GPU's), against N x H100 80 GB (or H200 141 GB)
+  gpu:N with gpu_compiler='tpu'      the same GPUs, the program compiled by the TPU compiler
+                                     for N TPU v5p chips (95 GiB each) as a stand-in for
+                                     XLA's GPU compiler, which needs a GPU to run: like it,
+                                     and unlike the CPU one, it computes in bfloat16 and
+                                     schedules for memory. Neither is the GPU's own figure.
 
 Peak per device = arguments + outputs - outputs aliased to donated arguments +
 temporaries (the donated state's new value reuses the old one's buffers), as maxtext's
@@ -93,17 +98,43 @@ class Target:
   num_devices: int
   device_memory_bytes: int
   device_label: str  # 'TPU v5e', 'H100 80 GB'
+  compile_with: str = 'cpu'  # 'tpu' for TPU targets; a GPU target's stand-in compiler
 
   @property
   def compiler(self) -> str:
     if self.kind == 'tpu':
       return 'the TPU compiler (libtpu)'
+    if self.compile_with == 'tpu':
+      return (
+        f'the TPU compiler (libtpu) for {self.num_devices} TPU v5p chip(s) '
+        f"({stand_in_topology(self.num_devices)}), a stand-in for XLA's GPU compiler"
+      )
     return f"JAX's CPU compiler on {self.num_devices} fake CPU device(s)"
 
 
-def parse_target(text: str, gpu_memory_gib: float | None = None) -> Target:
-  """The target named by --target (forms in TARGET_FORMS); one-line TargetError otherwise."""
+# v5p topologies of N chips, for a GPU target compiled by the TPU compiler.
+_V5P_TOPOLOGIES = {1: '1x1x1', 2: '1x2x1', 4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4'}
+
+
+def stand_in_topology(num_devices: int) -> str:
+  """The TPU v5p topology with `num_devices` chips that stands in for that many GPUs."""
+  if num_devices not in _V5P_TOPOLOGIES:
+    raise TargetError(
+      f'--gpu_compiler=tpu plans 1, 2, 4, 8, 16 or 32 GPUs, not {num_devices}; use '
+      '--gpu_compiler=cpu for other counts.'
+    )
+  return f'v5p:{_V5P_TOPOLOGIES[num_devices]}'
+
+
+def parse_target(
+  text: str, gpu_memory_gib: float | None = None, gpu_compiler: str = 'cpu'
+) -> Target:
+  """The target named by --target (forms in TARGET_FORMS); one-line TargetError otherwise.
+  gpu_compiler: how a gpu:N target is compiled, 'cpu' (fake CPU devices) or 'tpu' (the
+  TPU compiler for as many v5p chips, see the module docstring)."""
   text = (text or '').strip()
+  if gpu_compiler not in ('cpu', 'tpu'):
+    raise TargetError(f"--gpu_compiler={gpu_compiler!r} is invalid: give 'cpu' or 'tpu'.")
   tpu, gpu = TPU_PATTERN.match(text.lower()), GPU_PATTERN.match(text.lower())
   if tpu:
     generation, dims = tpu.group(1), tpu.group(2)
@@ -114,6 +145,8 @@ def parse_target(text: str, gpu_memory_gib: float | None = None) -> Target:
       )
     if gpu_memory_gib is not None:
       raise TargetError(f'--gpu_memory_gib applies to gpu:N targets, not --target={text!r}.')
+    if gpu_compiler != 'cpu':
+      raise TargetError(f'--gpu_compiler applies to gpu:N targets, not --target={text!r}.')
     n = math.prod(int(d) for d in dims.split('x'))
     return Target(text, 'tpu', n, TPU_MEMORY_GIB[generation] * GIB, f'TPU {generation}')
   if gpu and int(gpu.group(1)) > 0:
@@ -128,25 +161,29 @@ def parse_target(text: str, gpu_memory_gib: float | None = None) -> Target:
       if not gpu_memory_gib > 0:
         raise TargetError(f'--gpu_memory_gib={gpu_memory_gib}: give the memory per GPU, > 0.')
       memory, label = int(gpu_memory_gib * GIB), f'GPU of {gpu_memory_gib:g} GiB'
-    return Target(text, 'gpu', int(gpu.group(1)), memory, label)
+    n = int(gpu.group(1))
+    if gpu_compiler == 'tpu':
+      stand_in_topology(n)  # a one-line error now for a count with no v5p topology
+    return Target(text, 'gpu', n, memory, label, compile_with=gpu_compiler)
   raise TargetError(f'--target={text!r} is invalid: give {TARGET_FORMS}.')
 
 
 def target_devices(target: Target) -> list[Any]:
   """The devices the step is compiled for: the topology's TPUs, or N CPU devices (JAX's
   device count is fixed when its backend starts, so a gpu:N plan sets it first)."""
-  if target.kind == 'tpu':
+  if target.kind == 'tpu' or target.compile_with == 'tpu':
     try:
       import libtpu  # noqa: F401 (only to say what is missing)
     except ImportError:
       raise TargetError(
-        f'--target={target.name}: TPU targets compile with the TPU compiler: '
+        f'--target={target.name}: the TPU compiler is needed: '
         'pip install -r requirements-tpu.txt (libtpu; no TPU needed).'
       ) from None
     from jax.experimental import topologies
 
+    name = target.name.lower() if target.kind == 'tpu' else stand_in_topology(target.num_devices)
     try:
-      topology = topologies.get_topology_desc(topology_name=target.name.lower(), platform='tpu')
+      topology = topologies.get_topology_desc(topology_name=name, platform='tpu')
     except Exception as e:  # noqa: BLE001 (libtpu raises XlaRuntimeError / ValueError)
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise TargetError(f'--target={target.name}: libtpu does not know it ({first}).') from e
@@ -177,8 +214,10 @@ def _reward_config(
   r = c.reward
   if r.dtype not in config_lib.DTYPES:
     raise ConfigError(f'config.reward.dtype={r.dtype!r} is invalid: one of {config_lib.DTYPES}.')
-  if not r.checkpoint:
-    return dataclasses.replace(policy, dtype=r.dtype, param_dtype=r.dtype)
+  if not r.checkpoint:  # laid out as `hf.load_reward_params` builds it: unrolled, no remat
+    return dataclasses.replace(
+      policy, dtype=r.dtype, param_dtype=r.dtype, remat='none', scan_layers=False
+    )
   try:
     return hf.config_from_hf(hf.read_hf_config(r.checkpoint), r.dtype)
   except (OSError, ValueError) as e:
@@ -349,7 +388,7 @@ class Plan:
     gib = lambda b: round(b / GIB, 3)
     out = {
       'target': self.target.name,
-      'compiler': 'tpu' if self.target.kind == 'tpu' else 'cpu',
+      'compiler': 'tpu' if 'tpu' in (self.target.kind, self.target.compile_with) else 'cpu',
       'num_devices': self.target.num_devices,
       'mesh': dict(zip(('data', 'fsdp', 'model'), self.mesh_shape, strict=True)),
       'peak_gib_per_device': gib(self.peak),
@@ -529,7 +568,14 @@ def describe(
       row('peak = what the compiler needed (arguments included)', result.peak)
       + f' of {memory} (the compiler allows {result.compiler_limit / GIB:.2f}): DOES NOT FIT',
     ]
-  if t.kind == 'gpu':
+  if t.kind == 'gpu' and t.compile_with == 'tpu':
+    lines.append(
+      '  note: compiled for TPU v5p chips as a stand-in (bfloat16 computed as such, a '
+      'memory-aware schedule, as XLA:GPU does); TPU tiling pads small dimensions, and the '
+      "GPU compiler's own choices differ: not a GPU measurement. --gpu_compiler=cpu gives "
+      "the CPU compiler's (higher) figure."
+    )
+  elif t.kind == 'gpu':
     lines.append(
       "  note: JAX's CPU compiler widens bfloat16 to float32 (dots and their operands), so "
       "these temporaries overstate a GPU's; the arguments are exact."
@@ -542,6 +588,7 @@ def describe(
         f'{calibration_bytes[1] / MIB:.0f} MiB for the same program in float32 and the '
         f'{m_ * n_ * 2 / MIB:.0f} MiB bfloat16 product a GPU keeps'
       )
+  if t.kind == 'gpu':
     lines.append(
       '  note: JAX on a GPU takes 75% of its memory by default; for a plan above that set '
       'XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.95).'
