@@ -10,6 +10,16 @@ run waits for the last one before it returns or stops on a signal. A Hugging Fac
 pi_ref is not in them: it is reloaded from model.hf_checkpoint, whose checksum each
 checkpoint records and a resume checks (`guards.reference_reloader`).
 
+The host does not wait for the device each step: step t + 1 is dispatched before step t's
+metrics are read, and the read comes as soon as t + 1 is queued. A step whose metrics or
+state something needs at once (a checkpoint: its metadata carries the bad-step counters;
+an evaluation; a signal or preemption; the run's last step) is read before the next one
+is dispatched. So the same rows, checkpoints and stops come out as
+with a read after every step (`run(..., synchronous=True)`, what tests compare with); a
+run stopped by `train.max_bad_steps` has dispatched one more step, whose result it drops.
+`step_time_s` is the time between two steps' metric reads (with the device kept busy, the
+step's own time), `tokens_per_s` the step's generated tokens over it.
+
 Several processes (`jax.distributed`, see scripts/train.py) run this same loop: the mesh
 spans all their devices, each feeds its own rows of the batch (`_global`), Orbax saves and
 restores every process's shards, and only process 0 writes config.json, metrics and
@@ -34,6 +44,7 @@ What can go wrong, and what happens:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 import signal
@@ -79,6 +90,15 @@ def _global(
   ]
 
 
+@dataclasses.dataclass
+class _Pending:
+  """A dispatched step whose metrics are not read yet."""
+
+  step: int  # as logged: the state's step after it
+  metrics: dict[str, jax.Array]
+  bad: list[str] = dataclasses.field(default_factory=list)
+
+
 # ---------------------------------------------------------------------------
 # The loop.
 
@@ -109,8 +129,16 @@ class _StopSignals:
       signal.signal(s, handler)
 
 
-def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Train (or resume) and evaluate. Returns the summary written to summary.json."""
+def run(
+  c: ml_collections.ConfigDict,
+  workdir: str | pathlib.Path,
+  *,
+  synchronous: bool = False,
+) -> dict[str, Any]:
+  """Train (or resume) and evaluate. Returns the summary written to summary.json.
+
+  synchronous: read each step's metrics before the next is dispatched (the same results,
+  slower; for comparison)."""
   config_lib.validate(c)  # before anything is loaded or compiled
   guards.check_max_bad_steps(c)
   workdir = guards.prepare_workdir(workdir)
@@ -123,7 +151,7 @@ def run(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, 
     setup = run_setup.build(c, mesh)
     guards.check_reward(c, setup)
     ckpts.reload = guards.reference_reloader(c, setup)
-    summary = _train(c, workdir, mesh, setup, ckpts)
+    summary = _train(c, workdir, mesh, setup, ckpts, synchronous)
     ckpts.wait()  # the last save, written while the final evaluation ran
     return summary
   except checkpoint.CheckpointError as e:
@@ -141,6 +169,7 @@ def _train(
   mesh: jax.sharding.Mesh,
   setup: run_setup.RunSetup,
   ckpts: checkpoint.Checkpoints,
+  synchronous: bool = False,
 ) -> dict[str, Any]:
   if not setup.step_cfg.sampling.is_exact:
     log(
@@ -210,40 +239,63 @@ def _train(
     log(f'train step compiled in {time.time() - t0:.0f}s')
     guards.align_processes('bond_jax_first_step')
   t_last = time.time()
+
+  def read(p: _Pending, evaluate_state: Any = None) -> None:
+    """Wait for step p.step's metrics, count a bad step, evaluate `evaluate_state` (the
+    step's state) if given, and write the step's row."""
+    nonlocal t_last
+    m = jax.device_get(p.metrics)
+    now = time.time()
+    m['tokens_per_s'] = float(m['generated_tokens']) / max(now - t_last, 1e-9)
+    m['step_time_s'] = now - t_last
+    t_last = now
+    p.bad = [k for k in _NONFINITE_FLAGS if m[k]]
+    counters['bad_in_a_row'] = counters['bad_in_a_row'] + 1 if p.bad else 0
+    counters['skipped_steps'] += bool(p.bad)
+    m['skipped_steps'] = counters['skipped_steps']
+    if evaluate_state is not None:
+      m.update(evaluation.during_training(c, setup, evaluate_state))
+    writer.write(p.step, m)
+    if p.bad:
+      log(
+        f'warning: step {p.step} skipped ({", ".join(p.bad)}): parameters unchanged '
+        f'({counters["bad_in_a_row"]} in a row of at most {c.train.max_bad_steps})'
+      )
+
+  def stop_if_bad(p: _Pending) -> None:
+    if counters['bad_in_a_row'] >= c.train.max_bad_steps:
+      n = counters['bad_in_a_row']
+      steps = f'steps {p.step + 1 - n}-{p.step} ({n} in a row)' if n > 1 else f'step {p.step}'
+      raise RunError(
+        f'{steps} had NaN or Inf values (last: {", ".join(p.bad)}); each was skipped, so the '
+        f'parameters are those of step {p.step - n}; stopping '
+        f'(config.train.max_bad_steps={c.train.max_bad_steps}).'
+      )
+
+  pending: _Pending | None = None  # the step before the one being dispatched, not read yet
   with _StopSignals() as stop:
     try:
-      for step in range(start, c.train.num_steps):
-        batch = first_batch if step == start else setup.prompts.next_batch()
+      for n in range(start + 1, c.train.num_steps + 1):  # n: the step as logged and saved
+        batch = first_batch if n == start + 1 else setup.prompts.next_batch()
         prompt, valid = _global(batch_sharding, c.train.batch_size, *batch)
         state, m = step_fn(state, prompt, valid, setup.reward_params)
-        m = jax.device_get(m)
-        now = time.time()
-        m['tokens_per_s'] = float(m['generated_tokens']) / max(now - t_last, 1e-9)
-        m['step_time_s'] = now - t_last
-        t_last = now
-        bad = [k for k in _NONFINITE_FLAGS if m[k]]
-        counters['bad_in_a_row'] = counters['bad_in_a_row'] + 1 if bad else 0
-        counters['skipped_steps'] += bool(bad)
-        m['skipped_steps'] = counters['skipped_steps']
-        if c.eval.every and (step + 1) % c.eval.every == 0:
-          m.update(evaluation.during_training(c, setup, state))
-        writer.write(step + 1, m)
-        if bad:
-          log(
-            f'warning: step {step + 1} skipped ({", ".join(bad)}): parameters unchanged '
-            f'({counters["bad_in_a_row"]} in a row of at most {c.train.max_bad_steps})'
-          )
-        save(step + 1)
-        if stop.signum is not None or ckpts.preempted(step + 1):
-          _preempted(ckpts, save, step + 1, stop.signum or signal.SIGTERM)
-        if counters['bad_in_a_row'] >= c.train.max_bad_steps:
-          n = counters['bad_in_a_row']
-          steps = f'steps {step + 2 - n}-{step + 1} ({n} in a row)' if n > 1 else f'step {step + 1}'
-          raise RunError(
-            f'{steps} had NaN or Inf values (last: {", ".join(bad)}); each was skipped, so the '
-            f'parameters are those of step {step + 1 - n}; stopping '
-            f'(config.train.max_bad_steps={c.train.max_bad_steps}).'
-          )
+        if pending is not None:  # step n - 1, read while step n runs
+          read(pending)
+          stop_if_bad(pending)
+        pending = _Pending(n, m)
+        # What needs this step's metrics or state before the next step is dispatched (the
+        # state is donated to it): a checkpoint (its metadata holds the bad-step counters;
+        # saved when `checkpoint.Checkpoints`' policy says: every ckpt.every steps and at a
+        # preemption), an evaluation, a stop, the last step.
+        evaluate = bool(c.eval.every) and n % c.eval.every == 0
+        preempted = stop.signum is not None or ckpts.preempted(n)
+        if synchronous or evaluate or preempted or n % c.ckpt.every == 0 or n == c.train.num_steps:
+          read(pending, state if evaluate else None)
+          save(n)
+          if preempted:
+            _preempted(ckpts, save, n, stop.signum or signal.SIGTERM)
+          stop_if_bad(pending)
+          pending = None
     finally:
       writer.close()
     save(int(state.step), force=True)
