@@ -18,7 +18,14 @@ is dispatched. So the same rows, checkpoints and stops come out as
 with a read after every step (`run(..., synchronous=True)`, what tests compare with); a
 run stopped by `train.max_bad_steps` has dispatched one more step, whose result it drops.
 `step_time_s` is the time between two steps' metric reads (with the device kept busy, the
-step's own time), `tokens_per_s` the step's generated tokens over it.
+step's own time; on a timed step, from after the timing), `tokens_per_s` the step's
+generated tokens over it.
+
+Measuring, off by default: `log.phase_times_every=k` (read as 0 when a config lacks it)
+times each phase of every k-th step as separately jitted functions on the step's own inputs
+(`PhaseTimes`: time/sample_s, time/score_s, time/logprobs_s, time/targets_s,
+time/update_s, written in that step's row; the step itself still runs fused, so values do
+not change).
 
 Several processes (`jax.distributed`, see scripts/train.py) run this same loop: the mesh
 spans all their devices, each feeds its own rows of the batch (`_global`), Orbax saves and
@@ -54,9 +61,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import optax
 
+from bond_jax.algo import rollout as rollout_lib
 from bond_jax.algo import state as state_lib
+from bond_jax.algo import step as step_lib
 from bond_jax.models import hf, sharding
 from bond_jax.run import checkpoint, evaluation, guards, memory_plan, metrics
 from bond_jax.run import config as config_lib
@@ -64,6 +75,7 @@ from bond_jax.run import setup as run_setup
 from bond_jax.run.evaluation import load_workdir
 from bond_jax.run.guards import Preempted, RunError
 from bond_jax.run.setup import log
+from bond_jax.types import ConfigError
 
 _NONFINITE_FLAGS = ('nonfinite_rewards', 'nonfinite_logprobs', 'nonfinite_loss', 'nonfinite_grads')
 
@@ -90,12 +102,127 @@ def _global(
   ]
 
 
+# ---------------------------------------------------------------------------
+# Measuring: phase times.
+
+
+def phase_times_every(c: ml_collections.ConfigDict) -> int:
+  """config.log.phase_times_every, 0 (off) when the config has no such field."""
+  every = c.log.get('phase_times_every', 0)
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise ConfigError(
+      f'config.log.phase_times_every={every!r} is invalid: must be an integer >= 0 (time the '
+      'phases of every that many steps; 0: never).'
+    )
+  return every
+
+
+def _unscored(params: Any, prompt_BxP: jax.Array, valid_BxP: jax.Array, *rest: jax.Array) -> Any:
+  """A reward of 0 for every row: the rollout phase with it is sampling alone."""
+  del params, valid_BxP, rest
+  return jnp.zeros(prompt_BxP.shape[0], jnp.float32)
+
+
+class PhaseTimes:
+  """Seconds per phase of the train step, measured apart from the fused step.
+
+  The fused, jitted step cannot be timed phase by phase, so on the steps that ask for it
+  the phases run again as separately jitted functions composed from `algo.step`'s (on the
+  step's own state and batch, nothing donated), each waited for before the next starts:
+
+    sample    `step.rollout` with a reward of 0 (policy and anchor samples, micro-batched
+              as in the step)
+    score     `step_cfg.reward_fn` of those samples, `sampling.micro_batch_size` prompts'
+              samples at a time
+    logprobs  `step.reference`: log pi_ref (and log pi_anchor) of the policy samples
+    targets   `step.targets` (with a learned quantile model, its update)
+    update    `step.loss_and_grad`, the optimizer step, `step.move_anchor`
+
+  Their outputs are dropped: the run's update comes from the fused step. They are compiled
+  ahead of time when first met (once per prompt width), outside the clock. The sum is not
+  the fused step's time (XLA overlaps and fuses across phases there), and on timed steps
+  the device holds one extra set of the update's outputs (parameters, optimizer state,
+  gradients) while `update` runs."""
+
+  def __init__(self, setup: run_setup.RunSetup, mesh: jax.sharding.Mesh):
+    cfg, tx = setup.step_cfg, setup.tx
+    unscored = dataclasses.replace(cfg, reward_fn=_unscored)
+
+    def sample(state, prompt_BxP, valid_BxP, reward_params):
+      _, rng_policy, rng_anchor = jax.random.split(state.rng, 3)  # as `step.train_step`
+      return step_lib.rollout(
+        unscored, state, prompt_BxP, valid_BxP, reward_params, rng_policy, rng_anchor
+      )
+
+    def score(reward_params, samples):
+      def rewards(rows, per_prompt):
+        n = rollout_lib.num_micro_batches(
+          rows.tokens_BxG.shape[0], cfg.sample_micro_batch * per_prompt, 'sampling.micro_batch_size'
+        )
+        one = lambda r: cfg.reward_fn(
+          reward_params, r.prompt_BxP, r.prompt_valid_BxP, r.tokens_BxG, r.mask_BxG
+        )
+        if n == 1:
+          return one(rows)
+        return rollout_lib.join_micro_batches(
+          jax.lax.map(one, rollout_lib.split_micro_batches(rows, n))
+        )
+
+      out = samples.replace(policy_reward_B=rewards(samples.policy, samples.policy_per_prompt))
+      if samples.anchor is not None:
+        per_prompt = samples.anchor_reward_BxA.shape[1]
+        reward_BxA = rewards(samples.anchor, per_prompt).reshape(-1, per_prompt)
+        out = out.replace(anchor_reward_BxA=reward_BxA)
+      return out
+
+    def update(state, samples, returns):
+      (loss, _, _), grads = step_lib.loss_and_grad(cfg, state.params, samples, returns)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      anchor = step_lib.move_anchor(cfg.bond, state.anchor_params, params, state.step + 1)
+      return loss, params, opt_state, anchor
+
+    functions = {
+      'sample': sample,
+      'score': score,
+      'logprobs': functools.partial(step_lib.reference, cfg),
+      'targets': functools.partial(step_lib.targets, cfg),
+      'update': update,
+    }
+    self._jitted = {k: run_setup.OnMesh(jax.jit(f), mesh) for k, f in functions.items()}
+    self._compiled: dict[tuple[str, tuple[int, ...]], Any] = {}
+
+  def _run(self, name: str, width: tuple[int, ...], times: dict[str, float], *args: Any) -> Any:
+    key = (name, width)
+    if key not in self._compiled:
+      self._compiled[key] = self._jitted[name].lower(*args).compile()
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(self._compiled[key](*args))
+    times[f'time/{name}_s'] = time.perf_counter() - t0
+    return out
+
+  def measure(
+    self, state: Any, prompt_BxP: jax.Array, valid_BxP: jax.Array, reward_params: Any
+  ) -> dict[str, float]:
+    """{'time/<phase>_s': seconds} of one step on these inputs (which it does not change)."""
+    jax.block_until_ready((state, prompt_BxP, valid_BxP))
+    times: dict[str, float] = {}
+    run = lambda name, *args: self._run(name, prompt_BxP.shape, times, *args)
+    samples = run('sample', state, prompt_BxP, valid_BxP, reward_params)
+    samples = run('score', reward_params, samples)
+    samples = run('logprobs', state, samples)
+    returns = run('targets', state, samples)
+    run('update', state, samples, returns)
+    return times
+
+
 @dataclasses.dataclass
 class _Pending:
   """A dispatched step whose metrics are not read yet."""
 
   step: int  # as logged: the state's step after it
   metrics: dict[str, jax.Array]
+  extra: dict[str, float]  # measured on the host (phase times)
   bad: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -141,6 +268,7 @@ def run(
   slower; for comparison)."""
   config_lib.validate(c)  # before anything is loaded or compiled
   guards.check_max_bad_steps(c)
+  phase_times_every(c)
   workdir = guards.prepare_workdir(workdir)
   ckpts = checkpoint.Checkpoints(
     workdir / 'checkpoints', c.ckpt.every, c.ckpt.keep, asynchronous=True
@@ -238,6 +366,8 @@ def _train(
     step_fn = _by_width(compiled, prompt.shape, step_fn)
     log(f'train step compiled in {time.time() - t0:.0f}s')
     guards.align_processes('bond_jax_first_step')
+  every = phase_times_every(c)
+  phases = PhaseTimes(setup, mesh) if every else None
   t_last = time.time()
 
   def read(p: _Pending, evaluate_state: Any = None) -> None:
@@ -253,6 +383,7 @@ def _train(
     counters['bad_in_a_row'] = counters['bad_in_a_row'] + 1 if p.bad else 0
     counters['skipped_steps'] += bool(p.bad)
     m['skipped_steps'] = counters['skipped_steps']
+    m.update(p.extra)
     if evaluate_state is not None:
       m.update(evaluation.during_training(c, setup, evaluate_state))
     writer.write(p.step, m)
@@ -278,11 +409,19 @@ def _train(
       for n in range(start + 1, c.train.num_steps + 1):  # n: the step as logged and saved
         batch = first_batch if n == start + 1 else setup.prompts.next_batch()
         prompt, valid = _global(batch_sharding, c.train.batch_size, *batch)
+        timed = bool(every) and n % every == 0
+        if pending is not None and timed:  # an idle device first
+          read(pending)
+          stop_if_bad(pending)
+          pending = None
+        extra = phases.measure(state, prompt, valid, setup.reward_params) if timed else {}
+        if timed:
+          t_last = time.time()  # the step's time is its own
         state, m = step_fn(state, prompt, valid, setup.reward_params)
         if pending is not None:  # step n - 1, read while step n runs
           read(pending)
           stop_if_bad(pending)
-        pending = _Pending(n, m)
+        pending = _Pending(n, m, extra)
         # What needs this step's metrics or state before the next step is dispatched (the
         # state is donated to it): a checkpoint (its metadata holds the bad-step counters;
         # saved when `checkpoint.Checkpoints`' policy says: every ckpt.every steps and at a

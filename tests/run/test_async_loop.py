@@ -1,4 +1,4 @@
-"""The loop's asynchronous dispatch (run.loop), on cheap runs.
+"""The loop's asynchronous dispatch and phase times (run.loop), on cheap runs.
 
 Every run here shares one setup and one compiled step: test_loop's micro config with a
 random one-layer pi_ref (no supervised pre-training) and a reward that is NaN for the
@@ -23,10 +23,12 @@ from bond_jax.models import decoder as model_lib
 from bond_jax.run import loop as trainer
 from bond_jax.run import metrics
 from bond_jax.run import setup as run_setup
+from bond_jax.types import ConfigError
 from tests.run.test_loop import micro_config
 
 TIMING = ('tokens_per_s', 'step_time_s')  # wall-clock metrics, the only ones that may differ
 POISON_ROWS = 8  # the reward parameters' shape: prompts whose reward is NaN (-1: none)
+PHASES = ('sample', 'score', 'logprobs', 'targets', 'update')
 # Before the fixture patches them:
 BUILD, JIT_TRAIN_STEP, BY_WIDTH = run_setup.build, run_setup.jit_train_step, trainer._by_width
 WRITE = metrics.MetricWriter.write
@@ -173,3 +175,35 @@ def test_async_dispatch_stops_at_the_same_bad_step(runs, tmp_path):
   assert [r['skipped'] for r in rows] == [0, 0, 1, 0, 1, 1]
   assert [r['skipped_steps'] for r in rows] == [0, 0, 1, 1, 2, 3]
   assert _checkpoints(tmp_path) == [4]
+
+
+def test_phase_times_on_the_chosen_steps(runs, tmp_path):
+  """log.phase_times_every=2 puts positive time/<phase>_s in the rows of steps 2 and 4
+  only, and changes nothing that is logged or trained."""
+  c = _config(4, 4)
+  with c.unlocked():
+    c.log.phase_times_every = 2
+  rows = runs.run(tmp_path / 'timed', c)
+  for row in rows:
+    times = {k: v for k, v in row.items() if k.startswith('time/')}
+    if row['step'] % 2:
+      assert not times, row
+    else:
+      assert set(times) == {f'time/{p}_s' for p in PHASES}, row
+      assert all(v > 0 for v in times.values()), times
+
+  plain = runs.run(tmp_path / 'plain', _config(4, 4), synchronous=True)
+  assert _strip(rows) == _strip(plain)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    runs.final[tmp_path / 'timed'].params,
+    runs.final[tmp_path / 'plain'].params,
+  )
+
+
+def test_phase_times_every_must_be_a_non_negative_integer(tmp_path):
+  c = micro_config(2)
+  with c.unlocked():
+    c.log.phase_times_every = -1
+  with pytest.raises(ConfigError, match=r'^config\.log\.phase_times_every=-1 is invalid'):
+    trainer.run(c, tmp_path)
