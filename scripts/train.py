@@ -16,6 +16,9 @@ each process runs the same command and `jax.distributed.initialize` joins them:
 The mesh then spans every process's devices, each process feeds its own rows of the batch,
 the checkpoint directory must be shared by all of them, and only process 0 writes
 config.json, metrics, TensorBoard, the progress bar, summary.json and stdout.
+
+--profile_steps=5,6 (or a range, 5-7) writes a jax.profiler trace of exactly those steps
+(numbered as in metrics.jsonl) into <workdir>/profile/steps_<first>-<last>/, on process 0.
 """
 
 import os
@@ -43,6 +46,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
   'distributed',
   False,
   'Join a multi-process run whose processes JAX detects (TPU pod slice, SLURM, Open MPI).',
+)
+_PROFILE_STEPS = flags.DEFINE_string(
+  'profile_steps',
+  '',
+  'Steps to trace with jax.profiler into <workdir>/profile/ (process 0), e.g. 5,6 or 5-7.',
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -95,6 +103,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
+    profile_steps = trainer.parse_steps(_PROFILE_STEPS.value) if _PROFILE_STEPS.value else ()
+  except ValueError as e:
+    sys.exit(f'error: --profile_steps: {e}')
+  try:
     _start_processes()
   except (config_lib.ConfigError, trainer.RunError) as e:
     sys.exit(f'error: {e}')
@@ -104,7 +116,7 @@ def main(argv):
   except OSError as e:
     sys.exit(f'error: --config: {str(e).strip().splitlines()[-1].strip()}')
   try:
-    trainer.run(config, _WORKDIR.value)
+    trainer.run(config, _WORKDIR.value, profile_steps=profile_steps)
   except trainer.Preempted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(e.exit_code)

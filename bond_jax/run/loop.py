@@ -13,19 +13,20 @@ checkpoint records and a resume checks (`guards.reference_reloader`).
 The host does not wait for the device each step: step t + 1 is dispatched before step t's
 metrics are read, and the read comes as soon as t + 1 is queued. A step whose metrics or
 state something needs at once (a checkpoint: its metadata carries the bad-step counters;
-an evaluation; a signal or preemption; the run's last step) is read before the next one
-is dispatched. So the same rows, checkpoints and stops come out as
+an evaluation; a signal or preemption; a profile's last step; the run's last step) is read
+before the next one is dispatched. So the same rows, checkpoints and stops come out as
 with a read after every step (`run(..., synchronous=True)`, what tests compare with); a
 run stopped by `train.max_bad_steps` has dispatched one more step, whose result it drops.
 `step_time_s` is the time between two steps' metric reads (with the device kept busy, the
-step's own time; on a timed step, from after the timing), `tokens_per_s` the step's
-generated tokens over it.
+step's own time; on a timed or profiled step, from after the timing or the trace's start),
+`tokens_per_s` the step's generated tokens over it.
 
 Measuring, off by default: `log.phase_times_every=k` (read as 0 when a config lacks it)
 times each phase of every k-th step as separately jitted functions on the step's own inputs
 (`PhaseTimes`: time/sample_s, time/score_s, time/logprobs_s, time/targets_s,
 time/update_s, written in that step's row; the step itself still runs fused, so values do
-not change).
+not change); `run(..., profile_steps=...)` (scripts/train.py --profile_steps) writes a
+`jax.profiler` trace of exactly those steps into workdir/profile/ (process 0).
 
 Several processes (`jax.distributed`, see scripts/train.py) run this same loop: the mesh
 spans all their devices, each feeds its own rows of the batch (`_global`), Orbax saves and
@@ -54,10 +55,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
+import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -103,7 +105,7 @@ def _global(
 
 
 # ---------------------------------------------------------------------------
-# Measuring: phase times.
+# Measuring: phase times and profiles.
 
 
 def phase_times_every(c: ml_collections.ConfigDict) -> int:
@@ -216,6 +218,68 @@ class PhaseTimes:
     return times
 
 
+def parse_steps(text: str) -> tuple[int, ...]:
+  """'5,6' or '5-7' (or a mix: '2,5-7') -> the steps, sorted; ValueError says what is wrong."""
+  steps: set[int] = set()
+  for part in text.split(','):
+    m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+    first, last = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
+    if not m or first < 1 or last < first:
+      raise ValueError(
+        f'expected steps like 5,6 or a range like 5-7 (steps count from 1), got {text!r}'
+      )
+    steps.update(range(first, last + 1))
+  return tuple(sorted(steps))
+
+
+class _Profile:
+  """`jax.profiler` traces of the chosen steps, on process 0: one per run of consecutive
+  steps, from before its first step is dispatched until its last step's state is ready, in
+  directory/steps_<first>-<last>/ (open with TensorBoard's or XProf's profile viewer, or
+  Perfetto: trace.json.gz). Each step is marked as a `StepTraceAnnotation('train')`."""
+
+  def __init__(self, directory: pathlib.Path, steps: Collection[int], first: int, last: int):
+    self._dir, self._stop_at, self._on = directory, None, False
+    chosen = sorted(set(steps))
+    outside = [s for s in chosen if not first <= s <= last]
+    if outside:
+      log(f'note: profile steps {outside} are not in this run (steps {first}-{last})')
+    self._ranges: dict[int, int] = {}  # first step -> last step of each run of steps
+    for s in (s for s in chosen if first <= s <= last):
+      start = next((a for a, b in self._ranges.items() if b == s - 1), s)
+      self._ranges[start] = s
+
+  def starts(self, step: int) -> bool:
+    return step in self._ranges
+
+  def start(self, step: int) -> None:
+    self._stop_at = self._ranges[step]
+    if jax.process_index() == 0:
+      path = self._dir / f'steps_{step}-{self._stop_at}'
+      path.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(path))
+      self._on = True
+
+  def stops(self, step: int) -> bool:
+    return step == self._stop_at
+
+  def stop(self, state: Any) -> None:
+    jax.block_until_ready(state)
+    self._stop_at = None
+    self.close()
+
+  def close(self) -> None:
+    if self._on:
+      self._on = False
+      jax.profiler.stop_trace()
+
+  def __enter__(self) -> _Profile:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()  # a run stopped inside a profiled range
+
+
 @dataclasses.dataclass
 class _Pending:
   """A dispatched step whose metrics are not read yet."""
@@ -260,12 +324,14 @@ def run(
   c: ml_collections.ConfigDict,
   workdir: str | pathlib.Path,
   *,
+  profile_steps: Collection[int] = (),
   synchronous: bool = False,
 ) -> dict[str, Any]:
   """Train (or resume) and evaluate. Returns the summary written to summary.json.
 
-  synchronous: read each step's metrics before the next is dispatched (the same results,
-  slower; for comparison)."""
+  profile_steps: steps (as logged, from 1) to trace with `jax.profiler` into
+  workdir/profile/. synchronous: read each step's metrics before the next is dispatched
+  (the same results, slower; for comparison)."""
   config_lib.validate(c)  # before anything is loaded or compiled
   guards.check_max_bad_steps(c)
   phase_times_every(c)
@@ -279,7 +345,7 @@ def run(
     setup = run_setup.build(c, mesh)
     guards.check_reward(c, setup)
     ckpts.reload = guards.reference_reloader(c, setup)
-    summary = _train(c, workdir, mesh, setup, ckpts, synchronous)
+    summary = _train(c, workdir, mesh, setup, ckpts, profile_steps, synchronous)
     ckpts.wait()  # the last save, written while the final evaluation ran
     return summary
   except checkpoint.CheckpointError as e:
@@ -297,6 +363,7 @@ def _train(
   mesh: jax.sharding.Mesh,
   setup: run_setup.RunSetup,
   ckpts: checkpoint.Checkpoints,
+  profile_steps: Collection[int] = (),
   synchronous: bool = False,
 ) -> dict[str, Any]:
   if not setup.step_cfg.sampling.is_exact:
@@ -368,6 +435,7 @@ def _train(
     guards.align_processes('bond_jax_first_step')
   every = phase_times_every(c)
   phases = PhaseTimes(setup, mesh) if every else None
+  profile = _Profile(workdir / 'profile', profile_steps, start + 1, c.train.num_steps)
   t_last = time.time()
 
   def read(p: _Pending, evaluate_state: Any = None) -> None:
@@ -404,20 +472,23 @@ def _train(
       )
 
   pending: _Pending | None = None  # the step before the one being dispatched, not read yet
-  with _StopSignals() as stop:
+  with _StopSignals() as stop, profile:
     try:
       for n in range(start + 1, c.train.num_steps + 1):  # n: the step as logged and saved
         batch = first_batch if n == start + 1 else setup.prompts.next_batch()
         prompt, valid = _global(batch_sharding, c.train.batch_size, *batch)
         timed = bool(every) and n % every == 0
-        if pending is not None and timed:  # an idle device first
+        if pending is not None and (timed or profile.starts(n)):  # an idle device first
           read(pending)
           stop_if_bad(pending)
           pending = None
         extra = phases.measure(state, prompt, valid, setup.reward_params) if timed else {}
-        if timed:
+        if profile.starts(n):
+          profile.start(n)
+        if timed or profile.starts(n):
           t_last = time.time()  # the step's time is its own
-        state, m = step_fn(state, prompt, valid, setup.reward_params)
+        with jax.profiler.StepTraceAnnotation('train', step_num=n):
+          state, m = step_fn(state, prompt, valid, setup.reward_params)
         if pending is not None:  # step n - 1, read while step n runs
           read(pending)
           stop_if_bad(pending)
@@ -425,11 +496,20 @@ def _train(
         # What needs this step's metrics or state before the next step is dispatched (the
         # state is donated to it): a checkpoint (its metadata holds the bad-step counters;
         # saved when `checkpoint.Checkpoints`' policy says: every ckpt.every steps and at a
-        # preemption), an evaluation, a stop, the last step.
+        # preemption), an evaluation, a stop, the end of a profile, the last step.
         evaluate = bool(c.eval.every) and n % c.eval.every == 0
         preempted = stop.signum is not None or ckpts.preempted(n)
-        if synchronous or evaluate or preempted or n % c.ckpt.every == 0 or n == c.train.num_steps:
+        if (
+          synchronous
+          or evaluate
+          or preempted
+          or n % c.ckpt.every == 0
+          or profile.stops(n)
+          or n == c.train.num_steps
+        ):
           read(pending, state if evaluate else None)
+          if profile.stops(n):
+            profile.stop(state)
           save(n)
           if preempted:
             _preempted(ckpts, save, n, stop.signum or signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""The loop's asynchronous dispatch and phase times (run.loop), on cheap runs.
+"""The loop's asynchronous dispatch, phase times and profiles (run.loop), on cheap runs.
 
 Every run here shares one setup and one compiled step: test_loop's micro config with a
 random one-layer pi_ref (no supervised pre-training) and a reward that is NaN for the
@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gzip
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,7 @@ from bond_jax.run import setup as run_setup
 from bond_jax.types import ConfigError
 from tests.run.test_loop import micro_config
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIMING = ('tokens_per_s', 'step_time_s')  # wall-clock metrics, the only ones that may differ
 POISON_ROWS = 8  # the reward parameters' shape: prompts whose reward is NaN (-1: none)
 PHASES = ('sample', 'score', 'logprobs', 'targets', 'update')
@@ -177,13 +181,14 @@ def test_async_dispatch_stops_at_the_same_bad_step(runs, tmp_path):
   assert _checkpoints(tmp_path) == [4]
 
 
-def test_phase_times_on_the_chosen_steps(runs, tmp_path):
+def test_phase_times_and_a_profile_of_the_chosen_steps(runs, tmp_path):
   """log.phase_times_every=2 puts positive time/<phase>_s in the rows of steps 2 and 4
-  only, and changes nothing that is logged or trained."""
+  only; profile_steps=(1, 3) traces steps 1 and 3, each alone; neither changes what is
+  logged or trained."""
   c = _config(4, 4)
   with c.unlocked():
     c.log.phase_times_every = 2
-  rows = runs.run(tmp_path / 'timed', c)
+  rows = runs.run(tmp_path / 'timed', c, profile_steps=(1, 3))
   for row in rows:
     times = {k: v for k, v in row.items() if k.startswith('time/')}
     if row['step'] % 2:
@@ -192,6 +197,21 @@ def test_phase_times_on_the_chosen_steps(runs, tmp_path):
       assert set(times) == {f'time/{p}_s' for p in PHASES}, row
       assert all(v > 0 for v in times.values()), times
 
+  # One trace per run of consecutive steps, each holding its steps alone.
+  traces = sorted((tmp_path / 'timed' / 'profile').glob('*/plugins/profile/*/*.xplane.pb'))
+  assert [t.relative_to(tmp_path / 'timed' / 'profile').parts[0] for t in traces] == [
+    'steps_1-1',
+    'steps_3-3',
+  ]
+  for trace, step in zip(traces, (1, 3), strict=True):
+    (events,) = trace.parent.glob('*.trace.json.gz')
+    steps = {
+      int(e['args']['step_num'])
+      for e in json.loads(gzip.decompress(events.read_bytes()))['traceEvents']
+      if e.get('name') == 'train' and 'step_num' in e.get('args', {})
+    }
+    assert steps == {step}
+
   plain = runs.run(tmp_path / 'plain', _config(4, 4), synchronous=True)
   assert _strip(rows) == _strip(plain)
   jax.tree.map(
@@ -199,6 +219,29 @@ def test_phase_times_on_the_chosen_steps(runs, tmp_path):
     runs.final[tmp_path / 'timed'].params,
     runs.final[tmp_path / 'plain'].params,
   )
+
+
+def test_profile_steps_are_parsed_and_a_bad_value_is_one_line(tmp_path):
+  assert trainer.parse_steps('5,6') == (5, 6)
+  assert trainer.parse_steps('5-7') == (5, 6, 7)
+  assert trainer.parse_steps('2, 6-7,3') == (2, 3, 6, 7)
+  for bad in ('x', '0', '7-5', '5,', '-1'):
+    with pytest.raises(ValueError, match=r'^expected steps like 5,6 or a range like 5-7'):
+      trainer.parse_steps(bad)
+  cmd = [sys.executable, 'scripts/train.py', f'--config={ROOT / "configs" / "jbond_tiny.py"}']
+  proc = subprocess.run(
+    [*cmd, f'--workdir={tmp_path / "run"}', '--profile_steps=5-x'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+    'error: --profile_steps: expected steps like 5,6 or a range like 5-7 (steps count from '
+    "1), got '5-x'"
+  )
+  assert not (tmp_path / 'run').exists()
 
 
 def test_phase_times_every_must_be_a_non_negative_integer(tmp_path):
