@@ -43,8 +43,10 @@ def train(
   """Train a model from random init; returns (params, last chunk's mean loss)."""
   init_rng, data_rng = jax.random.split(rng)
   params = model_lib.init_params(cfg, init_rng)
+  warmup = min(100, steps // 10 + 1)
+  # optax needs the decay to outlast the warm-up: a one-step run decays over two.
   schedule = optax.warmup_cosine_decay_schedule(
-    0.0, learning_rate, min(100, steps // 10 + 1), steps, end_value=learning_rate * 0.1
+    0.0, learning_rate, warmup, max(steps, warmup + 1), end_value=learning_rate * 0.1
   )
   tx = optax.adamw(schedule, weight_decay=0.0)
   opt_state = tx.init(params)
