@@ -98,4 +98,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.tensorboard = True
   c.log.progress = True  # progress bar with ETA on the console
+  c.log.phase_times_every = 0  # every k-th step also runs its phases (sample, score, logprobs, targets, update) as separately jitted functions and logs time/<phase>_s (0: off; the update still comes from the fused step; costs one compile per phase and, on those steps, memory for one more copy of params + optimizer state)
   return c
