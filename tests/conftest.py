@@ -1,5 +1,14 @@
 """Shared fixtures: a tiny decoder with random weights, the embedded task, and the results
-of the background processes with 8 fake CPU devices (tests/eight_devices.py)."""
+of the background processes with 8 fake CPU devices (tests/eight_devices.py).
+
+The session compiles through one persistent compilation cache in a fresh temporary directory
+(removed at the end; nothing is read from an earlier session). The `python` subprocesses the
+tests start inherit it through JAX_COMPILATION_CACHE_DIR: a one-device `scripts/train.py`
+of the micro config reads the programs this process compiled instead of compiling them
+again (tests/run/test_reliability.py), and so does a program compiled again in this process
+under a new `jax.jit` object. Subprocesses with another device count share nothing with
+this process (the device topology is part of the cache key).
+"""
 
 import json
 import os
@@ -16,6 +25,23 @@ from bond_jax.data import tasks
 from bond_jax.models import decoder as model_lib
 
 ROOT = Path(__file__).resolve().parents[1]
+_CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+_cache_dir: str | None = None  # made by this process (not inherited): removed at its end
+
+
+def pytest_configure(config):
+  """Point JAX's persistent compilation cache at a fresh directory for this session, every
+  compilation included (the defaults skip programs that compile in under a second). A
+  pytest-xdist worker uses the directory its controller made."""
+  global _cache_dir
+  if not hasattr(config, 'workerinput') or not os.environ.get(_CACHE_ENV):
+    _cache_dir = tempfile.mkdtemp(prefix='bond_jax_jax_cache_')
+    os.environ[_CACHE_ENV] = _cache_dir
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+  jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_ENV])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
 @pytest.fixture(scope='session')
@@ -97,6 +123,8 @@ def pytest_collection_finish(session):
 def pytest_unconfigure(config):
   for background in _BACKGROUND.values():
     background.stop()
+  if _cache_dir is not None:
+    shutil.rmtree(_cache_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
