@@ -1,8 +1,10 @@
 """A run survives what happens to long runs: signals, kills, damaged checkpoints, NaN
 rewards, changed configs and bad input, each with a one-line message.
 
-One background thread drives real `scripts/train.py` processes (sharing a persistent
-compilation cache, so only the first compiles) while the in-process tests run:
+One background thread drives real `scripts/train.py` processes (sharing the session's
+persistent compilation cache, tests/conftest.py, so they read the micro config's programs
+that the tests before them compiled, and only the first compiles the rest) while the
+in-process tests run:
 
   resumed   stopped by SIGTERM, rerun, killed by SIGKILL at a seeded random step between
             two checkpoints, rerun to the end
@@ -87,7 +89,8 @@ class Done:
 def _start(base: pathlib.Path, workdir: pathlib.Path, name: str, *extra: str, script='train'):
   env = dict(
     os.environ,
-    JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
+    JAX_COMPILATION_CACHE_DIR=os.environ.get('JAX_COMPILATION_CACHE_DIR')
+    or str(base / 'jax_cache'),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
   )
