@@ -411,11 +411,11 @@ def _train(
   writer = metrics.MetricWriter(
     workdir, c.train.num_steps, start, c.log.tensorboard, c.log.progress
   )
-  extra = {guards.REFERENCE: reference} if reference is not None else {}
+  reference_meta = {guards.REFERENCE: reference} if reference is not None else {}
   leave_out = ('ref_params',) if reference is not None else ()
 
   def save(step: int, force: bool = False) -> None:
-    meta = {'data_position': setup.prompts.state(), **counters, **extra}
+    meta = {'data_position': setup.prompts.state(), **counters, **reference_meta}
     ckpts.save(step, state, force=force, metadata=meta, leave_out=leave_out)
 
   if start < c.train.num_steps:
@@ -482,7 +482,7 @@ def _train(
           read(pending)
           stop_if_bad(pending)
           pending = None
-        extra = phases.measure(state, prompt, valid, setup.reward_params) if timed else {}
+        times = phases.measure(state, prompt, valid, setup.reward_params) if timed else {}
         if profile.starts(n):
           profile.start(n)
         if timed or profile.starts(n):
@@ -492,7 +492,7 @@ def _train(
         if pending is not None:  # step n - 1, read while step n runs
           read(pending)
           stop_if_bad(pending)
-        pending = _Pending(n, m, extra)
+        pending = _Pending(n, m, times)
         # What needs this step's metrics or state before the next step is dispatched (the
         # state is donated to it): a checkpoint (its metadata holds the bad-step counters;
         # saved when `checkpoint.Checkpoints`' policy says: every ckpt.every steps and at a
