@@ -24,14 +24,15 @@ gamma in {0, 0.5, 1, 2}), n = 2 anchor samples. Override e.g.
 --config.bond.eta=0.05 --config.bond.gamma=1.0.
 
 Hardware (planned, not yet run at this scale): TPU v5e-8 (16 GiB per chip), FSDP over all
-8 chips (mesh.fsdp=-1), or 8 x H100 80 GB the same way. Float32 master weights for policy
-and anchor (Adam steps of 3e-6, and EMA steps, vanish in bfloat16), pi_ref and the reward
-model in bfloat16, Adam's first moment in bfloat16; blocks rematerialised; sampling in
+8 chips (mesh.fsdp=-1), or one 80 GB GPU. Float32 master weights for policy and anchor
+(Adam steps of 3e-6, and EMA steps, vanish in bfloat16), pi_ref and the reward model in
+bfloat16, Adam's first moment in bfloat16; blocks rematerialised and scanned; sampling in
 micro-batches of 32 prompts, log-probs and gradients in micro-batches of 16 rows, logits 64
 positions at a time. `python scripts/memory_plan.py --config=configs/jbond_gemma2b.py
---target=v5e:2x4` (TPU compiler, on a CPU machine): 10.92 GiB per chip of 16 (measured with
-pi_ref still float32; README "Running at scale"). One 80 GB GPU is not yet shown to fit
-(the CPU compiler's plan: 105 GiB). Each step samples 1 policy and 2 anchor responses of up
+--target=v5e:2x4` (TPU compiler, on a CPU machine): 13.60 GiB per chip of 16; with
+`--target=gpu:1 --gpu_compiler=tpu` (the TPU compiler standing in for the GPU's): 66.8 GiB
+of 79.6 (the CPU compiler's `--target=gpu:1` says 114.7 GiB, an overstatement; README
+"Running at scale"). Each step samples 1 policy and 2 anchor responses of up
 to 256 tokens per prompt (384 generations) and scores them: expect tens of seconds per step.
 
 Expected result (the paper's Fig. 6-7 shapes; its reward model is private, so no
