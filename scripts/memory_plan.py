@@ -40,10 +40,11 @@ _GPU_MEMORY = flags.DEFINE_float(
 _GPU_COMPILER = flags.DEFINE_enum(
   'gpu_compiler',
   'cpu',
-  ['cpu', 'tpu'],
+  ['cpu', 'tpu', 'gpu'],
   "How gpu:N targets are compiled: 'cpu' (N fake CPU devices; bfloat16 widened to float32, "
   "so temporaries are overstated) or 'tpu' (the TPU compiler for N v5p chips, a closer "
-  'stand-in for XLA:GPU; needs requirements-tpu.txt).',
+  "stand-in for XLA:GPU; needs requirements-tpu.txt) or 'gpu' (XLA's GPU compiler on this "
+  "machine's GPUs: the GPU's own figure).",
 )
 flags.mark_flags_as_required(['config', 'target'])
 

@@ -23,6 +23,8 @@ Targets (`parse_target`):
                                      XLA's GPU compiler, which needs a GPU to run: like it,
                                      and unlike the CPU one, it computes in bfloat16 and
                                      schedules for memory. Neither is the GPU's own figure.
+  gpu:N with gpu_compiler='gpu'      XLA's GPU compiler on N GPUs of this machine: the GPU's
+                                     own figure (run it where a GPU is)
 
 Peak per device = arguments + outputs - outputs aliased to donated arguments +
 temporaries (the donated state's new value reuses the old one's buffers), as maxtext's
@@ -98,12 +100,14 @@ class Target:
   num_devices: int
   device_memory_bytes: int
   device_label: str  # 'TPU v5e', 'H100 80 GB'
-  compile_with: str = 'cpu'  # 'tpu' for TPU targets; a GPU target's stand-in compiler
+  compile_with: str = 'cpu'  # a gpu:N target's compiler: 'cpu' | 'tpu' (stand-ins) | 'gpu'
 
   @property
   def compiler(self) -> str:
     if self.kind == 'tpu':
       return 'the TPU compiler (libtpu)'
+    if self.compile_with == 'gpu':
+      return f"XLA's GPU compiler on {self.num_devices} local GPU(s)"
     if self.compile_with == 'tpu':
       return (
         f'the TPU compiler (libtpu) for {self.num_devices} TPU v5p chip(s) '
@@ -130,11 +134,12 @@ def parse_target(
   text: str, gpu_memory_gib: float | None = None, gpu_compiler: str = 'cpu'
 ) -> Target:
   """The target named by --target (forms in TARGET_FORMS); one-line TargetError otherwise.
-  gpu_compiler: how a gpu:N target is compiled, 'cpu' (fake CPU devices) or 'tpu' (the
-  TPU compiler for as many v5p chips, see the module docstring)."""
+  gpu_compiler: how a gpu:N target is compiled, 'cpu' (fake CPU devices), 'tpu' (the
+  TPU compiler for as many v5p chips) or 'gpu' (this machine's GPUs); see the module
+  docstring."""
   text = (text or '').strip()
-  if gpu_compiler not in ('cpu', 'tpu'):
-    raise TargetError(f"--gpu_compiler={gpu_compiler!r} is invalid: give 'cpu' or 'tpu'.")
+  if gpu_compiler not in ('cpu', 'tpu', 'gpu'):
+    raise TargetError(f"--gpu_compiler={gpu_compiler!r} is invalid: give 'cpu', 'tpu' or 'gpu'.")
   tpu, gpu = TPU_PATTERN.match(text.lower()), GPU_PATTERN.match(text.lower())
   if tpu:
     generation, dims = tpu.group(1), tpu.group(2)
@@ -171,6 +176,15 @@ def parse_target(
 def target_devices(target: Target) -> list[Any]:
   """The devices the step is compiled for: the topology's TPUs, or N CPU devices (JAX's
   device count is fixed when its backend starts, so a gpu:N plan sets it first)."""
+  if target.compile_with == 'gpu':
+    gpus = [d for d in jax.devices() if d.platform == 'gpu']
+    if len(gpus) < target.num_devices:
+      raise TargetError(
+        f"--target={target.name} --gpu_compiler=gpu compiles on this machine's GPUs and "
+        f'finds {len(gpus)}; run it where {target.num_devices} are, or use '
+        '--gpu_compiler=tpu / cpu.'
+      )
+    return gpus[: target.num_devices]
   if target.kind == 'tpu' or target.compile_with == 'tpu':
     try:
       import libtpu  # noqa: F401 (only to say what is missing)
@@ -388,7 +402,7 @@ class Plan:
     gib = lambda b: round(b / GIB, 3)
     out = {
       'target': self.target.name,
-      'compiler': 'tpu' if 'tpu' in (self.target.kind, self.target.compile_with) else 'cpu',
+      'compiler': 'tpu' if self.target.kind == 'tpu' else self.target.compile_with,
       'num_devices': self.target.num_devices,
       'mesh': dict(zip(('data', 'fsdp', 'model'), self.mesh_shape, strict=True)),
       'peak_gib_per_device': gib(self.peak),
@@ -575,7 +589,7 @@ def describe(
       "GPU compiler's own choices differ: not a GPU measurement. --gpu_compiler=cpu gives "
       "the CPU compiler's (higher) figure."
     )
-  elif t.kind == 'gpu':
+  elif t.kind == 'gpu' and t.compile_with == 'cpu':
     lines.append(
       "  note: JAX's CPU compiler widens bfloat16 to float32 (dots and their operands), so "
       "these temporaries overstate a GPU's; the arguments are exact."

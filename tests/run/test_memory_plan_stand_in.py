@@ -35,12 +35,25 @@ def test_a_gpu_target_compiled_by_the_tpu_compiler(n, topology):
   [
     ('gpu:3', 'tpu', '--gpu_compiler=tpu plans 1, 2, 4'),
     ('v5e:2x4', 'tpu', '--gpu_compiler applies to gpu:N targets'),
-    ('gpu:1', 'gpu', "--gpu_compiler='gpu' is invalid"),
+    ('gpu:1', 'cuda', "--gpu_compiler='cuda' is invalid"),
   ],
 )
 def test_bad_gpu_compiler_requests_are_one_line(text, compiler, match):
   with pytest.raises(memory_plan.TargetError, match=match):
     memory_plan.parse_target(text, gpu_compiler=compiler)
+
+
+def test_a_gpu_target_compiled_by_the_local_gpus_needs_them():
+  """--gpu_compiler=gpu is the GPU's own figure, so it compiles where the GPUs are; on a
+  machine with fewer it stops with one line before anything is compiled."""
+  target = memory_plan.parse_target('gpu:2', gpu_compiler='gpu')
+  assert target.compile_with == 'gpu' and 'GPU compiler' in target.compiler
+  gpus = [d for d in jax.devices() if d.platform == 'gpu']
+  if len(gpus) >= 2:
+    assert memory_plan.target_devices(target) == gpus[:2]
+  else:
+    with pytest.raises(memory_plan.TargetError, match=f'finds {len(gpus)}'):
+      memory_plan.target_devices(target)
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed (requirements-tpu.txt)')
