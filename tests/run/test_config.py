@@ -149,7 +149,11 @@ def test_hf_config_without_checkpoint_has_its_presets_shapes(name, preset):
   c = load_config(name)
   assert c.model.hf_checkpoint == '' and c.model.preset == preset
   assert config_lib.model_config(c) == dataclasses.replace(
-    model_lib.PRESETS[preset], dtype='bfloat16', param_dtype='float32', remat=c.model.remat
+    model_lib.PRESETS[preset],
+    dtype='bfloat16',
+    param_dtype='float32',
+    remat=c.model.remat,
+    scan_layers=c.model.scan_layers,
   )
   c.model.preset = ''  # nothing left to take the shapes from
   with pytest.raises(config_lib.ConfigError, match=r"model\.preset='' .*model\.hf_checkpoint"):
@@ -186,7 +190,11 @@ def test_hf_preset_must_match_the_checkpoint(tmp_path):
   c.model.preset = 'gemma_7b'
   config_lib.validate(c)
   assert config_lib.model_config(c) == dataclasses.replace(
-    model_lib.PRESETS['gemma_7b'], dtype='bfloat16', param_dtype='float32', remat='block'
+    model_lib.PRESETS['gemma_7b'],
+    dtype='bfloat16',
+    param_dtype='float32',
+    remat='block',
+    scan_layers=True,
   )
 
 
