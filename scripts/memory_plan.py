@@ -22,7 +22,11 @@ import pathlib
 import re
 import sys
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # plans never use this machine's accelerator
+# Only --gpu_compiler=gpu compiles on this machine's accelerator; other plans never touch it.
+if not re.search(r'--gpu_compiler[= ]gpu\b', ' '.join(sys.argv[1:])):
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Plans only compile: libtpu may be loaded by several at once (no lock between them).
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
