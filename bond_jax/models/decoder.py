@@ -296,13 +296,11 @@ class Attention(nn.Module):
       k_BxTxKxH = norm('k_norm')(k_BxTxKxH)
     # Gemma 3 local layers have their own unscaled base; otherwise every layer uses the
     # global base and scaling (as transformers does for Qwen2 / Llama sliding layers).
-    global_rope = (cfg.rope_base, cfg.rope_scale, cfg.rope_llama3)
-    local_rope = (cfg.rope_local_base, 1.0, None) if cfg.rope_local_base is not None else None
-    inv_freq_h = rope_inv_freq(cfg.head_dim, *global_rope)
-    if local_rope is not None and isinstance(local, bool):
-      inv_freq_h = rope_inv_freq(cfg.head_dim, *(local_rope if local else global_rope))
-    elif local_rope is not None:
-      inv_freq_h = jnp.where(local, rope_inv_freq(cfg.head_dim, *local_rope), inv_freq_h)
+    # `local` is True, False, or traced (a scan over mixed layers): then both are selected.
+    inv_freq_h = rope_inv_freq(cfg.head_dim, cfg.rope_base, cfg.rope_scale, cfg.rope_llama3)
+    if cfg.rope_local_base is not None and local is not False:
+      local_h = rope_inv_freq(cfg.head_dim, cfg.rope_local_base)
+      inv_freq_h = local_h if local is True else jnp.where(local, local_h, inv_freq_h)
     q_BxTxNxH = rotate(q_BxTxNxH, positions_BxT, jnp.asarray(inv_freq_h))
     k_BxTxKxH = rotate(k_BxTxKxH, positions_BxT, jnp.asarray(inv_freq_h))
 
@@ -314,9 +312,8 @@ class Attention(nn.Module):
     else:
       k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
 
-    if (
-      local is not False
-    ):  # a query sees keys less than `sliding_window` slots back (as transformers)
+    # A local query sees keys less than `sliding_window` slots back (as transformers).
+    if local is not False:
       t, s = mask_BxTxS.shape[-2:]
       q_slot_T = cache_index + jnp.arange(t)
       in_window_TxS = q_slot_T[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window
