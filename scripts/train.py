@@ -32,7 +32,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bond_jax.run import config as config_lib  # noqa: E402
-from bond_jax.run import guards  # noqa: E402
+from bond_jax.run import guards, profiling  # noqa: E402
 from bond_jax.run import loop as trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -103,7 +103,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
-    profile_steps = trainer.parse_steps(_PROFILE_STEPS.value) if _PROFILE_STEPS.value else ()
+    profile_steps = profiling.parse_steps(_PROFILE_STEPS.value) if _PROFILE_STEPS.value else ()
   except ValueError as e:
     sys.exit(f'error: --profile_steps: {e}')
   try:

@@ -24,7 +24,7 @@ import pytest
 
 from bond_jax.models import decoder as model_lib
 from bond_jax.run import loop as trainer
-from bond_jax.run import metrics
+from bond_jax.run import metrics, profiling
 from bond_jax.run import setup as run_setup
 from bond_jax.types import ConfigError
 from tests.run.test_loop import micro_config
@@ -222,12 +222,12 @@ def test_phase_times_and_a_profile_of_the_chosen_steps(runs, tmp_path):
 
 
 def test_profile_steps_are_parsed_and_a_bad_value_is_one_line(tmp_path):
-  assert trainer.parse_steps('5,6') == (5, 6)
-  assert trainer.parse_steps('5-7') == (5, 6, 7)
-  assert trainer.parse_steps('2, 6-7,3') == (2, 3, 6, 7)
+  assert profiling.parse_steps('5,6') == (5, 6)
+  assert profiling.parse_steps('5-7') == (5, 6, 7)
+  assert profiling.parse_steps('2, 6-7,3') == (2, 3, 6, 7)
   for bad in ('x', '0', '7-5', '5,', '-1'):
     with pytest.raises(ValueError, match=r'^expected steps like 5,6 or a range like 5-7'):
-      trainer.parse_steps(bad)
+      profiling.parse_steps(bad)
   cmd = [sys.executable, 'scripts/train.py', f'--config={ROOT / "configs" / "jbond_tiny.py"}']
   proc = subprocess.run(
     [*cmd, f'--workdir={tmp_path / "run"}', '--profile_steps=5-x'],
