@@ -46,16 +46,20 @@ CFG = model_lib.ModelConfig(
 )
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
+def median_seconds(fn, *args, reps: int = 5) -> float:
+  """Median wall time of `fn(*args)` (jitted; compiled by a first, untimed call)."""
+  fn(*args).block_until_ready()
   times = []
   for _ in range(reps):
     t = time.perf_counter()
-    f(a).block_until_ready()
+    fn(*args).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(times) / 1e9
+  return statistics.median(times)
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  return 2 * n**3 / median_seconds(jax.jit(lambda x: x @ x), a, reps=reps) / 1e9
 
 
 def decode_matmul_flops(cfg: model_lib.ModelConfig) -> int:
@@ -82,8 +86,9 @@ def decode_shaped_matmul_gflops(
     for p in layers:
       a, m = p['attn'], p['mlp']
       q = jnp.einsum('bd,dnh->bnh', x, a['q_proj']['kernel'])
-      kv = jnp.einsum('bd,dkh->bkh', x, a['k_proj']['kernel'] + a['v_proj']['kernel'])
-      q = q + jnp.mean(kv, axis=1, keepdims=True)
+      k = jnp.einsum('bd,dkh->bkh', x, a['k_proj']['kernel'])
+      v = jnp.einsum('bd,dkh->bkh', x, a['v_proj']['kernel'])
+      q = q + jnp.mean(k + v, axis=1, keepdims=True)  # k and v feed the output: not dead code
       x = x + jnp.einsum('bnh,nhd->bd', q, a['o_proj']['kernel'])
       hidden = jnp.tanh(x @ m['gate_proj']['kernel']) * (x @ m['up_proj']['kernel'])
       x = x + hidden @ m['down_proj']['kernel']
@@ -92,17 +97,8 @@ def decode_shaped_matmul_gflops(
 
   run = jax.jit(lambda x: jax.lax.fori_loop(0, steps, token, x))
   x = jnp.ones((batch, cfg.embed_dim), jnp.float32) * 0.01
-  run(x).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    run(x).block_until_ready()
-    times.append(time.perf_counter() - t)
-  # k and v are summed before their matmul here: count them as the one matmul done.
-  flops = (
-    decode_matmul_flops(cfg) - 2 * cfg.num_layers * cfg.embed_dim * cfg.num_kv_heads * cfg.head_dim
-  )
-  return batch * steps * flops / statistics.median(times) / 1e9
+  seconds = median_seconds(run, x, reps=reps)
+  return batch * steps * decode_matmul_flops(cfg) / seconds / 1e9
 
 
 def main() -> None:
