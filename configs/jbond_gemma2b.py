@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'  # master weights of policy and anchor: Adam updates of lr 3e-6, and EMA steps eta * (theta - anchor), are below bfloat16 resolution
   c.model.reference_dtype = 'bfloat16'  # pi_ref is frozen, so bfloat16 loses nothing (Gemma checkpoints are bfloat16)
   c.model.remat = 'block'  # recompute each block in the backward pass: 'none' | 'block' | 'save_dots' | 'save_attn'
-  c.model.scan_layers = True  # the blocks as one lax.scan over stacked parameters: the same values, a TPU compile ~4x faster, and the CPU compiler plans far less (README "Running at scale"); the parameter layout, so fixed for a run's life
+  c.model.scan_layers = True  # the blocks as one lax.scan over stacked parameters: the same values, a TPU compile several times faster, and the CPU compiler plans far less (README "Running at scale"); the parameter layout, so fixed for a run's life
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # local tokenizer dir; '' = model.hf_checkpoint
