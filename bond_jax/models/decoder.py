@@ -108,8 +108,8 @@ class ModelConfig:
   # the weight matmuls; 'save_attn' also keeps each attention output (named 'attn_out').
   remat: str = 'none'
   # Run the blocks as one lax.scan over stacked parameters ('layers/...', leading axis L)
-  # rather than unrolled ('layer_i/...'): values are unchanged; compile time and the
-  # compiler's temporaries stop growing with depth. Mixed local / global layers scan too
+  # rather than unrolled ('layer_i/...'): values are unchanged; compile time, and the CPU
+  # compiler's temporaries, stop growing with depth. Mixed local / global layers scan too
   # (each layer's type is an input of the scan).
   scan_layers: bool = False
 
