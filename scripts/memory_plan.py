@@ -22,8 +22,12 @@ import pathlib
 import re
 import sys
 
-# Only --gpu_compiler=gpu compiles on this machine's accelerator; other plans never touch it.
-if not re.search(r'--gpu_compiler[= ]gpu\b', ' '.join(sys.argv[1:])):
+# Plans compile for described devices and never touch this machine's accelerator, except
+# --gpu_compiler=gpu on a machine with NVIDIA GPUs, which uses them when they are of the
+# target's kind. (JAX's CUDA plugin registers itself on a GPU-less machine only when JAX
+# is kept to the CPU, so that is also what lets it compile deviceless there.)
+_LOCAL_GPUS = os.path.exists('/dev/nvidia0') or os.path.exists('/dev/nvidiactl')
+if not (_LOCAL_GPUS and re.search(r'--gpu_compiler[= ]gpu\b', ' '.join(sys.argv[1:]))):
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Plans only compile: libtpu may be loaded by several at once (no lock between them).
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
@@ -43,12 +47,13 @@ _GPU_MEMORY = flags.DEFINE_float(
 )
 _GPU_COMPILER = flags.DEFINE_enum(
   'gpu_compiler',
-  'cpu',
-  ['cpu', 'tpu', 'gpu'],
-  "How gpu:N targets are compiled: 'cpu' (N fake CPU devices; bfloat16 widened to float32, "
-  "so temporaries are overstated) or 'tpu' (the TPU compiler for N v5p chips, a closer "
-  "stand-in for XLA:GPU; needs requirements-tpu.txt) or 'gpu' (XLA's GPU compiler on this "
-  "machine's GPUs: the GPU's own figure).",
+  'auto',
+  ['auto', 'cpu', 'tpu', 'gpu'],
+  "How gpu:N targets are compiled: 'gpu' (XLA's GPU compiler, the GPU's own figure: on "
+  "local GPUs of the target's kind, else deviceless; needs JAX's CUDA plugin, "
+  "requirements-gpu.txt, no GPU), 'cpu' (N fake CPU devices; bfloat16 widened to float32, "
+  "so temporaries are overstated) or 'tpu' (the TPU compiler for N v5p chips as a stand-in; "
+  "requirements-tpu.txt). 'auto': 'gpu' where the CUDA plugin is installed, else 'cpu'.",
 )
 flags.mark_flags_as_required(['config', 'target'])
 
@@ -84,7 +89,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
-    target = memory_plan.parse_target(_TARGET.value, _GPU_MEMORY.value, _GPU_COMPILER.value)
+    compiler = _GPU_COMPILER.value
+    if compiler == 'auto':
+      compiler = 'gpu' if memory_plan.has_cuda_plugin() else 'cpu'
+      if not _TARGET.value.lower().startswith('gpu:'):
+        compiler = 'cpu'
+    target = memory_plan.parse_target(_TARGET.value, _GPU_MEMORY.value, compiler)
     if target.kind == 'gpu' and target.compile_with == 'cpu':
       import jax  # noqa: PLC0415 (the device count is set before JAX's backend starts)
 

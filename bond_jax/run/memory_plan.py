@@ -23,8 +23,13 @@ Targets (`parse_target`):
                                      XLA's GPU compiler, which needs a GPU to run: like it,
                                      and unlike the CPU one, it computes in bfloat16 and
                                      schedules for memory. Neither is the GPU's own figure.
-  gpu:N with gpu_compiler='gpu'      XLA's GPU compiler on N GPUs of this machine: the GPU's
-                                     own figure (run it where a GPU is)
+  gpu:N with gpu_compiler='gpu'      XLA's GPU compiler itself, the GPU's own figure: on this
+                                     machine's GPUs when it has N of the target's kind, else
+                                     ahead of time for N such GPUs described to JAX's CUDA
+                                     plugin (`gpu_target_config`; no GPU needed, a CPU-only
+                                     machine with requirements-gpu.txt will do). Deviceless
+                                     compiles skip autotuning: a GPU's autotuned kernels may
+                                     take a little more scratch space.
 
 Peak per device = arguments + outputs - outputs aliased to donated arguments +
 temporaries (the donated state's new value reuses the old one's buffers), as maxtext's
@@ -40,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import resource
 import time
@@ -76,6 +82,14 @@ TPU_KINDS = {
 # Memory of each GPU as nvidia-smi reports it (MiB): 'H100 80 GB' is 79.6 GiB.
 GPU_MEMORY_MIB = {'h100': 81_559, 'h200': 143_771}
 GPU_LABELS = {'h100': 'H100 80 GB', 'h200': 'H200 141 GB'}
+# What XLA's GPU compiler is told about each GPU when it compiles without one (SXM parts,
+# from NVIDIA's Hopper datasheets): both are the same Hopper chip (compute capability 9.0,
+# 132 multiprocessors); the H200 has more and faster memory. device_kind is what JAX names
+# the attached GPU, so a local GPU of the target's kind is recognised.
+GPU_CHIPS = {
+  'h100': {'device_kind': 'NVIDIA H100 80GB HBM3', 'bandwidth': 3.35e12},
+  'h200': {'device_kind': 'NVIDIA H200', 'bandwidth': 4.8e12},
+}
 
 TARGET_FORMS = (
   'a TPU topology such as v5e:2x4, v5e:4x4, v5e:4x8 or v5p:2x2x2 (generations '
@@ -101,13 +115,15 @@ class Target:
   device_memory_bytes: int
   device_label: str  # 'TPU v5e', 'H100 80 GB'
   compile_with: str = 'cpu'  # a gpu:N target's compiler: 'cpu' | 'tpu' (stand-ins) | 'gpu'
+  gpu_model: str = 'h100'  # a gpu:N target's chip, a key of GPU_CHIPS
 
   @property
   def compiler(self) -> str:
     if self.kind == 'tpu':
       return 'the TPU compiler (libtpu)'
     if self.compile_with == 'gpu':
-      return f"XLA's GPU compiler on {self.num_devices} local GPU(s)"
+      where = 'local' if local_gpus(self) else 'described (deviceless: no GPU used)'
+      return f"XLA's GPU compiler for {self.num_devices} {where} {self.device_label} GPU(s)"
     if self.compile_with == 'tpu':
       return (
         f'the TPU compiler (libtpu) for {self.num_devices} TPU v5p chip(s) '
@@ -169,7 +185,7 @@ def parse_target(
     n = int(gpu.group(1))
     if gpu_compiler == 'tpu':
       stand_in_topology(n)  # a one-line error now for a count with no v5p topology
-    return Target(text, 'gpu', n, memory, label, compile_with=gpu_compiler)
+    return Target(text, 'gpu', n, memory, label, compile_with=gpu_compiler, gpu_model=model)
   raise TargetError(f'--target={text!r} is invalid: give {TARGET_FORMS}.')
 
 
@@ -177,14 +193,7 @@ def target_devices(target: Target) -> list[Any]:
   """The devices the step is compiled for: the topology's TPUs, or N CPU devices (JAX's
   device count is fixed when its backend starts, so a gpu:N plan sets it first)."""
   if target.compile_with == 'gpu':
-    gpus = [d for d in jax.devices() if d.platform == 'gpu']
-    if len(gpus) < target.num_devices:
-      raise TargetError(
-        f"--target={target.name} --gpu_compiler=gpu compiles on this machine's GPUs and "
-        f'finds {len(gpus)}; run it where {target.num_devices} are, or use '
-        '--gpu_compiler=tpu / cpu.'
-      )
-    return gpus[: target.num_devices]
+    return local_gpus(target) or described_gpus(target)
   if target.kind == 'tpu' or target.compile_with == 'tpu':
     try:
       import libtpu  # noqa: F401 (only to say what is missing)
@@ -214,6 +223,90 @@ def target_devices(target: Target) -> list[Any]:
       f'{target.num_devices}) before JAX runs anything.'
     )
   return devices[: target.num_devices]
+
+
+def has_cuda_plugin() -> bool:
+  """Whether JAX's CUDA plugin is installed (it compiles for GPUs with or without one)."""
+  from importlib import metadata  # noqa: PLC0415
+
+  for version in (12, 13):
+    try:
+      metadata.version(f'jax-cuda{version}-plugin')
+      return True
+    except metadata.PackageNotFoundError:
+      pass
+  return False
+
+
+def local_gpus(target: Target) -> list[Any]:
+  """N attached GPUs of the target's kind and memory, or [] (then the plan is deviceless).
+  Only looks when JAX may use a GPU (scripts/memory_plan.py keeps it on the CPU otherwise)."""
+  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    return []
+  try:
+    gpus = jax.devices('gpu')
+  except RuntimeError:
+    return []
+  kind = GPU_CHIPS[target.gpu_model]['device_kind']
+  same = [d for d in gpus if d.device_kind == kind]
+  if len(same) < target.num_devices or target.device_label not in GPU_LABELS.values():
+    return []
+  return same[: target.num_devices]
+
+
+def gpu_target_config(target: Target) -> str:
+  """The description of one of the target's GPUs that XLA's GPU compiler reads in place of
+  an attached device (a GpuTargetConfigProto in text form), its memory the target's."""
+  chip = GPU_CHIPS[target.gpu_model]
+  fields = {  # Hopper (compute capability 9.0), per multiprocessor unless it says block
+    'threads_per_block_limit': 1024,
+    'threads_per_warp': 32,
+    'shared_memory_per_block': 48 * 1024,
+    'shared_memory_per_block_optin': 227 * 1024,
+    'shared_memory_per_core': 228 * 1024,
+    'threads_per_core_limit': 2048,
+    'core_count': 132,
+    'fpus_per_core': 128,
+    'block_dim_limit_x': 2**31 - 1,
+    'block_dim_limit_y': 65535,
+    'block_dim_limit_z': 65535,
+    'memory_bandwidth': int(chip['bandwidth']),
+    'l2_cache_size': 50 * 2**20,
+    'clock_rate_ghz': 1.98,
+    'device_memory_size': target.device_memory_bytes,
+    'registers_per_core_limit': 65536,
+    'registers_per_block_limit': 65536,
+  }
+  body = '\n'.join(f'  {k}: {v}' for k, v in fields.items())
+  return (
+    f'gpu_device_info {{\n{body}\n  cuda_compute_capability {{ major: 9 minor: 0 }}\n}}\n'
+    f'platform_name: "CUDA"\ndevice_description_str: "{chip["device_kind"]}"\n'
+  )
+
+
+def described_gpus(target: Target) -> list[Any]:
+  """N compile-only GPUs of the target's kind from JAX's CUDA plugin (no GPU needed); a
+  one-line TargetError when the plugin is missing or refuses the count."""
+  from jax.experimental import topologies  # noqa: PLC0415
+
+  n = target.num_devices
+  if n > 8 and n % 8:
+    raise TargetError(f'--target={target.name}: plan 1 to 8 GPUs, or a multiple of 8 (hosts of 8).')
+  hosts, per_host = (n // 8, 8) if n > 8 else (1, n)
+  try:
+    topology = topologies.get_topology_desc(
+      'bond_jax', 'cuda', target_config=gpu_target_config(target), topology=f'1x{hosts}x{per_host}'
+    )
+  except (NotImplementedError, RuntimeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = 'pip install -r requirements-gpu.txt'
+    if has_cuda_plugin():  # installed, but it registers on a GPU-less machine only so
+      hint = 'run with JAX_PLATFORMS=cpu (scripts/memory_plan.py does)'
+    raise TargetError(
+      f"--target={target.name} --gpu_compiler=gpu needs JAX's CUDA plugin (no GPU needed): "
+      f'{hint} ({first}).'
+    ) from e
+  return list(topology.devices)[:n]
 
 
 # ---------------------------------------------------------------------------
@@ -588,6 +681,11 @@ def describe(
       'memory-aware schedule, as XLA:GPU does); TPU tiling pads small dimensions, and the '
       "GPU compiler's own choices differ: not a GPU measurement. --gpu_compiler=cpu gives "
       "the CPU compiler's (higher) figure."
+    )
+  elif t.kind == 'gpu' and t.compile_with == 'gpu' and not local_gpus(t):
+    lines.append(
+      "  note: XLA's GPU compiler, deviceless (the GPU described to JAX's CUDA plugin); "
+      'it skips autotuning, whose kernels may take a little more scratch space on the GPU.'
     )
   elif t.kind == 'gpu' and t.compile_with == 'cpu':
     lines.append(
