@@ -3,7 +3,8 @@
   python benchmarks/accelerator.py --out=accelerator.json            # a GPU (H100 / H200)
   python benchmarks/accelerator.py --shape=tiny --out=/tmp/acc.json  # smoke test on a CPU
   options: --parts=decode,train,jbond (a subset), --timeout_scale=0.5 (every part's limit
-  times this), --no_isolate (all parts in this process, no limits)
+  times this), --timeouts=decode:150,jbond:200 (limits by part, in seconds), --no_isolate
+  (all parts in this process, no limits)
 
 Three parts, each in its own process with its own time limit (a part that fails, runs out
 of memory or runs past its limit is reported in the JSON under its name with the error, and
@@ -148,6 +149,21 @@ def device_info() -> dict[str, Any]:
   return {**base, 'peak_bandwidth': None, 'peak_bf16_flops': None}
 
 
+def peak_memory_gib() -> float | None:
+  """The most memory this process's JAX allocator has held on device 0 (GiB), or None where
+  the backend does not say (a CPU)."""
+  import jax
+
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return None if peak is None else peak / 2**30
+
+
+def _progress(message: str) -> None:
+  """One line to the part's log (its tail is reported if the part fails or times out)."""
+  print(f'{time.strftime("%H:%M:%S")} {message}', flush=True)
+
+
 def copy_bandwidth(mib: int) -> float:
   """Bytes/s of a jitted elementwise pass over an fp32 array of `mib` MiB (read + write)."""
   import jax
@@ -230,10 +246,12 @@ def part_decode(shape: Shape) -> dict[str, Any]:
     one = sampling.SamplingParams(max_new_tokens=1, eos_id=None)
     run_full = _sampler(cfg, params, prompt, valid, full)
     run_one = _sampler(cfg, params, prompt, valid, one)
+    _progress(f'decode batch {batch}: compiling')
     t = time.perf_counter()
     jax.block_until_ready(run_full())
     jax.block_until_ready(run_one())
     compile_s = time.perf_counter() - t
+    _progress(f'decode batch {batch}: compiled in {compile_s:.0f} s; timing')
     full_s = _median_time(run_full, shape.reps)
     one_s = _median_time(run_one, shape.reps)
     step_s = max(full_s - one_s, 1e-9) / (g - 1)
@@ -254,6 +272,8 @@ def part_decode(shape: Shape) -> dict[str, Any]:
       'mbu_against': 'peak' if info['peak_bandwidth'] else 'measured_copy_bandwidth',
       'fraction_of_measured_copy_bandwidth': live_bytes / step_s / out['measured_copy_bandwidth'],
     }
+    _progress(f'decode batch {batch}: {batch / step_s:.0f} decode tokens/s')
+  out['peak_memory_gib'] = peak_memory_gib()
   return out
 
 
@@ -299,10 +319,13 @@ def part_train(shape: Shape) -> dict[str, Any]:
     box['params'], box['opt_state'], loss = step(box['params'], box['opt_state'])
     return loss
 
+  _progress('train: compiling')
   t = time.perf_counter()
   loss0 = float(run())
   compile_s = time.perf_counter() - t
+  _progress(f'train: compiled in {compile_s:.0f} s; timing')
   step_s = _median_time(run, shape.reps)
+  _progress(f'train: {step_s:.3f} s/step')
   tokens = b * g
   seq = g + 1
   flops_6n = 6 * n_params * tokens
@@ -320,6 +343,7 @@ def part_train(shape: Shape) -> dict[str, Any]:
     'tokens_per_s': tokens / step_s,
     'model_flops_per_s_6n': flops_6n / step_s,
     'model_flops_per_s_with_attention': (flops_6n + flops_attn) / step_s,
+    'peak_memory_gib': peak_memory_gib(),
   }
   n = 512 if shape.preset == 'tiny' else (8192 if info['platform'] == 'gpu' else 2048)
   out['measured_bf16_matmul_flops'] = matmul_flops(n, 'bfloat16')
@@ -377,11 +401,14 @@ def part_jbond(shape: Shape) -> dict[str, Any]:
     box['tokens'] = metrics['generated_tokens']
     return box['state'], metrics
 
+  _progress('jbond: compiling and running the first step')
   t = time.perf_counter()
   jax.block_until_ready(run())
   compile_s = time.perf_counter() - t
+  _progress(f'jbond: first step in {compile_s:.0f} s; timing')
   reps = max(2, shape.reps - 1)
   step_s = _median_time(run, reps)
+  _progress(f'jbond: {step_s:.2f} s/step')
   tokens = float(box['tokens'])
   return {
     **info,
@@ -400,6 +427,7 @@ def part_jbond(shape: Shape) -> dict[str, Any]:
     'step_s': step_s,
     'prompts_per_s': n / step_s,
     'generated_tokens_per_s': tokens / step_s,
+    'peak_memory_gib': peak_memory_gib(),
   }
 
 
@@ -478,6 +506,9 @@ def summary(report: dict[str, Any]) -> str:
       f'{jbond["generated_tokens_per_s"]:.0f} generated tokens/s ({jbond["step_s"]:.2f} s/step)'
     )
   for name, part in report['parts'].items():
+    if part.get('peak_memory_gib') is not None:
+      lines.append(f'{name}: peak device memory {part["peak_memory_gib"]:.2f} GiB')
+  for name, part in report['parts'].items():
     if 'error' in part:
       lines.append(f'{name}: FAILED ({part["error"]})')
   return '\n'.join(lines)
@@ -489,6 +520,9 @@ def main() -> None:
   ap.add_argument('--out', default='', help='where to write the JSON report')
   ap.add_argument('--parts', default=','.join(PARTS), help='comma-separated subset of parts')
   ap.add_argument('--timeout_scale', type=float, default=1.0, help='multiplies every limit')
+  ap.add_argument(
+    '--timeouts', default='', help="limits in seconds by part, e.g. 'decode:150,jbond:200'"
+  )
   ap.add_argument('--no_isolate', action='store_true', help='run the parts in this process')
   ap.add_argument('--part', default='', help=argparse.SUPPRESS)  # a child runs one part
   ap.add_argument('--child_out', default='', help=argparse.SUPPRESS)
@@ -505,10 +539,16 @@ def main() -> None:
   unknown = sorted(set(names) - set(PARTS))
   if unknown:
     ap.error(f'unknown parts {unknown}; choose from {sorted(PARTS)}')
+  limits = {name: shape.timeouts[name] * args.timeout_scale for name in PARTS}
+  for item in filter(None, args.timeouts.split(',')):
+    name, _, seconds = item.partition(':')
+    if name not in PARTS or not seconds.replace('.', '', 1).isdigit():
+      ap.error(f'--timeouts: {item!r} is not PART:SECONDS with PART one of {sorted(PARTS)}')
+    limits[name] = float(seconds)
   t = time.perf_counter()
   report: dict[str, Any] = {'shape': args.shape, 'config': dataclasses.asdict(shape), 'parts': {}}
   for name in names:
-    limit = shape.timeouts[name] * args.timeout_scale
+    limit = limits[name]
     print(f'[{name}] running (limit {limit:.0f} s)', flush=True)
     if args.no_isolate:
       report['parts'][name] = _run_here(name, shape)
