@@ -359,20 +359,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+  """`gate_up`: the gate and up projections as one stacked kernel 'gate_up_proj' [D, 2, F]
+  (the decode layout, `decode_layout.py`), one matmul instead of two; same values."""
+
   cfg: ModelConfig
+  gate_up: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD):
     cfg = self.cfg
-    dense = lambda feats, name: nn.Dense(
-      feats,
-      use_bias=False,
-      dtype=cfg.jnp_dtype,
-      param_dtype=cfg.jnp_param_dtype,
-      name=name,
-    )
-    gate_BxTxF = dense(cfg.hidden_dim, 'gate_proj')(x_BxTxD)
-    up_BxTxF = dense(cfg.hidden_dim, 'up_proj')(x_BxTxD)
+    kw = dict(use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype)
+    dense = lambda feats, name: nn.Dense(feats, name=name, **kw)
+    if self.gate_up:
+      h_BxTx2xF = nn.DenseGeneral((2, cfg.hidden_dim), name='gate_up_proj', **kw)(x_BxTxD)
+      gate_BxTxF, up_BxTxF = h_BxTx2xF[..., 0, :], h_BxTx2xF[..., 1, :]
+    else:
+      gate_BxTxF = dense(cfg.hidden_dim, 'gate_proj')(x_BxTxD)
+      up_BxTxF = dense(cfg.hidden_dim, 'up_proj')(x_BxTxD)
     if cfg.activation == 'gelu_tanh':
       act = jax.nn.gelu(gate_BxTxF, approximate=True)
     else:
@@ -386,6 +389,7 @@ class Block(nn.Module):
 
   cfg: ModelConfig
   local: bool | None  # None: the layer type comes in as `local_flag` (see Attention)
+  gate_up: bool = False  # the MLP's stacked gate/up kernel (see MLP)
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index, local_flag=None):
@@ -399,16 +403,18 @@ class Block(nn.Module):
       h = norm('post_attn_norm')(h)
     x_BxTxD = x_BxTxD + h
     h = norm('pre_ffw_norm')(x_BxTxD)
-    h = MLP(cfg, name='mlp')(h)
+    h = MLP(cfg, self.gate_up, name='mlp')(h)
     if cfg.use_post_norms:
       h = norm('post_ffw_norm')(h)
     return sharding.constrain_batch(x_BxTxD + h), new_cache
 
 
 class Decoder(nn.Module):
-  """The decoder. `__call__` returns (logits_BxTxV float32, new cache or None)."""
+  """The decoder. `__call__` returns (logits_BxTxV float32, new cache or None).
+  `gate_up`: each MLP's gate and up kernels stacked as one (the decode layout, see MLP)."""
 
   cfg: ModelConfig
+  gate_up: bool = False
 
   def setup(self):
     cfg = self.cfg
@@ -438,10 +444,11 @@ class Decoder(nn.Module):
         split_rngs={'params': True},
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
         length=cfg.num_layers,
-      )(cfg, None if len(types) > 1 else types == {'local'}, name='layers')
+      )(cfg, None if len(types) > 1 else types == {'local'}, self.gate_up, name='layers')
     else:
       self.blocks = [
-        block(cfg, cfg.layer_type(i) == 'local', name=f'layer_{i}') for i in range(cfg.num_layers)
+        block(cfg, cfg.layer_type(i) == 'local', self.gate_up, name=f'layer_{i}')
+        for i in range(cfg.num_layers)
       ]
     self.final_norm = _norm(cfg)
     if not cfg.tie_embeddings:

@@ -15,14 +15,13 @@ from them are biased (the config and the metrics name the setting).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from bond_jax.models import decode_layout
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import sharding
 from bond_jax.types import PyTree
 
 
@@ -143,7 +142,11 @@ def sample(
   gives the same samples as sampling it whole. Each prompt needs at least one real token.
   The loop stops as soon as every row has emitted EOS.
   """
-  decoder = model_lib.Decoder(cfg)
+  # Prefill and decode run on the decode layout (layers unrolled, gate/up stacked): made
+  # here unless the caller made it once already (`decode_params`).
+  params = decode_layout.to_decode_layout(params)
+  cfg = decode_layout.decode_config(cfg)
+  decoder = model_lib.Decoder(cfg, gate_up=True)
   b, p = prompt_BxP.shape
   g = sp.max_new_tokens
   prompt_valid_BxP = prompt_valid_BxP.astype(bool)
@@ -166,8 +169,7 @@ def sample(
 
   if num_samples > 1:
     rep = lambda x: jnp.repeat(x, num_samples, axis=0)
-    batch_axis = 1 if cfg.scan_layers else 0  # a stacked cache is [L, B, S, K, H]
-    cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=batch_axis), cache)
+    cache = jax.tree.map(rep, cache)
     logits_BxV, key_valid_BxS, prompt_len_B = map(rep, (logits_BxV, key_valid_BxS, prompt_len_B))
     b = b * num_samples
   if prompt_ids_B is None:
@@ -228,18 +230,13 @@ def sample(
 
 
 def decode_params(params: PyTree, dtype: str | None) -> PyTree:
-  """The weight matrices (every leaf of 2 or more dimensions) cast to `dtype` for decoding;
-  norm scales and biases keep theirs. With `dtype` equal to the model's activation dtype the
-  samples are unchanged: the layers cast their weights to it before every matmul anyway, and
-  this does it once per step instead of once per decoded token. None: no copy."""
-  if not dtype:
-    return params
-
-  def cast(path: Any, x: jax.Array) -> jax.Array:
-    ndim = x.ndim - sharding.stacked(sharding.path_name(path))  # a scan's layer axis aside
-    return x.astype(dtype) if ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
-
-  return jax.tree_util.tree_map_with_path(cast, params)
+  """The weights in the layout the sampler decodes with (`decode_layout`: layers unrolled,
+  each MLP's gate and up kernels stacked), the weight matrices (2 or more dimensions) cast
+  to `dtype` (None: as stored); norm scales and biases keep theirs. One copy, made once per
+  step; `sample` takes it as it is (given the training layout, it makes the copy itself, once
+  per call). With `dtype` equal to the model's activation dtype the samples are unchanged:
+  the layers cast their weights to it before every matmul anyway."""
+  return decode_layout.to_decode_layout(params, dtype or None)
 
 
 # One compiled sampler per (model, sampling settings, shapes), shared by every

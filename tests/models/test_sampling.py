@@ -248,7 +248,7 @@ def test_a_decode_copy_in_the_activation_dtype_draws_the_same_samples(tiny_cfg, 
   rng = jax.random.PRNGKey(5)
   as_stored = _sample(cfg, tiny_params, prompt, valid, rng, sp, num_samples=4)
   copy = sampling.decode_params(tiny_params, 'bfloat16')
-  assert copy['layer_0']['mlp']['up_proj']['kernel'].dtype == jnp.bfloat16
+  assert copy['layer_0']['mlp']['gate_up_proj']['kernel'].dtype == jnp.bfloat16
   assert copy['layer_0']['pre_attn_norm']['scale'].dtype == jnp.float32
   cast_once = _sample(cfg, copy, prompt, valid, rng, sp, num_samples=4)
   np.testing.assert_array_equal(cast_once.tokens_BxG, as_stored.tokens_BxG)
@@ -324,7 +324,12 @@ def test_scanned_layers_equal_unrolled_ones(remat):
 
 
 def test_a_decode_copy_of_scanned_layers_keeps_norm_scales(tiny_cfg, tiny_params):
-  """Stacked norm scales [L, D] are 2-D but not weight matrices: they keep their dtype."""
+  """Stacked norm scales [L, D] are 2-D but not weight matrices: they keep their dtype, and
+  the copy unrolls the layers (the decode layout) with the unrolled model's values."""
   copy = sampling.decode_params(_stack_layers(tiny_cfg, tiny_params), 'bfloat16')
-  assert copy['layers']['mlp']['up_proj']['kernel'].dtype == jnp.bfloat16
-  assert copy['layers']['pre_attn_norm']['scale'].dtype == jnp.float32
+  assert 'layers' not in copy
+  for i in range(tiny_cfg.num_layers):
+    assert copy[f'layer_{i}']['mlp']['gate_up_proj']['kernel'].dtype == jnp.bfloat16
+    assert copy[f'layer_{i}']['pre_attn_norm']['scale'].dtype == jnp.float32
+  unrolled = sampling.decode_params(tiny_params, 'bfloat16')
+  jax.tree.map(np.testing.assert_array_equal, copy, unrolled)

@@ -1,0 +1,199 @@
+"""The decode layout (`decode_layout.py`) and the one-pass draw: the same values as the
+training layout and as the sampler they replaced.
+
+The reference sampler below is the sampler as it stood before them: the training layout
+(scanned layers decoded as a scan), a log-softmax for each token's log-probability, and the
+two-level inverse-CDF draw over exp(logits - max). The sampler must draw the same tokens
+with the same keys and give the same log-probabilities to float32 rounding.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bond_jax.models import decode_layout, sampling
+from bond_jax.models import decoder as model_lib
+
+_forward = jax.jit(model_lib.forward, static_argnums=0)
+_sequence_logprobs = jax.jit(sampling.sequence_logprobs, static_argnums=0)
+
+# Small models of each family the decoder covers, with mixed local / global layers where the
+# family has them (a 3-token window, so it bites at these lengths).
+FAMILIES = {
+  'gemma': dict(num_kv_heads=1),
+  'gemma2': dict(
+    num_kv_heads=2,
+    layer_types=('local', 'global', 'local'),
+    sliding_window=3,
+    attn_logit_softcap=5.0,
+    final_logit_softcap=3.0,
+    use_post_norms=True,
+    query_pre_attn_scalar=16,
+  ),
+  'gemma3': dict(
+    num_kv_heads=2,
+    layer_types=('local', 'local', 'global'),
+    sliding_window=3,
+    use_post_norms=True,
+    use_qk_norm=True,
+    rope_base=10_000.0,
+    rope_local_base=100.0,
+    rope_scale=2.0,
+  ),
+}
+
+
+def _config(family: str, scan_layers: bool) -> model_lib.ModelConfig:
+  return model_lib.preset(
+    'tiny',
+    num_layers=3,
+    embed_dim=32,
+    hidden_dim=64,
+    num_heads=4,
+    head_dim=8,
+    scan_layers=scan_layers,
+    **FAMILIES[family],
+  )
+
+
+def _prompts(vocab, lengths, width, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((len(lengths), width), np.int32)
+  valid = np.zeros((len(lengths), width), bool)
+  for i, n in enumerate(lengths):
+    tokens[i, width - n :] = rng.integers(3, vocab, n)
+    valid[i, width - n :] = True
+  return jnp.asarray(tokens), jnp.asarray(valid)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_layout_apply(cfg, params, tokens, positions, mask, cache, cache_index):
+  dcfg = decode_layout.decode_config(cfg)
+  return model_lib.Decoder(dcfg, gate_up=True).apply(
+    {'params': params}, tokens, positions, mask, cache, cache_index
+  )
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_decode_layout_gives_the_training_layout_logits(family, scan_layers):
+  """Full-sequence logits of the decode layout (layers unrolled, gate/up stacked) equal the
+  training layout's, and so do its cached logits fed one token at a time (the one-query
+  attention path), to float32 rounding."""
+  cfg = _config(family, scan_layers)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
+  dparams = sampling.decode_params(params, None)
+  assert decode_layout.is_decode_layout(dparams) and not decode_layout.is_decode_layout(params)
+  assert dparams['layer_2']['mlp']['gate_up_proj']['kernel'].shape == (32, 2, 64)
+  tokens, valid = _prompts(cfg.vocab_size, [8, 5, 2], 8)
+  full = _forward(cfg, params, tokens, valid)
+  dcfg = decode_layout.decode_config(cfg)
+  positions, mask = model_lib.sequence_inputs(valid)
+  np.testing.assert_allclose(
+    _decode_layout_apply(cfg, dparams, tokens, positions, mask, None, 0)[0],
+    full,
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  cache = model_lib.init_cache(dcfg, 3, 8)
+  logits, cache = _decode_layout_apply(
+    cfg, dparams, tokens[:, :3], positions[:, :3], model_lib.attention_mask(jnp.arange(3), valid),
+    cache, 0,
+  )  # fmt: skip
+  pieces = [logits]
+  for t in range(3, 8):
+    step_mask = model_lib.attention_mask(jnp.arange(t, t + 1), valid)
+    logits, cache = _decode_layout_apply(
+      cfg, dparams, tokens[:, t : t + 1], positions[:, t : t + 1], step_mask, cache, jnp.int32(t)
+    )
+    pieces.append(logits)
+  cached = np.asarray(jnp.concatenate(pieces, axis=1))[np.asarray(valid)]
+  np.testing.assert_allclose(cached, np.asarray(full)[np.asarray(valid)], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# The sampler before the decode layout and the one-pass draw, for comparison.
+
+
+def _reference_inverse_cdf(logits_BxV, u_B, block=128):
+  """The two-level inverse-CDF draw over exp(logits - max) that `sampling` used before."""
+  b, v = logits_BxV.shape
+  num_blocks = -(-v // block)
+  mass_BxV = jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True))
+  mass_BxNxK = jnp.pad(mass_BxV, ((0, 0), (0, num_blocks * block - v))).reshape(
+    b, num_blocks, block
+  )
+  cdf_BxN = jnp.cumsum(mass_BxNxK.sum(-1), axis=-1)
+  total_B = cdf_BxN[:, -1]
+  target_B = jnp.minimum(u_B * total_B, jnp.nextafter(total_B, 0.0))
+  block_B = jnp.minimum(jnp.sum(cdf_BxN <= target_B[:, None], axis=-1), num_blocks - 1)
+  before_B = jnp.where(
+    block_B > 0, jnp.take_along_axis(cdf_BxN, jnp.maximum(block_B - 1, 0)[:, None], -1)[:, 0], 0.0
+  )
+  within_BxK = jnp.take_along_axis(mass_BxNxK, block_B[:, None, None], axis=1)[:, 0]
+  index_B = jnp.sum(jnp.cumsum(within_BxK, axis=-1) <= (target_B - before_B)[:, None], axis=-1)
+  last_B = block - 1 - jnp.argmax((within_BxK > 0)[:, ::-1], axis=-1)
+  return (block_B * block + jnp.minimum(index_B, last_B)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _reference_sample(cfg, g, params, prompt_BxP, valid_BxP, rng):
+  """One sample per prompt, `g` tokens, no EOS, on the training layout (a scan over layers
+  decodes as a scan), each token's log-probability from a log-softmax."""
+  decoder = model_lib.Decoder(cfg)
+  b, p = prompt_BxP.shape
+  cache = model_lib.init_cache(cfg, b, p + g)
+  key_valid_BxS = jnp.concatenate([valid_BxP, jnp.ones((b, g), bool)], axis=1)
+  logits_BxV, cache = decoder.apply(
+    {'params': params},
+    prompt_BxP,
+    model_lib.positions_from_mask(valid_BxP),
+    model_lib.attention_mask(jnp.arange(p), key_valid_BxS),
+    cache,
+    0,
+    method=model_lib.Decoder.last_logits,
+  )
+  prompt_len_B = valid_BxP.sum(axis=-1).astype(jnp.int32)
+  tokens, logps = [], []
+  for t in range(g):
+    keys_B = sampling.row_keys(rng, jnp.int32(t), jnp.arange(b))
+    token_B = _reference_inverse_cdf(logits_BxV, jax.vmap(jax.random.uniform)(keys_B))
+    logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+    logps.append(jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0])
+    tokens.append(token_B)
+    logits_Bx1xV, cache = decoder.apply(
+      {'params': params},
+      token_B[:, None],
+      (prompt_len_B + t)[:, None],
+      model_lib.attention_mask(p + t + jnp.arange(1), key_valid_BxS),
+      cache,
+      p + t,
+    )
+    logits_BxV = logits_Bx1xV[:, 0]
+  return jnp.stack(tokens, axis=1), jnp.stack(logps, axis=1)
+
+
+@pytest.mark.parametrize(
+  'family,scan_layers', [('gemma', False), ('gemma2', True), ('gemma3', False), ('gemma3', True)]
+)
+def test_sampler_draws_what_the_reference_sampler_draws(family, scan_layers):
+  """Same keys, same tokens; log-probabilities equal to float32 rounding. The draw's one
+  pass gives the same cumulative masses as the reference's two up to rounding, so a token
+  could differ only for a uniform within ~1e-6 of a boundary between two tokens."""
+  cfg = dataclasses.replace(_config(family, scan_layers), vocab_size=300)  # 3 blocks, 1 partial
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(2))
+  prompt, valid = _prompts(cfg.vocab_size, [6, 3, 1, 4], 6, seed=1)
+  rng = jax.random.PRNGKey(7)
+  want_tokens, want_logp = _reference_sample(cfg, 10, params, prompt, valid, rng)
+  sp = sampling.SamplingParams(max_new_tokens=10)
+  out = sampling.sample_jit(cfg, params, prompt, valid, rng, sp)
+  np.testing.assert_array_equal(out.tokens_BxG, want_tokens)
+  np.testing.assert_allclose(out.logprobs_BxG, want_logp, rtol=1e-5, atol=1e-5)
+  # The decode layout made beforehand (as the training step does) draws the same samples.
+  made = sampling.sample_jit(cfg, sampling.decode_params(params, None), prompt, valid, rng, sp)
+  np.testing.assert_array_equal(made.tokens_BxG, out.tokens_BxG)
+  np.testing.assert_array_equal(made.logprobs_BxG, out.logprobs_BxG)
