@@ -79,39 +79,94 @@ def _process_logits(logits_BxV: jax.Array, sp: SamplingParams) -> jax.Array:
   return logits_BxV
 
 
-def inverse_cdf_sample(logits_BxV: jax.Array, u_B: jax.Array, block: int = 128) -> jax.Array:
-  """The token whose cumulative softmax mass first exceeds u_B (uniform in [0, 1)) of the
-  total: an exact draw from softmax(logits) up to float32 rounding, from one uniform per row
-  (Gumbel-max needs V). Two levels, so every cumulative sum is short (and so accurate): pick
-  the block of `block` tokens holding the target mass, then the token within it. Tokens of
-  zero mass (logits at the dtype's minimum, e.g. outside top-k) are never returned."""
-  logits_BxV = jax.lax.stop_gradient(logits_BxV)  # a draw has no gradient (as argmax)
+def _block_stats(logits_BxV: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """(max_BxN, sumexp_BxN) over blocks of `block` tokens, sumexp = sum of exp(logit - the
+  block's max), in one pass over the logits: a reduction whose elements are (max, sum) pairs
+  combined as an online softmax combines them. V is padded to N * block with zero mass."""
   b, v = logits_BxV.shape
   num_blocks = -(-v // block)
-  mass_BxV = jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True))
-  mass_BxNxK = jnp.pad(mass_BxV, ((0, 0), (0, num_blocks * block - v))).reshape(
-    b, num_blocks, block
-  )
-  cdf_BxN = jnp.cumsum(mass_BxNxK.sum(-1), axis=-1)
+  low = jnp.finfo(logits_BxV.dtype).min
+  pad = ((0, 0), (0, num_blocks * block - v))
+  logits_BxNxK = jnp.pad(logits_BxV, pad, constant_values=low).reshape(b, num_blocks, block)
+  ones_BxNxK = jnp.pad(jnp.ones_like(logits_BxV), pad).reshape(b, num_blocks, block)
+
+  def combine(x, y):
+    (m1, s1), (m2, s2) = x, y
+    m = jnp.maximum(m1, m2)
+    # The larger side keeps its sum exactly (also when both are -inf, where exp would be NaN).
+    e1 = jnp.where(m1 == m, 1.0, jnp.exp(m1 - m))
+    e2 = jnp.where(m2 == m, 1.0, jnp.exp(m2 - m))
+    return m, s1 * e1 + s2 * e2
+
+  init = (jnp.asarray(low, logits_BxV.dtype), jnp.asarray(0.0, logits_BxV.dtype))
+  return jax.lax.reduce((logits_BxNxK, ones_BxNxK), init, combine, (2,))
+
+
+def logsumexp_and_draw(
+  logits_BxV: jax.Array, u_B: jax.Array, block: int = 128
+) -> tuple[jax.Array, jax.Array]:
+  """(token_B, logsumexp_B): the token whose cumulative softmax mass first exceeds u_B
+  (uniform in [0, 1)) of the total, an exact draw from softmax(logits) up to float32
+  rounding from one uniform per row (Gumbel-max needs V), and the log of the softmax's
+  normaliser, so that log p(token) = logit - logsumexp needs no other pass over [B, V].
+
+  Two levels, so every cumulative sum is short (and so accurate): one pass over the logits
+  gives each block of `block` tokens its max and mass (`_block_stats`); the draw picks the
+  block holding the target mass, then the token within it from that block's `block` logits
+  alone. Tokens of zero mass (logits at the dtype's minimum, e.g. outside top-k) are never
+  returned."""
+  logits_BxV = jax.lax.stop_gradient(logits_BxV)  # a draw has no gradient (as argmax)
+  b, v = logits_BxV.shape
+  max_BxN, sumexp_BxN = _block_stats(logits_BxV, block)
+  num_blocks = max_BxN.shape[1]
+  max_B = jnp.max(max_BxN, axis=-1)
+  cdf_BxN = jnp.cumsum(sumexp_BxN * jnp.exp(max_BxN - max_B[:, None]), axis=-1)
   total_B = cdf_BxN[:, -1]
   target_B = jnp.minimum(u_B * total_B, jnp.nextafter(total_B, 0.0))
   block_B = jnp.minimum(jnp.sum(cdf_BxN <= target_B[:, None], axis=-1), num_blocks - 1)
   before_B = jnp.where(
     block_B > 0, jnp.take_along_axis(cdf_BxN, jnp.maximum(block_B - 1, 0)[:, None], -1)[:, 0], 0.0
   )
-  within_BxK = jnp.take_along_axis(mass_BxNxK, block_B[:, None, None], axis=1)[:, 0]
+  index_BxK = block_B[:, None] * block + jnp.arange(block)
+  in_vocab_BxK = index_BxK < v
+  logit_BxK = jnp.take_along_axis(logits_BxV, jnp.minimum(index_BxK, v - 1), axis=-1)
+  within_BxK = jnp.where(in_vocab_BxK, jnp.exp(logit_BxK - max_B[:, None]), 0.0)
   index_B = jnp.sum(jnp.cumsum(within_BxK, axis=-1) <= (target_B - before_B)[:, None], axis=-1)
   # Rounding can put the target past the block's own sum: take its last token with mass.
   last_B = block - 1 - jnp.argmax((within_BxK > 0)[:, ::-1], axis=-1)
-  return (block_B * block + jnp.minimum(index_B, last_B)).astype(jnp.int32)
+  token_B = (block_B * block + jnp.minimum(index_B, last_B)).astype(jnp.int32)
+  return token_B, max_B + jnp.log(total_B)
 
 
-def _choose(logits_BxV: jax.Array, keys_B: jax.Array, sp: SamplingParams) -> jax.Array:
-  """One token per row; row b draws with its own key keys_B[b]."""
+def inverse_cdf_sample(logits_BxV: jax.Array, u_B: jax.Array, block: int = 128) -> jax.Array:
+  """The token of `logsumexp_and_draw`: an exact draw from softmax(logits) (up to float32
+  rounding) from one uniform u_B per row."""
+  return logsumexp_and_draw(logits_BxV, u_B, block)[0]
+
+
+def logsumexp(logits_BxV: jax.Array, block: int = 128) -> jax.Array:
+  """log sum exp over the last axis, from the one-pass block statistics of the draw."""
+  max_BxN, sumexp_BxN = _block_stats(logits_BxV, block)
+  max_B = jnp.max(max_BxN, axis=-1)
+  return max_B + jnp.log(jnp.sum(sumexp_BxN * jnp.exp(max_BxN - max_B[:, None]), axis=-1))
+
+
+def _choose(
+  logits_BxV: jax.Array, keys_B: jax.Array, sp: SamplingParams
+) -> tuple[jax.Array, jax.Array]:
+  """(token_B, log pi(token_B)): one token per row, row b drawing with its own key keys_B[b],
+  and its log-probability under the model (temperature 1, no truncation). Sampling exactly
+  from the model costs one pass over the logits for both; other settings one more."""
   if sp.temperature == 0.0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  u_B = jax.vmap(jax.random.uniform)(keys_B)
-  return inverse_cdf_sample(_process_logits(logits_BxV, sp), u_B)
+    token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    lse_B = logsumexp(logits_BxV)
+  else:
+    u_B = jax.vmap(jax.random.uniform)(keys_B)
+    token_B, lse_B = logsumexp_and_draw(_process_logits(logits_BxV, sp), u_B)
+    if not sp.is_exact:
+      lse_B = logsumexp(logits_BxV)
+  logit_B = jnp.take_along_axis(logits_BxV, token_B[:, None], axis=-1)[:, 0]
+  return token_B, logit_B - lse_B
 
 
 def row_keys(rng: jax.Array, step: jax.Array, rows_B: jax.Array) -> jax.Array:
@@ -191,10 +246,7 @@ def sample(
     return (s.step < g) & ~jnp.all(s.done_B)
 
   def body(s: _DecodeState) -> _DecodeState:
-    token_B = _choose(s.last_logits_BxV, row_keys(s.rng, s.step, rows_B), sp)
-    logp_B = jnp.take_along_axis(
-      jax.nn.log_softmax(s.last_logits_BxV, axis=-1), token_B[:, None], axis=-1
-    )[:, 0]
+    token_B, logp_B = _choose(s.last_logits_BxV, row_keys(s.rng, s.step, rows_B), sp)
     live_B = ~s.done_B
     token_B = jnp.where(live_B, token_B, sp.pad_id)
     done_B = s.done_B if sp.eos_id is None else s.done_B | (token_B == sp.eos_id)

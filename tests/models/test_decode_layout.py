@@ -197,3 +197,32 @@ def test_sampler_draws_what_the_reference_sampler_draws(family, scan_layers):
   made = sampling.sample_jit(cfg, sampling.decode_params(params, None), prompt, valid, rng, sp)
   np.testing.assert_array_equal(made.tokens_BxG, out.tokens_BxG)
   np.testing.assert_array_equal(made.logprobs_BxG, out.logprobs_BxG)
+
+
+@pytest.mark.parametrize('temperature,top_k', [(0.0, 0), (0.7, 5)])
+def test_logprobs_are_the_models_when_the_draw_is_not(tiny_cfg, tiny_params, temperature, top_k):
+  """Greedy, tempered and truncated draws still report log pi at temperature 1 (their own
+  log-sum-exp over the raw logits): equal to the teacher-forced log-likelihoods."""
+  prompt, valid = _prompts(tiny_cfg.vocab_size, [5, 2], 5)
+  sp = sampling.SamplingParams(max_new_tokens=6, temperature=temperature, top_k=top_k)
+  out = sampling.sample_jit(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(4), sp)
+  forced = _sequence_logprobs(tiny_cfg, tiny_params, prompt, valid, out.tokens_BxG, out.mask_BxG)
+  np.testing.assert_allclose(out.logprobs_BxG, forced, rtol=1e-5, atol=1e-5)
+
+
+def test_the_draws_logsumexp_is_the_softmax_normaliser():
+  """The log-sum-exp from the draw's one pass equals jax.nn.logsumexp: a vocabulary that is
+  not a multiple of the block, masked tokens (as top-k leaves them), a peaked row, and a row
+  of large logits (where exp without a max would overflow)."""
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((4, 300)).astype(np.float32)
+  logits[1, rng.choice(300, 250, replace=False)] = np.finfo(np.float32).min
+  logits[2] *= 30.0
+  logits[3] += 1e4
+  logits = jnp.asarray(logits)
+  u = jax.random.uniform(jax.random.PRNGKey(0), (4,))
+  tokens, lse = jax.jit(sampling.logsumexp_and_draw)(logits, u)
+  np.testing.assert_allclose(lse, jax.nn.logsumexp(logits, axis=-1), rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(sampling.logsumexp)(logits), lse, rtol=1e-6)
+  np.testing.assert_array_equal(tokens, _reference_inverse_cdf(logits, u))
+  assert float(logits[1, int(tokens[1])]) > np.finfo(np.float32).min
