@@ -15,7 +15,7 @@ import pytest
 
 from bond_jax.algo import rollout as rollout_lib
 from bond_jax.algo.algorithms import BondConfig
-from bond_jax.algo.state import init_state, make_optimizer
+from bond_jax.algo.state import init_state
 from bond_jax.algo.step import StepConfig, train_step
 from bond_jax.data import tasks as tasks_lib
 from bond_jax.models import decoder as model_lib
@@ -33,38 +33,63 @@ def _reward(prompt, valid, response, mask):
   return jnp.sum(jnp.where(mask, response, 0), axis=-1).astype(jnp.float32)
 
 
-def _two_steps(step_cfg, params, prompt, valid):
-  # Plain SGD: Adam divides by sqrt(v), which turns float32 rounding in a near-zero gradient
-  # into a parameter difference of up to the learning rate; SGD keeps the comparison linear.
-  schedule = optax.constant_schedule(1e-3)
-  tx = optax.sgd(schedule)
-  state = init_state(step_cfg.bond, params, params, tx, jax.random.PRNGKey(4))
-  # A policy away from pi_ref and the anchor, so every loss term is non-trivial.
-  rng = np.random.default_rng(5)
-  noisy = lambda x: x + 0.3 * rng.standard_normal(x.shape).astype(np.float32)
-  state = state.replace(params=jax.tree.map(noisy, state.params))
-  _two_steps.start = {'params': state.params, 'anchor_params': state.anchor_params}
-  step = jax.jit(functools.partial(train_step, cfg=step_cfg, tx=tx, schedule=schedule))
-  history = []
-  for _ in range(2):
-    state, metrics = step(state, prompt, valid, None)
-    history.append(metrics)
-  return state, history
+# The vocabulary is large enough that logits dominate the plain step's temporaries, so the
+# lean step's saving shows in XLA's figures (test_lean_step_needs_less_memory); the
+# response is the copy task's (its length is a multiple of LEAN['logprob_chunk']).
+VOCAB = 2048
 
 
-def test_lean_step_equals_the_plain_step(tiny_cfg, tiny_params, copy_task):
+def _plain_and_lean(tiny_cfg, copy_task):
   # J-BOND with every term on: 1 policy and 2 anchor samples per prompt, Best-of-2 rows in
   # the loss, an EMA anchor.
+  cfg = dataclasses.replace(tiny_cfg, vocab_size=VOCAB)
   bond = BondConfig(algorithm='jbond', beta=0.5, gamma=0.25, eta=0.2)
   sp = sampling.SamplingParams(
     max_new_tokens=copy_task.response_len + 1, eos_id=tasks_lib.EOS, pad_id=tasks_lib.PAD
   )
-  plain = StepConfig(model=tiny_cfg, sampling=sp, reward_fn=parameter_free(_reward), bond=bond)
-  lean = dataclasses.replace(plain, model=dataclasses.replace(tiny_cfg, remat='block'), **LEAN)
+  plain = StepConfig(model=cfg, sampling=sp, reward_fn=parameter_free(_reward), bond=bond)
+  lean = dataclasses.replace(plain, model=dataclasses.replace(cfg, remat='block'), **LEAN)
   assert sp.max_new_tokens % LEAN['logprob_chunk'] == 0
+  return plain, lean
+
+
+@pytest.fixture(scope='module')
+def steps(tiny_cfg, copy_task):
+  """{'plain', 'lean'}: (the step compiled ahead of time, its start state); the same
+  programs serve the equality test (run) and the memory test (XLA's figures), so each is
+  compiled once. `prompt` and `valid` are the batch both were compiled for."""
+  plain, lean = _plain_and_lean(tiny_cfg, copy_task)
+  params = model_lib.init_params(plain.model, jax.random.PRNGKey(0))
   prompt, valid = copy_task.prompts(jax.random.PRNGKey(7), NUM_PROMPTS)
-  state_p, metrics_p = _two_steps(plain, tiny_params, prompt, valid)
-  state_l, metrics_l = _two_steps(lean, tiny_params, prompt, valid)
+  # Plain SGD: Adam divides by sqrt(v), which turns float32 rounding in a near-zero gradient
+  # into a parameter difference of up to the learning rate; SGD keeps the comparison linear.
+  schedule = optax.constant_schedule(1e-3)
+  tx = optax.sgd(schedule)
+  out = {'prompt': prompt, 'valid': valid}
+  for name, step_cfg in (('plain', plain), ('lean', lean)):
+    state = init_state(step_cfg.bond, params, params, tx, jax.random.PRNGKey(4))
+    # A policy away from pi_ref and the anchor, so every loss term is non-trivial.
+    rng = np.random.default_rng(5)
+    noisy = lambda x, rng=rng: x + 0.3 * rng.standard_normal(x.shape).astype(np.float32)
+    state = state.replace(params=jax.tree.map(noisy, state.params))
+    step = jax.jit(functools.partial(train_step, cfg=step_cfg, tx=tx, schedule=schedule))
+    out[name] = (step.lower(state, prompt, valid, None).compile(), state)
+  return out
+
+
+def _two_steps(compiled, state, prompt, valid):
+  history = []
+  for _ in range(2):
+    state, metrics = compiled(state, prompt, valid, None)
+    history.append(metrics)
+  return state, history
+
+
+def test_lean_step_equals_the_plain_step(steps):
+  prompt, valid = steps['prompt'], steps['valid']
+  start = steps['plain'][1]
+  state_p, metrics_p = _two_steps(*steps['plain'], prompt, valid)
+  state_l, metrics_l = _two_steps(*steps['lean'], prompt, valid)
   # Same samples (each row keyed by its index, whichever micro-batch draws it) ...
   for m_p, m_l in zip(metrics_p, metrics_l, strict=True):
     assert float(m_p['generated_tokens']) == float(m_l['generated_tokens'])
@@ -78,13 +103,17 @@ def test_lean_step_equals_the_plain_step(tiny_cfg, tiny_params, copy_task):
   # (plus two units in the last place of the value itself). One step's gradients differ by
   # ~2e-6 of their largest entry (summation order); a wrong micro-batch weighting or a
   # missing row would differ by the order of the change itself.
-  start = jax.tree.map(np.asarray, _two_steps.start)
   for name in ('params', 'anchor_params'):
+    # Both runs start from the same state (same seeds), so the comparison starts equal.
+    jax.tree.map(
+      np.testing.assert_array_equal, getattr(steps['lean'][1], name), getattr(start, name)
+    )
     for lean_x, plain_x, start_x in zip(
       *(jax.tree.leaves(getattr(s, name)) for s in (state_l, state_p)),
-      jax.tree.leaves(start[name]),
+      jax.tree.leaves(getattr(start, name)),
       strict=True,
     ):
+      start_x = np.asarray(start_x)
       change = float(np.abs(np.asarray(plain_x) - start_x).max())
       assert change > 0, name  # every tensor moved: the comparison is not vacuous
       plain_x, lean_x = np.asarray(plain_x), np.asarray(lean_x)
@@ -114,38 +143,10 @@ def test_a_prompt_draws_the_same_samples_alone_or_in_a_batch(tiny_cfg, tiny_para
   assert len({tuple(r) for r in np.asarray(whole.tokens_BxG)}) > 4
 
 
-def _temp_bytes(step_cfg, cfg, num_prompts):
-  """XLA's temporary bytes of the J-BOND step, compiled from shapes alone."""
-  tx, schedule = make_optimizer(1e-3, warmup_steps=0)
-  abstract = jax.eval_shape(
-    lambda: init_state(
-      step_cfg.bond,
-      model_lib.init_params(cfg, jax.random.PRNGKey(0)),
-      model_lib.init_params(cfg, jax.random.PRNGKey(0)),
-      tx,
-      jax.random.PRNGKey(0),
-    )
+def test_lean_step_needs_less_memory(steps):
+  """XLA's temporary bytes of the two compiled steps (the equality test's programs)."""
+  plain_bytes, lean_bytes = (
+    steps[name][0].memory_analysis().temp_size_in_bytes for name in ('plain', 'lean')
   )
-  prompt = jax.ShapeDtypeStruct((num_prompts, 8), jnp.int32)
-  valid = jax.ShapeDtypeStruct((num_prompts, 8), jnp.bool_)
-  step = jax.jit(functools.partial(train_step, cfg=step_cfg, tx=tx, schedule=schedule))
-  compiled = step.lower(abstract, prompt, valid, None).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
-
-
-def test_lean_step_needs_less_memory(tiny_cfg):
-  # A vocabulary and response long enough that logits and activations dominate.
-  cfg = dataclasses.replace(tiny_cfg, vocab_size=2048)
-  sp = sampling.SamplingParams(max_new_tokens=32)
-  plain = StepConfig(model=cfg, sampling=sp, reward_fn=parameter_free(_reward))
-  lean = dataclasses.replace(
-    plain,
-    model=dataclasses.replace(cfg, remat='block'),
-    sample_micro_batch=4,
-    micro_batch=4,
-    logprob_chunk=8,
-  )
-  plain_bytes = _temp_bytes(plain, cfg, 16)
-  lean_bytes = _temp_bytes(lean, lean.model, 16)
-  print(f'temporaries: plain {plain_bytes / 2**20:.1f} MiB, lean {lean_bytes / 2**20:.1f} MiB')
+  print(f'temporaries: plain {plain_bytes / 2**20:.2f} MiB, lean {lean_bytes / 2**20:.2f} MiB')
   assert lean_bytes < 0.5 * plain_bytes
