@@ -22,6 +22,10 @@ an argument and goes out as a result. Every call gets
                  `scan_layers`, one {'k', 'v'} of shape [L, B, S, K, H]), or None
   cache_index    the slot where this call's T tokens are written
 
+A mask narrower than the cache (S' < S slots) attends to the cache's first S' slots only
+(for a caller whose queries need none of the rest, e.g. slots not written yet): a decode
+step then reads only the part of the cache in use.
+
 Without a cache, S == T and slots are sequence indices. Slots and positions
 differ by a per-row constant (the row's left padding), so a sliding window
 measured in slots equals one measured in positions.
@@ -319,10 +323,13 @@ class Attention(nn.Module):
       new_cache = {'k': k_BxSxKxH, 'v': v_BxSxKxH}
     else:
       k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
+    s = mask_BxTxS.shape[-1]
+    if s < k_BxSxKxH.shape[1]:  # a mask over the cache's first s slots: attend to those only
+      k_BxSxKxH, v_BxSxKxH = k_BxSxKxH[:, :s], v_BxSxKxH[:, :s]
 
     # A local query sees keys less than `sliding_window` slots back (as transformers).
     if local is not False:
-      t, s = mask_BxTxS.shape[-2:]
+      t = mask_BxTxS.shape[-2]
       q_slot_T = cache_index + jnp.arange(t)
       in_window_TxS = q_slot_T[:, None] - jnp.arange(s)[None, :] < cfg.sliding_window
       windowed_BxTxS = mask_BxTxS & in_window_TxS[None]

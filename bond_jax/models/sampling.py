@@ -35,6 +35,17 @@ class SamplingParams:
   top_p: float = 1.0  # 1 disables
   eos_id: int | None = None  # None: always generate max_new_tokens
   pad_id: int = 0
+  # Decode in this many segments of steps, each attending to the KV cache only up to the
+  # last slot it writes (a shorter read per step; each segment is its own compiled loop
+  # body). 0: one per 64 new tokens, at most 4.
+  cache_segments: int = 0
+
+  def segment_ends(self) -> list[int]:
+    """The step each decode segment ends before (the last is max_new_tokens)."""
+    g = self.max_new_tokens
+    n = self.cache_segments or min(4, g // 64)
+    n = max(1, min(n, g))
+    return [-(-g * (j + 1) // n) for j in range(n)]
 
   @property
   def is_exact(self) -> bool:
@@ -242,10 +253,7 @@ def sample(
     rng=rng,
   )
 
-  def cond(s: _DecodeState) -> jax.Array:
-    return (s.step < g) & ~jnp.all(s.done_B)
-
-  def body(s: _DecodeState) -> _DecodeState:
+  def body(s: _DecodeState, key_valid_BxS: jax.Array) -> _DecodeState:
     token_B, logp_B = _choose(s.last_logits_BxV, row_keys(s.rng, s.step, rows_B), sp)
     live_B = ~s.done_B
     token_B = jnp.where(live_B, token_B, sp.pad_id)
@@ -272,7 +280,14 @@ def sample(
       rng=s.rng,
     )
 
-  final = jax.lax.while_loop(cond, body, init)
+  # Steps before `end` write cache slots below p + end, and attend to those only.
+  final = init
+  for end in sp.segment_ends():
+    final = jax.lax.while_loop(
+      lambda s, end=end: (s.step < end) & ~jnp.all(s.done_B),
+      lambda s, end=end: body(s, key_valid_BxS[:, : p + end]),
+      final,
+    )
   return SampleOutput(
     tokens_BxG=final.tokens_BxG,
     mask_BxG=final.mask_BxG,

@@ -226,3 +226,27 @@ def test_the_draws_logsumexp_is_the_softmax_normaliser():
   np.testing.assert_allclose(jax.jit(sampling.logsumexp)(logits), lse, rtol=1e-6)
   np.testing.assert_array_equal(tokens, _reference_inverse_cdf(logits, u))
   assert float(logits[1, int(tokens[1])]) > np.finfo(np.float32).min
+
+
+@pytest.mark.parametrize('family', ['gemma', 'gemma2'])
+def test_decoding_in_segments_that_read_the_cache_in_use_changes_no_sample(family):
+  """Segments of decode steps attending to the cache only up to their last slot (3 uneven
+  segments, the local layers' window measured inside the narrower mask, rows stopping at EOS
+  in different segments) draw what one segment over the whole cache draws."""
+  cfg = _config(family, False)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(3))
+  prompt, valid = _prompts(cfg.vocab_size, [6, 3, 1, 4], 6, seed=2)
+  rng = jax.random.PRNGKey(11)
+  whole = sampling.SamplingParams(max_new_tokens=10, eos_id=5, cache_segments=1)
+  split = dataclasses.replace(whole, cache_segments=3)
+  assert split.segment_ends() == [4, 7, 10] and whole.segment_ends() == [10]
+  a = sampling.sample_jit(cfg, params, prompt, valid, rng, whole, num_samples=2)
+  b = sampling.sample_jit(cfg, params, prompt, valid, rng, split, num_samples=2)
+  assert not bool(a.mask_BxG.all())  # some rows stopped early
+  np.testing.assert_array_equal(b.tokens_BxG, a.tokens_BxG)
+  np.testing.assert_array_equal(b.mask_BxG, a.mask_BxG)
+  np.testing.assert_allclose(b.logprobs_BxG, a.logprobs_BxG, rtol=1e-6, atol=1e-6)
+  assert int(b.num_steps) == int(a.num_steps)
+  # The automatic choice: one segment per 64 new tokens, at most 4.
+  auto = [sampling.SamplingParams(max_new_tokens=g).segment_ends() for g in (10, 128, 256, 1024)]
+  assert auto == [[10], [64, 128], [64, 128, 192, 256], [256, 512, 768, 1024]]
