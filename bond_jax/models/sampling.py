@@ -90,27 +90,53 @@ def _process_logits(logits_BxV: jax.Array, sp: SamplingParams) -> jax.Array:
   return logits_BxV
 
 
-def _block_stats(logits_BxV: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-  """(max_BxN, sumexp_BxN) over blocks of `block` tokens, sumexp = sum of exp(logit - the
-  block's max), in one pass over the logits: a reduction whose elements are (max, sum) pairs
-  combined as an online softmax combines them. V is padded to N * block with zero mass."""
+def _blocks(logits_BxV: jax.Array, block: int) -> jax.Array:
+  """[B, N, block]: V padded to N * block with the dtype's minimum (zero mass)."""
   b, v = logits_BxV.shape
   num_blocks = -(-v // block)
   low = jnp.finfo(logits_BxV.dtype).min
   pad = ((0, 0), (0, num_blocks * block - v))
-  logits_BxNxK = jnp.pad(logits_BxV, pad, constant_values=low).reshape(b, num_blocks, block)
-  ones_BxNxK = jnp.pad(jnp.ones_like(logits_BxV), pad).reshape(b, num_blocks, block)
+  return jnp.pad(logits_BxV, pad, constant_values=low).reshape(b, num_blocks, block)
+
+
+def block_stats_two_pass(logits_BxV: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """`_block_stats` as two reductions (each block's max, then its sum of exp(logit - max)):
+  two passes over the logits, each vectorised (on a CPU, several times faster than one pass
+  of (max, sum) pairs, whose combination is scalar code there)."""
+  logits_BxNxK = _blocks(logits_BxV, block)
+  max_BxN = jnp.max(logits_BxNxK, axis=-1)
+  return max_BxN, jnp.sum(jnp.exp(logits_BxNxK - max_BxN[..., None]), axis=-1)
+
+
+def block_stats_one_pass(logits_BxV: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """`_block_stats` as one reduction whose elements are (max, sum) pairs, combined as an
+  online softmax combines them: one pass over the logits (one kernel on a GPU, which the
+  two reductions take two of), one exp per element."""
+  logits_BxNxK = _blocks(logits_BxV, block)
 
   def combine(x, y):
     (m1, s1), (m2, s2) = x, y
     m = jnp.maximum(m1, m2)
-    # The larger side keeps its sum exactly (also when both are -inf, where exp would be NaN).
-    e1 = jnp.where(m1 == m, 1.0, jnp.exp(m1 - m))
-    e2 = jnp.where(m2 == m, 1.0, jnp.exp(m2 - m))
-    return m, s1 * e1 + s2 * e2
+    # The smaller side's scale exp(smaller - larger); 1 for a tie (also two -infs).
+    scale = jnp.exp(jnp.where(m1 == m2, 0.0, jnp.minimum(m1, m2) - m))
+    return m, jnp.where(m1 >= m2, s1 + s2 * scale, s1 * scale + s2)
 
-  init = (jnp.asarray(low, logits_BxV.dtype), jnp.asarray(0.0, logits_BxV.dtype))
+  dtype = logits_BxV.dtype
+  init = (jnp.asarray(jnp.finfo(dtype).min, dtype), jnp.asarray(0.0, dtype))
+  ones_BxNxK = jnp.where(logits_BxNxK > init[0], 1.0, 0.0).astype(dtype)
   return jax.lax.reduce((logits_BxNxK, ones_BxNxK), init, combine, (2,))
+
+
+def _block_stats(logits_BxV: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """(max_BxN, sumexp_BxN) over blocks of `block` tokens, sumexp = the sum of exp(logit -
+  the block's max); V is padded to N * block with zero mass. One pass on a GPU, two
+  vectorised ones elsewhere (the values agree to float32 rounding)."""
+  return jax.lax.platform_dependent(
+    logits_BxV,
+    cuda=lambda x: block_stats_one_pass(x, block),
+    rocm=lambda x: block_stats_one_pass(x, block),
+    default=lambda x: block_stats_two_pass(x, block),
+  )
 
 
 def logsumexp_and_draw(
@@ -121,7 +147,7 @@ def logsumexp_and_draw(
   rounding from one uniform per row (Gumbel-max needs V), and the log of the softmax's
   normaliser, so that log p(token) = logit - logsumexp needs no other pass over [B, V].
 
-  Two levels, so every cumulative sum is short (and so accurate): one pass over the logits
+  Two levels, so every cumulative sum is short (and so accurate): a pass over the logits
   gives each block of `block` tokens its max and mass (`_block_stats`); the draw picks the
   block holding the target mass, then the token within it from that block's `block` logits
   alone. Tokens of zero mass (logits at the dtype's minimum, e.g. outside top-k) are never
@@ -156,7 +182,7 @@ def inverse_cdf_sample(logits_BxV: jax.Array, u_B: jax.Array, block: int = 128) 
 
 
 def logsumexp(logits_BxV: jax.Array, block: int = 128) -> jax.Array:
-  """log sum exp over the last axis, from the one-pass block statistics of the draw."""
+  """log sum exp over the last axis, from the block statistics of the draw."""
   max_BxN, sumexp_BxN = _block_stats(logits_BxV, block)
   max_B = jnp.max(max_BxN, axis=-1)
   return max_B + jnp.log(jnp.sum(sumexp_BxN * jnp.exp(max_BxN - max_B[:, None]), axis=-1))
@@ -167,7 +193,8 @@ def _choose(
 ) -> tuple[jax.Array, jax.Array]:
   """(token_B, log pi(token_B)): one token per row, row b drawing with its own key keys_B[b],
   and its log-probability under the model (temperature 1, no truncation). Sampling exactly
-  from the model costs one pass over the logits for both; other settings one more."""
+  from the model takes one pass over the logits for both on a GPU (`_block_stats`); other
+  settings take one more for the log-probability."""
   if sp.temperature == 0.0:
     token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     lse_B = logsumexp(logits_BxV)

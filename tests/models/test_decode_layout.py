@@ -211,9 +211,9 @@ def test_logprobs_are_the_models_when_the_draw_is_not(tiny_cfg, tiny_params, tem
 
 
 def test_the_draws_logsumexp_is_the_softmax_normaliser():
-  """The log-sum-exp from the draw's one pass equals jax.nn.logsumexp: a vocabulary that is
-  not a multiple of the block, masked tokens (as top-k leaves them), a peaked row, and a row
-  of large logits (where exp without a max would overflow)."""
+  """The log-sum-exp from the draw's block statistics equals jax.nn.logsumexp: a vocabulary
+  that is not a multiple of the block, masked tokens (as top-k leaves them), a peaked row,
+  and a row of large logits (where exp without a max would overflow)."""
   rng = np.random.default_rng(0)
   logits = rng.standard_normal((4, 300)).astype(np.float32)
   logits[1, rng.choice(300, 250, replace=False)] = np.finfo(np.float32).min
@@ -226,6 +226,12 @@ def test_the_draws_logsumexp_is_the_softmax_normaliser():
   np.testing.assert_allclose(jax.jit(sampling.logsumexp)(logits), lse, rtol=1e-6)
   np.testing.assert_array_equal(tokens, _reference_inverse_cdf(logits, u))
   assert float(logits[1, int(tokens[1])]) > np.finfo(np.float32).min
+  # Both ways of taking the block statistics (one pass on a GPU, two elsewhere) agree.
+  one = jax.jit(sampling.block_stats_one_pass, static_argnums=1)(logits, 128)
+  two = jax.jit(sampling.block_stats_two_pass, static_argnums=1)(logits, 128)
+  np.testing.assert_array_equal(one[0], two[0])
+  mass = lambda stats: stats[1] * jnp.exp(stats[0] - stats[0].max(-1, keepdims=True))
+  np.testing.assert_allclose(mass(one), mass(two), rtol=1e-6, atol=1e-30)
 
 
 @pytest.mark.parametrize('family', ['gemma', 'gemma2'])
