@@ -76,10 +76,13 @@ def decode_shaped_matmul_gflops(
 ) -> float:
   """GFLOP/s of the decode's own matmuls alone: `steps` token steps of [batch, D] rows
   through every weight matrix of `params` (the shapes and weights the sampler multiplies),
-  in one jitted loop as the sampler's decode is, nothing else (no attention, sampling,
-  cache or norms). Decode tokens/s x `decode_matmul_flops` over this is the fraction of
-  the matmul rate the sampler reaches."""
-  layers = [params[f'layer_{i}'] for i in range(cfg.num_layers)]
+  in one jitted loop as the sampler's decode is (on its decode layout: q, k, v, o, gate-up
+  and down per layer), nothing else (no attention, sampling, cache or norms). Decode
+  tokens/s x `decode_matmul_flops` over this is the fraction of the matmul rate the
+  sampler reaches."""
+  # The sampler's decode layout: gate and up stacked into one matrix (`decode_layout`).
+  decode = sampling.decode_params(params, None)
+  layers = [decode[f'layer_{i}'] for i in range(cfg.num_layers)]
   table = params['embedder']['embedding']
 
   def token(_, x):
@@ -90,7 +93,8 @@ def decode_shaped_matmul_gflops(
       v = jnp.einsum('bd,dkh->bkh', x, a['v_proj']['kernel'])
       q = q + jnp.mean(k + v, axis=1, keepdims=True)  # k and v feed the output: not dead code
       x = x + jnp.einsum('bnh,nhd->bd', q, a['o_proj']['kernel'])
-      hidden = jnp.tanh(x @ m['gate_proj']['kernel']) * (x @ m['up_proj']['kernel'])
+      gate_up = jnp.einsum('bd,dtf->btf', x, m['gate_up_proj']['kernel'])
+      hidden = jnp.tanh(gate_up[:, 0]) * gate_up[:, 1]
       x = x + hidden @ m['down_proj']['kernel']
     logits = x @ table.T
     return jnp.tanh(x + logits[:, : x.shape[1]])
