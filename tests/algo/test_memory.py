@@ -131,16 +131,21 @@ def test_micro_batches_are_strided_and_join_back_in_order():
 
 
 def test_a_prompt_draws_the_same_samples_alone_or_in_a_batch(tiny_cfg, tiny_params, copy_task):
-  sp = sampling.SamplingParams(max_new_tokens=6)
-  prompt, valid = copy_task.prompts(jax.random.PRNGKey(3), 4)
-  rng = jax.random.PRNGKey(11)
-  whole = sampling.sample_jit(tiny_cfg, tiny_params, prompt, valid, rng, sp, num_samples=3)
-  third = sampling.sample_jit(
-    tiny_cfg, tiny_params, prompt[2:3], valid[2:3], rng, sp, 3, jnp.array([2])
+  # The batch is the shape tests/algo/test_jbond.py's recompute draws its anchor samples at
+  # (16 prompts, 2 samples each, the copy task's sampler): the same compiled sampler.
+  sp = sampling.SamplingParams(
+    max_new_tokens=copy_task.response_len + 1, eos_id=tasks_lib.EOS, pad_id=tasks_lib.PAD
   )
-  np.testing.assert_array_equal(third.tokens_BxG, whole.tokens_BxG[6:9])
-  # Different rows of one prompt draw different samples (their keys differ).
-  assert len({tuple(r) for r in np.asarray(whole.tokens_BxG)}) > 4
+  prompt, valid = copy_task.prompts(jax.random.PRNGKey(3), 16)
+  rng = jax.random.PRNGKey(11)
+  whole = sampling.sample_jit(tiny_cfg, tiny_params, prompt, valid, rng, sp, num_samples=2)
+  third = sampling.sample_jit(
+    tiny_cfg, tiny_params, prompt[2:3], valid[2:3], rng, sp, 2, jnp.array([2])
+  )
+  np.testing.assert_array_equal(third.tokens_BxG, whole.tokens_BxG[4:6])
+  # Different rows of one prompt draw different samples (their keys differ): more distinct
+  # rows than prompts.
+  assert len({tuple(r) for r in np.asarray(whole.tokens_BxG)}) > len(prompt)
 
 
 def test_lean_step_needs_less_memory(steps):
