@@ -2,20 +2,22 @@
 once per sampling call (or once per training step, `sampling.decode_params`); never trained,
 never checkpointed, and no value in it differs from the training layout's.
 
-Two changes, both for a decode step on a GPU, where each layer multiplies a few rows by
-every weight matrix and the time goes to reading weights and to launching kernels:
+For a model whose layers are unrolled ('layer_i/...'), each MLP's gate and up kernels are
+stacked as one, 'mlp/gate_up_proj' [D, 2, F]: one matmul per layer per decoded token instead
+of two, on a GPU, where a decode step multiplies a few rows by every weight matrix and the
+time goes to reading weights and launching kernels. (XLA:GPU already merges the q, k and v
+matmuls, whose weights are small, into one; they stay apart here, which keeps their
+tensor-parallel sharding.) Stacking on a new axis keeps F where it was, so a split of F over
+'model' and of D over 'fsdp' carries over.
 
-- Layers unrolled ('layer_i/...'), also for a model that scans over stacked layers
-  ('layers/...', leading axis L). A decode step that scans copies each layer's weights and
-  its slice of the stacked KV cache out of the stacked arrays and writes the cache back:
-  about three times the bytes of the unrolled step in XLA:GPU's optimized program for
-  gemma_2b at batch 64 (21.9 GB against 7.0 GB read and written per token, compiled for
-  an H100 without one).
-- Each MLP's gate and up kernels stacked as one, 'mlp/gate_up_proj' [D, 2, F]: one matmul
-  per layer per token instead of two. (XLA:GPU already merges the q, k and v matmuls, whose
-  weights are small, into one; they stay apart here, which keeps their tensor-parallel
-  sharding.) Stacking on a new axis keeps F where it was, so a split of F over 'model' and
-  of D over 'fsdp' carries over.
+A model that scans over stacked layers ('layers/...', leading axis L) decodes as trained,
+scanned (only the cast). Unrolling it for decoding cut the bytes a gemma_2b decode step
+moves about threefold in XLA:GPU's program (21.9 against 7.0 GB per token at batch 64,
+compiled for an H100 without one: the scan copies each layer's weights and cache slice in
+and out), but under FSDP the unrolled decode loop holds every layer's gathered weights at
+once: the 7B plan on 8 GPUs grew from 28.1 to 41.2 GiB per device, and the TPU v5e plans
+would no longer fit. Configs that want the faster decode and have the memory can set
+`model.scan_layers=False`.
 
 The decode layout runs through the same `decoder.Decoder` (with `gate_up=True`) under
 `decode_config(cfg)`.
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from bond_jax.models import decoder as model_lib
+from bond_jax.models import sharding
 from bond_jax.types import PyTree
 
 
@@ -40,14 +43,16 @@ def is_decode_layout(params: PyTree) -> bool:
 
 
 def decode_config(cfg: model_lib.ModelConfig) -> model_lib.ModelConfig:
-  """The config the decode layout runs under: layers unrolled, no rematerialisation (the
-  sampler has no backward pass); the architecture and its values are unchanged."""
-  return dataclasses.replace(cfg, scan_layers=False, remat='none')
+  """The config the sampler decodes under: no rematerialisation (the sampler has no
+  backward pass); layers scanned or not as in `cfg`; the architecture and its values are
+  unchanged."""
+  return dataclasses.replace(cfg, remat='none')
 
 
-def _cast(x: jax.Array, dtype: Any) -> jax.Array:
-  """Weight matrices (2 or more dimensions) to `dtype`; norm scales and biases keep theirs."""
-  if dtype is None or x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+def _cast(x: jax.Array, dtype: Any, stacked: bool = False) -> jax.Array:
+  """Weight matrices (2 or more dimensions, a stacked leading layer axis aside) to `dtype`;
+  norm scales and biases keep theirs."""
+  if dtype is None or x.ndim - stacked < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
     return x
   return x.astype(dtype)
 
@@ -67,14 +72,13 @@ def to_decode_layout(params: PyTree, dtype: str | None = None) -> PyTree:
   matrices cast to `dtype` (None: as stored). Already in the decode layout: only the cast."""
   if is_decode_layout(params):
     return jax.tree.map(lambda x: _cast(x, dtype), params)
-  out = {k: v for k, v in params.items() if k != 'layers' and not k.startswith('layer_')}
+  if 'layers' in params:  # stacked layers stay stacked: only the cast
+    return jax.tree_util.tree_map_with_path(
+      lambda path, x: _cast(x, dtype, stacked=sharding.stacked(sharding.path_name(path))), params
+    )
+  out = {k: v for k, v in params.items() if not k.startswith('layer_')}
   out = jax.tree.map(lambda x: _cast(x, dtype), out)
-  if 'layers' in params:
-    stacked = params['layers']
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    layers = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)]
-  else:
-    layers = [params[f'layer_{i}'] for i in range(sum(k.startswith('layer_') for k in params))]
+  layers = [params[f'layer_{i}'] for i in range(sum(k.startswith('layer_') for k in params))]
   for i, layer in enumerate(layers):
     out[f'layer_{i}'] = _layer(layer, dtype)
   return out

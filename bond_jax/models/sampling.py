@@ -235,11 +235,11 @@ def sample(
   gives the same samples as sampling it whole. Each prompt needs at least one real token.
   The loop stops as soon as every row has emitted EOS.
   """
-  # Prefill and decode run on the decode layout (layers unrolled, gate/up stacked): made
-  # here unless the caller made it once already (`decode_params`).
+  # Prefill and decode run on the decode layout (unrolled layers: gate/up stacked; stacked
+  # layers: as trained), made here unless the caller made it once already (`decode_params`).
   params = decode_layout.to_decode_layout(params)
   cfg = decode_layout.decode_config(cfg)
-  decoder = model_lib.Decoder(cfg, gate_up=True)
+  decoder = model_lib.Decoder(cfg, gate_up=decode_layout.is_decode_layout(params))
   b, p = prompt_BxP.shape
   g = sp.max_new_tokens
   prompt_valid_BxP = prompt_valid_BxP.astype(bool)
@@ -262,7 +262,8 @@ def sample(
 
   if num_samples > 1:
     rep = lambda x: jnp.repeat(x, num_samples, axis=0)
-    cache = jax.tree.map(rep, cache)
+    batch_axis = 1 if cfg.scan_layers else 0  # a stacked cache is [L, B, S, K, H]
+    cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=batch_axis), cache)
     logits_BxV, key_valid_BxS, prompt_len_B = map(rep, (logits_BxV, key_valid_BxS, prompt_len_B))
     b = b * num_samples
   if prompt_ids_B is None:
@@ -324,8 +325,8 @@ def sample(
 
 
 def decode_params(params: PyTree, dtype: str | None) -> PyTree:
-  """The weights in the layout the sampler decodes with (`decode_layout`: layers unrolled,
-  each MLP's gate and up kernels stacked), the weight matrices (2 or more dimensions) cast
+  """The weights in the layout the sampler decodes with (`decode_layout`: for unrolled
+  layers, each MLP's gate and up kernels stacked), the weight matrices (2 or more dimensions) cast
   to `dtype` (None: as stored); norm scales and biases keep theirs. One copy, made once per
   step; `sample` takes it as it is (given the training layout, it makes the copy itself, once
   per call). With `dtype` equal to the model's activation dtype the samples are unchanged:

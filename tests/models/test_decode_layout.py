@@ -73,7 +73,8 @@ def _prompts(vocab, lengths, width, seed=0):
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_layout_apply(cfg, params, tokens, positions, mask, cache, cache_index):
   dcfg = decode_layout.decode_config(cfg)
-  return model_lib.Decoder(dcfg, gate_up=True).apply(
+  gate_up = decode_layout.is_decode_layout(params)
+  return model_lib.Decoder(dcfg, gate_up=gate_up).apply(
     {'params': params}, tokens, positions, mask, cache, cache_index
   )
 
@@ -81,14 +82,19 @@ def _decode_layout_apply(cfg, params, tokens, positions, mask, cache, cache_inde
 @pytest.mark.parametrize('scan_layers', [False, True])
 @pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_decode_layout_gives_the_training_layout_logits(family, scan_layers):
-  """Full-sequence logits of the decode layout (layers unrolled, gate/up stacked) equal the
-  training layout's, and so do its cached logits fed one token at a time (the one-query
-  attention path), to float32 rounding."""
+  """Full-sequence logits of the decode layout (unrolled layers: gate/up stacked; scanned
+  layers: kept stacked) equal the training layout's, and so do its cached logits fed one
+  token at a time (the one-query attention path), to float32 rounding."""
   cfg = _config(family, scan_layers)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
   dparams = sampling.decode_params(params, None)
-  assert decode_layout.is_decode_layout(dparams) and not decode_layout.is_decode_layout(params)
-  assert dparams['layer_2']['mlp']['gate_up_proj']['kernel'].shape == (32, 2, 64)
+  assert not decode_layout.is_decode_layout(params)
+  if scan_layers:  # decoded as trained: a scan over the stacked layers
+    assert not decode_layout.is_decode_layout(dparams) and 'layers' in dparams
+    assert jax.tree.structure(dparams) == jax.tree.structure(params)
+  else:
+    assert decode_layout.is_decode_layout(dparams)
+    assert dparams['layer_2']['mlp']['gate_up_proj']['kernel'].shape == (32, 2, 64)
   tokens, valid = _prompts(cfg.vocab_size, [8, 5, 2], 8)
   full = _forward(cfg, params, tokens, valid)
   dcfg = decode_layout.decode_config(cfg)

@@ -325,11 +325,18 @@ def test_scanned_layers_equal_unrolled_ones(remat):
 
 def test_a_decode_copy_of_scanned_layers_keeps_norm_scales(tiny_cfg, tiny_params):
   """Stacked norm scales [L, D] are 2-D but not weight matrices: they keep their dtype, and
-  the copy unrolls the layers (the decode layout) with the unrolled model's values."""
-  copy = sampling.decode_params(_stack_layers(tiny_cfg, tiny_params), 'bfloat16')
-  assert 'layers' not in copy
-  for i in range(tiny_cfg.num_layers):
-    assert copy[f'layer_{i}']['mlp']['gate_up_proj']['kernel'].dtype == jnp.bfloat16
-    assert copy[f'layer_{i}']['pre_attn_norm']['scale'].dtype == jnp.float32
+  the copy stays stacked (a scanned model decodes as a scan) with the cast weights' values."""
+  stacked = _stack_layers(tiny_cfg, tiny_params)
+  copy = sampling.decode_params(stacked, 'bfloat16')
+  assert jax.tree.structure(copy) == jax.tree.structure(stacked)
+  assert copy['layers']['mlp']['gate_proj']['kernel'].dtype == jnp.bfloat16
+  assert copy['layers']['pre_attn_norm']['scale'].dtype == jnp.float32
   unrolled = sampling.decode_params(tiny_params, 'bfloat16')
-  jax.tree.map(np.testing.assert_array_equal, copy, unrolled)
+  for i in range(tiny_cfg.num_layers):
+    layer = unrolled[f'layer_{i}']
+    np.testing.assert_array_equal(
+      copy['layers']['pre_attn_norm']['scale'][i], layer['pre_attn_norm']['scale']
+    )
+    gate_up = layer['mlp']['gate_up_proj']['kernel']  # [D, 2, F]
+    np.testing.assert_array_equal(copy['layers']['mlp']['gate_proj']['kernel'][i], gate_up[:, 0])
+    np.testing.assert_array_equal(copy['layers']['mlp']['up_proj']['kernel'][i], gate_up[:, 1])
