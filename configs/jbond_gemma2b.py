@@ -23,17 +23,18 @@ beta = 0.5, eta = 0.02 (Fig. 5, 7; Fig. 6 sweeps eta in {0.01, 0.05, 0.1} and
 gamma in {0, 0.5, 1, 2}), n = 2 anchor samples. Override e.g.
 --config.bond.eta=0.05 --config.bond.gamma=1.0.
 
-Hardware (planned, not yet run at this scale): TPU v5e-8 (16 GiB per chip), FSDP over all
-8 chips (mesh.fsdp=-1), or one 80 GB GPU. Float32 master weights for policy and anchor
-(Adam steps of 3e-6, and EMA steps, vanish in bfloat16), pi_ref and the reward model in
-bfloat16, Adam's first moment in bfloat16; blocks rematerialised and scanned; sampling in
-micro-batches of 32 prompts, log-probs and gradients in micro-batches of 16 rows, logits 64
-positions at a time. `python scripts/memory_plan.py --config=configs/jbond_gemma2b.py
---target=v5e:2x4` (TPU compiler, on a CPU machine): 13.60 GiB per chip of 16; with
-`--target=gpu:1 --gpu_compiler=tpu` (the TPU compiler standing in for the GPU's): 66.8 GiB
-of 79.6 (the CPU compiler's `--target=gpu:1` says 114.7 GiB, an overstatement; README
-"Running at scale"). Each step samples 1 policy and 2 anchor responses of up
-to 256 tokens per prompt (384 generations) and scores them: expect tens of seconds per step.
+Hardware: TPU v5e-8 (16 GiB per chip), FSDP over all 8 chips (mesh.fsdp=-1), or one
+80 GB GPU. Float32 master weights for policy and anchor (Adam steps of 3e-6, and EMA steps,
+vanish in bfloat16), pi_ref and the reward model in bfloat16, Adam's first moment in
+bfloat16; blocks rematerialised and scanned; sampling in micro-batches of 32 prompts,
+log-probs and gradients in micro-batches of 16 rows, logits 64 positions at a time.
+`python scripts/memory_plan.py --config=configs/jbond_gemma2b.py --target=v5e:2x4` (the TPU
+compiler, on a CPU machine): 11.65 GiB per chip of 16; `--target=gpu:1` (XLA's GPU
+compiler, deviceless, requirements-gpu.txt): 63.10 GiB of 79.6 (README "Running at scale").
+Each step samples 1 policy and 2 anchor responses of up to 256 tokens per prompt (384
+generations) and scores them: on one H200 the step at this size (random weights, no reward
+model, the sampler before its decode layout) took 22 s with a peak of 52.5 GiB
+(benchmarks/accelerator.py).
 
 Expected result (the paper's Fig. 6-7 shapes; its reward model is private, so no
 absolute numbers): the policy's average reward rises steadily over training

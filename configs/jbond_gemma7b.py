@@ -26,9 +26,9 @@ the Fig. 7 baseline is --config.bond.algorithm=reinforce
 
 Hardware (planned, not yet run at this scale): 8 x H100 80 GB with FSDP over all of them
 (mesh.fsdp=-1): `python scripts/memory_plan.py --config=configs/jbond_gemma7b.py
---target=gpu:8 --gpu_compiler=tpu` gives 30.8 GiB per GPU (the TPU compiler standing in
-for the GPU's; the CPU compiler's 126.4 GiB overstates); or TPU v5e-32 (`--target=v5e:4x8`):
-13.64 GiB per chip of 16 (v5e-16 needs 18.35 GiB and does not fit). The
+--target=gpu:8` (XLA's GPU compiler, deviceless, requirements-gpu.txt) gives 28.10 GiB per
+GPU; or TPU v5e-32 (`--target=v5e:4x8`, the TPU compiler): 13.63 GiB per chip of 16
+(v5e-16 needs 18.36 GiB and does not fit). The
 memory knobs are jbond_gemma2b.py's, with micro-batches of 4 rows and 16 prompts. Expect
 about a minute per step.
 
