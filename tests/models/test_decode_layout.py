@@ -17,6 +17,7 @@ import pytest
 
 from bond_jax.models import decode_layout, sampling
 from bond_jax.models import decoder as model_lib
+from tests.models.test_sampling import _left_padded_prompts
 
 _forward = jax.jit(model_lib.forward, static_argnums=0)
 _sequence_logprobs = jax.jit(sampling.sequence_logprobs, static_argnums=0)
@@ -60,16 +61,6 @@ def _config(family: str, scan_layers: bool) -> model_lib.ModelConfig:
   )
 
 
-def _prompts(vocab, lengths, width, seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = np.zeros((len(lengths), width), np.int32)
-  valid = np.zeros((len(lengths), width), bool)
-  for i, n in enumerate(lengths):
-    tokens[i, width - n :] = rng.integers(3, vocab, n)
-    valid[i, width - n :] = True
-  return jnp.asarray(tokens), jnp.asarray(valid)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_layout_apply(cfg, params, tokens, positions, mask, cache, cache_index):
   dcfg = decode_layout.decode_config(cfg)
@@ -95,7 +86,7 @@ def test_decode_layout_gives_the_training_layout_logits(family, scan_layers):
   else:
     assert decode_layout.is_decode_layout(dparams)
     assert dparams['layer_2']['mlp']['gate_up_proj']['kernel'].shape == (32, 2, 64)
-  tokens, valid = _prompts(cfg.vocab_size, [8, 5, 2], 8)
+  tokens, valid = _left_padded_prompts(cfg.vocab_size, [8, 5, 2], 8)
   full = _forward(cfg, params, tokens, valid)
   dcfg = decode_layout.decode_config(cfg)
   positions, mask = model_lib.sequence_inputs(valid)
@@ -192,7 +183,7 @@ def test_sampler_draws_what_the_reference_sampler_draws(family, scan_layers):
   could differ only for a uniform within ~1e-6 of a boundary between two tokens."""
   cfg = dataclasses.replace(_config(family, scan_layers), vocab_size=300)  # 3 blocks, 1 partial
   params = model_lib.init_params(cfg, jax.random.PRNGKey(2))
-  prompt, valid = _prompts(cfg.vocab_size, [6, 3, 1, 4], 6, seed=1)
+  prompt, valid = _left_padded_prompts(cfg.vocab_size, [6, 3, 1, 4], 6, seed=1)
   rng = jax.random.PRNGKey(7)
   want_tokens, want_logp = _reference_sample(cfg, 10, params, prompt, valid, rng)
   sp = sampling.SamplingParams(max_new_tokens=10)
@@ -209,7 +200,7 @@ def test_sampler_draws_what_the_reference_sampler_draws(family, scan_layers):
 def test_logprobs_are_the_models_when_the_draw_is_not(tiny_cfg, tiny_params, temperature, top_k):
   """Greedy, tempered and truncated draws still report log pi at temperature 1 (their own
   log-sum-exp over the raw logits): equal to the teacher-forced log-likelihoods."""
-  prompt, valid = _prompts(tiny_cfg.vocab_size, [5, 2], 5)
+  prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [5, 2], 5)
   sp = sampling.SamplingParams(max_new_tokens=6, temperature=temperature, top_k=top_k)
   out = sampling.sample_jit(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(4), sp)
   forced = _sequence_logprobs(tiny_cfg, tiny_params, prompt, valid, out.tokens_BxG, out.mask_BxG)
@@ -247,7 +238,7 @@ def test_decoding_in_segments_that_read_the_cache_in_use_changes_no_sample(famil
   in different segments) draw what one segment over the whole cache draws."""
   cfg = _config(family, False)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(3))
-  prompt, valid = _prompts(cfg.vocab_size, [6, 3, 1, 4], 6, seed=2)
+  prompt, valid = _left_padded_prompts(cfg.vocab_size, [6, 3, 1, 4], 6, seed=2)
   rng = jax.random.PRNGKey(11)
   whole = sampling.SamplingParams(max_new_tokens=10, eos_id=5, cache_segments=1)
   split = dataclasses.replace(whole, cache_segments=3)
