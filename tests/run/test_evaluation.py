@@ -14,6 +14,7 @@ import pytest
 from bond_jax.run import evaluation
 from bond_jax.run import loop as trainer
 from bond_jax.types import ConfigError
+from tests.conftest import TEST_XLA_FLAGS
 from tests.run.test_loop import micro_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -68,7 +69,7 @@ def test_anchor_of_a_run_without_one_is_refused(tmp_path):
 
 def test_one_device_checkpoint_evaluated_on_four_devices(workdir):
   (one,) = evaluation.evaluate_workdir(workdir, step=2, which='anchor')
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  env = {**os.environ, 'XLA_FLAGS': f'{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4'}
   proc = subprocess.run(
     [sys.executable, 'scripts/evaluate.py', f'--workdir={workdir}', '--step=2', '--which=anchor',
      '--mesh.data=4', '--mesh.fsdp=1', '--mesh.model=1'],
