@@ -7,14 +7,19 @@ written to RECORD (a JSON list) when it exits.
 With MULTIHOST_WORKER_NO_EVALUATION=1 the run ends after its last checkpoint, without the
 final evaluation (as if it crashed there; a resumed run evaluates).
 
+SIGUSR1 prints every thread's Python stack to stderr (the test sends it to a launch that
+hangs, before killing it).
+
 Not collected by pytest (the name does not start with test_).
 """
 
 import atexit
+import faulthandler
 import json
 import os
 import pathlib
 import runpy
+import signal
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -28,6 +33,7 @@ def _path(p) -> str | None:
 
 
 def main() -> None:
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
   record, argv = pathlib.Path(sys.argv[1]), sys.argv[2:]
   touched: set[str] = set()
 

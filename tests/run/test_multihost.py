@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from bond_jax.run import config as config_lib
 from bond_jax.run import guards
 from bond_jax.run import loop as trainer
 from bond_jax.types import ConfigError
+from tests.conftest import TEST_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT = 400  # seconds for each launch
@@ -76,7 +78,7 @@ def _launch(base: pathlib.Path, name: str, args: list[str], evaluate: bool) -> s
     'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
     'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
   }
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = TEST_XLA_FLAGS  # not the parent's device count
   worker = ROOT / 'tests' / 'run' / 'multihost_worker.py'
   cmd = [sys.executable, str(worker), str(base / f'{name}.written.json'), *args]
   out, err = (open(base / f'{name}.{kind}', 'w') for kind in ('out', 'err'))  # noqa: SIM115
@@ -86,10 +88,20 @@ def _launch(base: pathlib.Path, name: str, args: list[str], evaluate: bool) -> s
 
 
 def _finish(procs: list[subprocess.Popen], base: pathlib.Path) -> None:
+  """Wait for every process; stop early when one fails (its peers would wait for it in a
+  collective). A launch that runs past TIMEOUT has each process print its Python stacks
+  (SIGUSR1, see multihost_worker.py) before it is killed; the failure shows both logs."""
   deadline = time.time() + TIMEOUT
+  hung = []
   try:
-    for proc in procs:
-      proc.wait(timeout=max(deadline - time.time(), 1))
+    while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+      if time.time() > deadline:
+        hung = [p for p in procs if p.poll() is None]
+        for proc in hung:
+          proc.send_signal(signal.SIGUSR1)
+        time.sleep(5)
+        break
+      time.sleep(0.5)
   finally:
     for proc in procs:
       if proc.poll() is None:
@@ -97,9 +109,14 @@ def _finish(procs: list[subprocess.Popen], base: pathlib.Path) -> None:
         proc.wait()
       for f in proc.logs:
         f.close()
-  for proc in procs:
-    err = (base / f'{proc.name}.err').read_text()
-    assert proc.returncode == 0, f'{proc.name} exited {proc.returncode}:\n{err[-4000:]}'
+  logs = '\n'.join(
+    f'--- {p.name}: exit {p.returncode}; the end of its {kind}:\n'
+    + (base / f'{p.name}.{kind}').read_text()[-size:]
+    for p in procs
+    for kind, size in (('out', 1500), ('err', 6000))
+  )
+  assert not hung, f'{[p.name for p in hung]} still running after {TIMEOUT} s\n{logs}'
+  assert all(p.returncode == 0 for p in procs), logs
 
 
 def _two_processes(base: pathlib.Path, name: str, flags: list[str], evaluate: bool) -> None:
