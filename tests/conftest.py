@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -34,16 +36,22 @@ if TEST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {TEST_XLA_FLAGS}'.strip()
 _CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
 _cache_dir: str | None = None  # made by this process (not inherited): removed at its end
+_SESSION_ENV = 'BOND_JAX_TEST_SESSION_DIR'  # the background parts' directories
+_session_dir: str | None = None  # likewise
 
 
 def pytest_configure(config):
   """Point JAX's persistent compilation cache at a fresh directory for this session, every
-  compilation included (the defaults skip programs that compile in under a second). A
-  pytest-xdist worker uses the directory its controller made."""
-  global _cache_dir
+  compilation included (the defaults skip programs that compile in under a second), and
+  make the session's directory for the background parts. A pytest-xdist worker uses the
+  directories its controller made."""
+  global _cache_dir, _session_dir
   if not hasattr(config, 'workerinput') or not os.environ.get(_CACHE_ENV):
     _cache_dir = tempfile.mkdtemp(prefix='bond_jax_jax_cache_')
     os.environ[_CACHE_ENV] = _cache_dir
+  if not hasattr(config, 'workerinput') or not os.environ.get(_SESSION_ENV):
+    _session_dir = tempfile.mkdtemp(prefix='bond_jax_test_session_')
+    os.environ[_SESSION_ENV] = _session_dir
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
   jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_ENV])
@@ -69,16 +77,25 @@ def copy_task(tiny_cfg) -> tasks.NoisyCopy:
 
 
 class Background:
-  """One part of tests/eight_devices.py in a subprocess, started once, read once finished."""
+  """One part of tests/eight_devices.py in a subprocess, started once per session, read
+  once finished. Its directory is fixed by the session (BOND_JAX_TEST_SESSION_DIR), so that
+  the pytest-xdist workers read what their controller started; whichever process makes the
+  directory starts the part (and stops it at its end), the others wait for its
+  `returncode` file."""
 
   def __init__(self, part: str):
     self.part = part
     self.proc: subprocess.Popen | None = None
 
+  @property
+  def dir(self) -> Path:
+    return Path(os.environ[_SESSION_ENV]) / self.part
+
   def start(self) -> None:
-    if self.proc is not None:
-      return
-    self.dir = Path(tempfile.mkdtemp(prefix=f'bond_jax_{self.part}_'))
+    try:
+      self.dir.mkdir()
+    except FileExistsError:
+      return  # started by this or another process of the session
     env = {
       **os.environ,
       'JAX_PLATFORMS': 'cpu',
@@ -93,14 +110,21 @@ class Background:
       stdout=self.log,
       stderr=subprocess.STDOUT,
     )
+    proc, done = self.proc, self.dir / 'returncode'
+    threading.Thread(target=lambda: done.write_text(str(proc.wait())), daemon=True).start()
 
   def results(self, timeout: float = 900) -> dict:
     """results.json (see tests/eight_devices.py) plus 'returncode' and 'output' (its log)."""
     self.start()
-    returncode = self.proc.wait(timeout=timeout)
+    done, deadline = self.dir / 'returncode', time.time() + timeout
+    while not done.is_file():
+      if time.time() > deadline:
+        raise TimeoutError(f'tests/eight_devices.py {self.part} ran past {timeout} s')
+      time.sleep(0.5)
     path = self.dir / 'results.json'
     results = json.loads(path.read_text()) if path.is_file() else {}
-    return {**results, 'returncode': returncode, 'output': (self.dir / 'output.txt').read_text()}
+    output = (self.dir / 'output.txt').read_text()
+    return {**results, 'returncode': int(done.read_text()), 'output': output}
 
   def stop(self) -> None:
     if self.proc is None:
@@ -109,29 +133,56 @@ class Background:
       self.proc.kill()
       self.proc.wait()
     self.log.close()
-    shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # fixture name -> its background process
 _BACKGROUND = {'eight_device_sharding': Background('sharding'), 'micro_runs': Background('runs')}
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """For pytest-xdist's --dist loadgroup: each test file runs in one worker (its module
+  fixtures are made once), and the files that read a background part run in the same
+  worker, in a group named after that part's fixture."""
+  if getattr(config.option, 'dist', 'no') != 'loadgroup':
+    return
+  file_group = {}
+  for item in items:
+    path = item.nodeid.split('::')[0]
+    for name in _BACKGROUND:
+      if name in getattr(item, 'fixturenames', ()):
+        file_group[path] = name
+  for item in items:
+    path = item.nodeid.split('::')[0]
+    item.add_marker(pytest.mark.xdist_group(file_group.get(path, path)))
+
+
 def pytest_collection_finish(session):
   """Start the background processes that collected tests need now, so that they run beside
-  the main process instead of after it."""
+  the tests instead of after them."""
   if session.config.option.collectonly or hasattr(session.config, 'workerinput'):
-    return  # nothing will run, or a pytest-xdist worker: its fixtures start what it needs
+    return  # nothing will run, or a pytest-xdist worker (see the hook below)
   needed = {name for item in session.items for name in getattr(item, 'fixturenames', ())}
   for name, background in _BACKGROUND.items():
     if name in needed:
       background.start()
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+  """The pytest-xdist controller, once a worker has collected: start the background parts
+  whose group (see pytest_collection_modifyitems) is among the tests."""
+  for name, background in _BACKGROUND.items():
+    if any(i.endswith(f'@{name}') for i in ids):
+      background.start()
+
+
 def pytest_unconfigure(config):
   for background in _BACKGROUND.values():
     background.stop()
-  if _cache_dir is not None:
-    shutil.rmtree(_cache_dir, ignore_errors=True)
+  for made in (_cache_dir, _session_dir):
+    if made is not None:
+      shutil.rmtree(made, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
