@@ -49,9 +49,10 @@ def test_targets_and_bce():
 
 
 def test_learned_quantiles_approach_the_exact_quantiles():
-  """300 real BOND steps with bond.quantile='learned' (policy frozen by a tiny learning rate,
+  """200 real BOND steps with bond.quantile='learned' (policy frozen by a tiny learning rate,
   so y ~ pi_ref): the pi_ref-weighted mean |p_theta(y) - p_le(y)| falls from 0.26 (the
-  constant 1/2) to below 0.09 (observed ~0.06), and log p_theta is what the step uses."""
+  constant 1/2) to below 0.09 (observed ~0.066; 300 steps at 3e-3 gave ~0.06), and log
+  p_theta is what the step uses."""
   _, log_p_le = TB.log_quantiles(LOG_REF)
   pi_ref, p_le = jnp.exp(LOG_REF), jnp.exp(log_p_le)
 
@@ -63,7 +64,7 @@ def test_learned_quantiles_approach_the_exact_quantiles():
     sampling=TB.sampling_params(),
     reward_fn=parameter_free(TB.reward_fn),
     bond=BondConfig(
-      algorithm='bond', n=4, anchor='fixed', quantile='learned', quantile_learning_rate=3e-3
+      algorithm='bond', n=4, anchor='fixed', quantile='learned', quantile_learning_rate=5e-3
     ),
   )
   tx, schedule = make_optimizer(1e-12, warmup_steps=0)
@@ -71,7 +72,9 @@ def test_learned_quantiles_approach_the_exact_quantiles():
   assert error(state.quantile_params) > 0.2
   step_fn = make_train_step(cfg, tx, schedule)
   prompt, valid = TB.prompts(256)
-  for _ in range(300):
+  # 5e-3 reaches in 200 steps what 3e-3 reached in 300; larger rates level off higher
+  # (the targets are noisy: 0.09-0.12 at 1e-2 and 2e-2).
+  for _ in range(200):
     state, metrics = step_fn(state, prompt, valid)
   assert error(state.quantile_params) < 0.09
   assert np.isfinite(float(metrics['quantile_bce'])) and float(metrics['log_quantile']) < 0
