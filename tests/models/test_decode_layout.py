@@ -17,9 +17,8 @@ import pytest
 
 from bond_jax.models import decode_layout, sampling
 from bond_jax.models import decoder as model_lib
-from tests.models.test_sampling import _left_padded_prompts
+from tests.models.test_sampling import _left_padded_prompts, _stack_layers
 
-_forward = jax.jit(model_lib.forward, static_argnums=0)
 _sequence_logprobs = jax.jit(sampling.sequence_logprobs, static_argnums=0)
 
 # Small models of each family the decoder covers, with mixed local / global layers where the
@@ -61,13 +60,45 @@ def _config(family: str, scan_layers: bool) -> model_lib.ModelConfig:
   )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_layout_apply(cfg, params, tokens, positions, mask, cache, cache_index):
-  dcfg = decode_layout.decode_config(cfg)
-  gate_up = decode_layout.is_decode_layout(params)
-  return model_lib.Decoder(dcfg, gate_up=gate_up).apply(
-    {'params': params}, tokens, positions, mask, cache, cache_index
+def _init_params(cfg: model_lib.ModelConfig, seed: int):
+  """Random training-layout parameters of `cfg`. A scanned model gets the unrolled model's
+  weights stacked over layers ('layers/...', the structure `init_params` gives it, as
+  tests/models/test_sampling.py checks): initialising it directly compiles a scan of the
+  whole init, about 1.5 s per config, for weights nothing here needs to be born stacked."""
+  params = model_lib.init_params(
+    dataclasses.replace(cfg, scan_layers=False), jax.random.PRNGKey(seed)
   )
+  return _stack_layers(cfg, params) if cfg.scan_layers else params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _both_layouts_logits(cfg, params, dparams, tokens_BxT, valid_BxT):
+  """(the training layout's full-sequence logits, the decode layout's, the decode layout's
+  cached logits: a 3-token prefill, then one token at a time), all in one program: one
+  compilation per config where separate programs took four. The steps are a scan (step t
+  traced, as the sampler's loop has it), each one query against the cache."""
+  full = model_lib.forward(cfg, params, tokens_BxT, valid_BxT)
+  dcfg = decode_layout.decode_config(cfg)
+  decoder = model_lib.Decoder(dcfg, gate_up=decode_layout.is_decode_layout(dparams))
+  apply = lambda *args: decoder.apply({'params': dparams}, *args)
+  positions_BxT, mask_BxTxT = model_lib.sequence_inputs(valid_BxT)
+  decoded, _ = apply(tokens_BxT, positions_BxT, mask_BxTxT, None, 0)
+  b, n = tokens_BxT.shape
+  cache = model_lib.init_cache(dcfg, b, n)
+  mask_Bx3xT = model_lib.attention_mask(jnp.arange(3), valid_BxT)
+  prefill_Bx3xV, cache = apply(tokens_BxT[:, :3], positions_BxT[:, :3], mask_Bx3xT, cache, 0)
+
+  def step(cache, t):
+    token_Bx1, position_Bx1 = (
+      jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1) for x in (tokens_BxT, positions_BxT)
+    )
+    mask_Bx1xT = model_lib.attention_mask(t + jnp.arange(1), valid_BxT)
+    logits_Bx1xV, cache = apply(token_Bx1, position_Bx1, mask_Bx1xT, cache, t)
+    return cache, logits_Bx1xV[:, 0]
+
+  _, steps_TxBxV = jax.lax.scan(step, cache, jnp.arange(3, n, dtype=jnp.int32))
+  cached = jnp.concatenate([prefill_Bx3xV, jnp.moveaxis(steps_TxBxV, 0, 1)], axis=1)
+  return full, decoded, cached
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])
@@ -77,7 +108,7 @@ def test_decode_layout_gives_the_training_layout_logits(family, scan_layers):
   layers: kept stacked) equal the training layout's, and so do its cached logits fed one
   token at a time (the one-query attention path), to float32 rounding."""
   cfg = _config(family, scan_layers)
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
+  params = _init_params(cfg, 1)
   dparams = sampling.decode_params(params, None)
   assert not decode_layout.is_decode_layout(params)
   if scan_layers:  # decoded as trained: a scan over the stacked layers
@@ -87,28 +118,9 @@ def test_decode_layout_gives_the_training_layout_logits(family, scan_layers):
     assert decode_layout.is_decode_layout(dparams)
     assert dparams['layer_2']['mlp']['gate_up_proj']['kernel'].shape == (32, 2, 64)
   tokens, valid = _left_padded_prompts(cfg.vocab_size, [8, 5, 2], 8)
-  full = _forward(cfg, params, tokens, valid)
-  dcfg = decode_layout.decode_config(cfg)
-  positions, mask = model_lib.sequence_inputs(valid)
-  np.testing.assert_allclose(
-    _decode_layout_apply(cfg, dparams, tokens, positions, mask, None, 0)[0],
-    full,
-    rtol=1e-5,
-    atol=1e-5,
-  )
-  cache = model_lib.init_cache(dcfg, 3, 8)
-  logits, cache = _decode_layout_apply(
-    cfg, dparams, tokens[:, :3], positions[:, :3], model_lib.attention_mask(jnp.arange(3), valid),
-    cache, 0,
-  )  # fmt: skip
-  pieces = [logits]
-  for t in range(3, 8):
-    step_mask = model_lib.attention_mask(jnp.arange(t, t + 1), valid)
-    logits, cache = _decode_layout_apply(
-      cfg, dparams, tokens[:, t : t + 1], positions[:, t : t + 1], step_mask, cache, jnp.int32(t)
-    )
-    pieces.append(logits)
-  cached = np.asarray(jnp.concatenate(pieces, axis=1))[np.asarray(valid)]
+  full, decoded, cached = _both_layouts_logits(cfg, params, dparams, tokens, valid)
+  np.testing.assert_allclose(decoded, full, rtol=1e-5, atol=1e-5)
+  cached = np.asarray(cached)[np.asarray(valid)]
   np.testing.assert_allclose(cached, np.asarray(full)[np.asarray(valid)], rtol=1e-5, atol=1e-5)
 
 
@@ -140,7 +152,10 @@ def _reference_inverse_cdf(logits_BxV, u_B, block=128):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _reference_sample(cfg, g, params, prompt_BxP, valid_BxP, rng):
   """One sample per prompt, `g` tokens, no EOS, on the training layout (a scan over layers
-  decodes as a scan), each token's log-probability from a log-softmax."""
+  decodes as a scan), each token's log-probability from a log-softmax. The decode steps are
+  a `lax.scan` (step t traced, as in the sampler's loop): the same values as a Python loop
+  over the steps, which would unroll `g` decoders into the program and compile several
+  times slower."""
   decoder = model_lib.Decoder(cfg)
   b, p = prompt_BxP.shape
   cache = model_lib.init_cache(cfg, b, p + g)
@@ -155,13 +170,13 @@ def _reference_sample(cfg, g, params, prompt_BxP, valid_BxP, rng):
     method=model_lib.Decoder.last_logits,
   )
   prompt_len_B = valid_BxP.sum(axis=-1).astype(jnp.int32)
-  tokens, logps = [], []
-  for t in range(g):
-    keys_B = sampling.row_keys(rng, jnp.int32(t), jnp.arange(b))
+
+  def step(carry, t):
+    logits_BxV, cache = carry
+    keys_B = sampling.row_keys(rng, t, jnp.arange(b))
     token_B = _reference_inverse_cdf(logits_BxV, jax.vmap(jax.random.uniform)(keys_B))
     logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
-    logps.append(jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0])
-    tokens.append(token_B)
+    logp_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
     logits_Bx1xV, cache = decoder.apply(
       {'params': params},
       token_B[:, None],
@@ -170,8 +185,12 @@ def _reference_sample(cfg, g, params, prompt_BxP, valid_BxP, rng):
       cache,
       p + t,
     )
-    logits_BxV = logits_Bx1xV[:, 0]
-  return jnp.stack(tokens, axis=1), jnp.stack(logps, axis=1)
+    return (logits_Bx1xV[:, 0], cache), (token_B, logp_B)
+
+  _, (tokens_GxB, logps_GxB) = jax.lax.scan(
+    step, (logits_BxV, cache), jnp.arange(g, dtype=jnp.int32)
+  )
+  return tokens_GxB.T, logps_GxB.T
 
 
 @pytest.mark.parametrize(
@@ -182,7 +201,7 @@ def test_sampler_draws_what_the_reference_sampler_draws(family, scan_layers):
   pass gives the same cumulative masses as the reference's two up to rounding, so a token
   could differ only for a uniform within ~1e-6 of a boundary between two tokens."""
   cfg = dataclasses.replace(_config(family, scan_layers), vocab_size=300)  # 3 blocks, 1 partial
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(2))
+  params = _init_params(cfg, 2)
   prompt, valid = _left_padded_prompts(cfg.vocab_size, [6, 3, 1, 4], 6, seed=1)
   rng = jax.random.PRNGKey(7)
   want_tokens, want_logp = _reference_sample(cfg, 10, params, prompt, valid, rng)
@@ -231,13 +250,17 @@ def test_the_draws_logsumexp_is_the_softmax_normaliser():
   np.testing.assert_allclose(mass(one), mass(two), rtol=1e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize('family', ['gemma', 'gemma2'])
-def test_decoding_in_segments_that_read_the_cache_in_use_changes_no_sample(family):
+def test_decoding_in_segments_that_read_the_cache_in_use_changes_no_sample():
   """Segments of decode steps attending to the cache only up to their last slot (3 uneven
   segments, the local layers' window measured inside the narrower mask, rows stopping at EOS
-  in different segments) draw what one segment over the whole cache draws."""
-  cfg = _config(family, False)
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(3))
+  in different segments) draw what one segment over the whole cache draws.
+
+  Gemma 2 alone: its layers are local, global, local, so both the windowed and the plain
+  attention read a cache cut to the segment (the only code the segments change: the slice
+  of the cache in `decoder.Attention` and of the key mask in `sampling.sample`); a Gemma 1
+  model (all global, one KV head) takes no path that one does not."""
+  cfg = _config('gemma2', False)
+  params = _init_params(cfg, 3)
   prompt, valid = _left_padded_prompts(cfg.vocab_size, [6, 3, 1, 4], 6, seed=2)
   rng = jax.random.PRNGKey(11)
   whole = sampling.SamplingParams(max_new_tokens=10, eos_id=5, cache_segments=1)

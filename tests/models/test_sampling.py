@@ -21,13 +21,38 @@ PAD, EOS = 0, 1
 _forward = jax.jit(model_lib.forward, static_argnums=0)
 _sequence_logprobs = jax.jit(sampling.sequence_logprobs, static_argnums=0)
 _sample = sampling.sample_jit
+# Greedy decoding of 6 tokens: the EOS and truncation tests here and test_decode_layout's
+# greedy case all draw it for 2 prompts of width 5, so the one compiled sampler serves all.
+_GREEDY = sampling.SamplingParams(max_new_tokens=6, temperature=0.0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(cfg, params, tokens, positions, mask, cache, cache_index):
-  return model_lib.Decoder(cfg).apply(
-    {'params': params}, tokens, positions, mask, cache, cache_index
+def _full_and_cached_logits(cfg, params, tokens_BxT, valid_BxT):
+  """(full-sequence logits, cached logits: a 4-token prefill, then one token at a time) in
+  one program, one compilation per config. The steps are a scan (step t traced), each one
+  query against the cache."""
+  full = model_lib.forward(cfg, params, tokens_BxT, valid_BxT)
+  decoder = model_lib.Decoder(cfg)
+  b, n = tokens_BxT.shape
+  cache = model_lib.init_cache(cfg, b, n)
+  positions_BxT = model_lib.positions_from_mask(valid_BxT)
+  mask_Bx4xT = model_lib.attention_mask(jnp.arange(4), valid_BxT)
+  prefill_Bx4xV, cache = decoder.apply(
+    {'params': params}, tokens_BxT[:, :4], positions_BxT[:, :4], mask_Bx4xT, cache, 0
   )
+
+  def step(cache, t):
+    token_Bx1, position_Bx1 = (
+      jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1) for x in (tokens_BxT, positions_BxT)
+    )
+    mask_Bx1xT = model_lib.attention_mask(t + jnp.arange(1), valid_BxT)
+    logits_Bx1xV, cache = decoder.apply(
+      {'params': params}, token_Bx1, position_Bx1, mask_Bx1xT, cache, t
+    )
+    return cache, logits_Bx1xV[:, 0]
+
+  _, steps_TxBxV = jax.lax.scan(step, cache, jnp.arange(4, n, dtype=jnp.int32))
+  return full, jnp.concatenate([prefill_Bx4xV, jnp.moveaxis(steps_TxBxV, 0, 1)], axis=1)
 
 
 def _left_padded_prompts(vocab, lengths, width, seed=0):
@@ -61,32 +86,8 @@ def test_cached_decoding_equals_full_forward(tiny_cfg, family):
     )
   params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
   tokens, valid = _left_padded_prompts(cfg.vocab_size, [9, 5, 2], 9)
-  full = _forward(cfg, params, tokens, valid)
-
-  cache = model_lib.init_cache(cfg, 3, 9)
-  positions = model_lib.positions_from_mask(valid)
-  logits, cache = _apply(  # a 4-token prefill ...
-    cfg,
-    params,
-    tokens[:, :4],
-    positions[:, :4],
-    model_lib.attention_mask(jnp.arange(4), valid),
-    cache,
-    0,
-  )
-  pieces = [logits]
-  for t in range(4, 9):  # then one token at a time (t traced: one compiled step)
-    logits, cache = _apply(
-      cfg,
-      params,
-      tokens[:, t : t + 1],
-      positions[:, t : t + 1],
-      model_lib.attention_mask(jnp.arange(t, t + 1), valid),
-      cache,
-      jnp.int32(t),
-    )
-    pieces.append(logits)
-  cached = jnp.concatenate(pieces, axis=1)
+  # A 4-token prefill, then one token at a time (`_full_and_cached_logits`).
+  full, cached = _full_and_cached_logits(cfg, params, tokens, valid)
   np.testing.assert_allclose(
     np.asarray(cached)[np.asarray(valid)], np.asarray(full)[np.asarray(valid)], rtol=1e-5, atol=1e-5
   )
@@ -116,6 +117,7 @@ def test_sampler_logprobs_equal_teacher_forced(tiny_cfg, tiny_params):
 
 def test_eos_masks_the_rest_and_stops_early(tiny_cfg, tiny_params):
   # Two rows with the same real tokens (one left-padded) decode identically under greedy.
+  # (The free run is `_GREEDY` on 2 prompts of width 5: the program other tests compile.)
   prompt = jnp.array([[0, 0, 5, 9, 4], [3, 8, 5, 9, 4]])
   valid = jnp.array([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]], bool)
   free = _sample(
@@ -124,9 +126,9 @@ def test_eos_masks_the_rest_and_stops_early(tiny_cfg, tiny_params):
     prompt,
     valid,
     jax.random.PRNGKey(0),
-    sampling.SamplingParams(max_new_tokens=8, temperature=0.0),
+    _GREEDY,
   )
-  assert int(free.num_steps) == 8 and bool(free.mask_BxG.all())
+  assert int(free.num_steps) == 6 and bool(free.mask_BxG.all())
   np.testing.assert_array_equal(free.tokens_BxG[0], free.tokens_BxG[1])
   # Call the token greedy decoding emits third "EOS": both rows stop right there.
   eos = int(free.tokens_BxG[0, 2])
@@ -137,10 +139,10 @@ def test_eos_masks_the_rest_and_stops_early(tiny_cfg, tiny_params):
     prompt,
     valid,
     jax.random.PRNGKey(0),
-    sampling.SamplingParams(max_new_tokens=8, temperature=0.0, eos_id=eos, pad_id=PAD),
+    dataclasses.replace(_GREEDY, eos_id=eos, pad_id=PAD),
   )
-  assert int(out.num_steps) == first + 1  # the loop ended early
-  expected_mask = np.arange(8) <= first
+  assert int(out.num_steps) == first + 1 < 6  # the loop ended early
+  expected_mask = np.arange(6) <= first
   for row in range(2):
     np.testing.assert_array_equal(out.mask_BxG[row], expected_mask)
     np.testing.assert_array_equal(
@@ -151,9 +153,11 @@ def test_eos_masks_the_rest_and_stops_early(tiny_cfg, tiny_params):
 
 
 def test_sequence_logprobs_ignore_prompt_and_padding(tiny_cfg, tiny_params):
-  prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [4, 2], 4)
-  response = jnp.array([[5, 6, 7, EOS], [8, EOS, PAD, PAD]])
-  mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
+  # Prompts of width 5 and 6 response tokens: the shapes test_decode_layout scores (one
+  # compiled program for both).
+  prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [4, 2], 5)
+  response = jnp.array([[5, 6, 7, 3, 4, EOS], [8, EOS, PAD, PAD, PAD, PAD]])
+  mask = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], bool)
   base = _sequence_logprobs(tiny_cfg, tiny_params, prompt, valid, response, mask)
   assert (base[1, 2:] == 0).all()
   # Changing what sits in padded slots (prompt or response) changes nothing.
@@ -168,29 +172,23 @@ def test_sequence_logprobs_ignore_prompt_and_padding(tiny_cfg, tiny_params):
 
 @pytest.mark.parametrize('top_k,top_p', [(1, 1.0), (0, 1e-6)])
 def test_truncation_to_one_token_is_greedy(tiny_cfg, tiny_params, top_k, top_p):
-  prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [3, 3], 3)
-  greedy = _sample(
-    tiny_cfg,
-    tiny_params,
-    prompt,
-    valid,
-    jax.random.PRNGKey(0),
-    sampling.SamplingParams(max_new_tokens=5, temperature=0.0),
-  )
+  prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [5, 2], 5)  # `_GREEDY`'s shapes
+  greedy = _sample(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(0), _GREEDY)
   truncated = _sample(
     tiny_cfg,
     tiny_params,
     prompt,
     valid,
     jax.random.PRNGKey(5),
-    sampling.SamplingParams(max_new_tokens=5, top_k=top_k, top_p=top_p),
+    sampling.SamplingParams(max_new_tokens=6, top_k=top_k, top_p=top_p),
   )
   np.testing.assert_array_equal(truncated.tokens_BxG, greedy.tokens_BxG)
 
 
 def test_samples_follow_model_distribution(tiny_cfg, tiny_params):
   """First-token frequencies over many samples match the model's softmax."""
-  prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [3], 3)
+  # The prompt of the left-padding test: its `_forward` program serves here too.
+  prompt, valid = _left_padded_prompts(tiny_cfg.vocab_size, [5], 5)
   sp = sampling.SamplingParams(max_new_tokens=1)
   out = _sample(tiny_cfg, tiny_params, prompt, valid, jax.random.PRNGKey(2), sp, num_samples=20_000)
   probs = jax.nn.softmax(_forward(tiny_cfg, tiny_params, prompt, valid)[0, -1])
@@ -234,8 +232,10 @@ def test_inverse_cdf_draws_pass_a_chi_square_test_against_the_softmax(scale):
 def test_inverse_cdf_edges():
   logits = jnp.log(jnp.array([[0.0, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]]))
   logits = jnp.maximum(logits, jnp.finfo(jnp.float32).min)
+  # Jitted: one compilation, where running it op by op compiled each of its operations.
+  draw = jax.jit(sampling.inverse_cdf_sample, static_argnames='block')
   for u in (0.0, 0.4999, 0.5001, 1.0 - 2**-24):
-    tokens = sampling.inverse_cdf_sample(logits, jnp.full((2,), u), block=2)
+    tokens = draw(logits, jnp.full((2,), u), block=2)
     assert int(tokens[0]) == (1 if u < 0.5 else 2) and int(tokens[1]) == 0
 
 
@@ -288,20 +288,21 @@ def test_scanned_layers_equal_unrolled_ones(remat):
   scan = dataclasses.replace(cfg, scan_layers=True, remat=remat)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   stacked = _stack_layers(cfg, params)
-  born = model_lib.init_params(scan, jax.random.PRNGKey(0))
+  # The scanned model's own init, traced for its shapes only (compiling the scan of the init
+  # would take longer than the rest of the checks that follow need of it).
+  born = jax.eval_shape(lambda key: model_lib.init_params(scan, key), jax.random.PRNGKey(0))
   assert jax.tree.structure(born) == jax.tree.structure(stacked)
   assert born['layers']['attn']['q_proj']['kernel'].shape == (3, 32, 4, 8)
 
   tokens, valid = _left_padded_prompts(cfg.vocab_size, [9, 5, 2], 9)
-  np.testing.assert_allclose(
-    _forward(scan, stacked, tokens, valid), _forward(cfg, params, tokens, valid), atol=2e-5
-  )
 
-  def loss(c, p):
-    return jnp.sum(jax.nn.log_softmax(model_lib.forward(c, p, tokens, valid))[..., 3])
+  def loss(c, p):  # the logits come out beside the gradient: one program for both
+    logits = model_lib.forward(c, p, tokens, valid)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 3]), logits
 
-  g_unrolled = jax.jit(jax.grad(lambda p: loss(cfg, p)))(params)
-  g_scanned = jax.jit(jax.grad(lambda p: loss(scan, p)))(stacked)
+  g_unrolled, logits_unrolled = jax.jit(jax.grad(lambda p: loss(cfg, p), has_aux=True))(params)
+  g_scanned, logits_scanned = jax.jit(jax.grad(lambda p: loss(scan, p), has_aux=True))(stacked)
+  np.testing.assert_allclose(logits_scanned, logits_unrolled, atol=2e-5)
   np.testing.assert_allclose(
     g_scanned['layers']['mlp']['up_proj']['kernel'],
     jnp.stack([g_unrolled[f'layer_{i}']['mlp']['up_proj']['kernel'] for i in range(3)]),
