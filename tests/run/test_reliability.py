@@ -7,7 +7,7 @@ that the tests before them compiled, and only the first compiles the rest) while
 in-process tests run:
 
   resumed   stopped by SIGTERM, rerun, killed by SIGKILL at a seeded random step between
-            two checkpoints, rerun to the end
+            two checkpoints (tests/run/sigkill_at_step.py), rerun to the end
   straight  the same command uninterrupted: what `resumed` must equal, bit for bit
   corrupt   copies of `straight` with the latest checkpoint's data file truncated: one
             rerun with more steps' worth of safe config changes, one evaluated
@@ -86,7 +86,16 @@ class Done:
   err: str
 
 
-def _start(base: pathlib.Path, workdir: pathlib.Path, name: str, *extra: str, script='train'):
+def _start(
+  base: pathlib.Path,
+  workdir: pathlib.Path,
+  name: str,
+  *extra: str,
+  script: str = 'train',
+  kill_at: int | None = None,
+):
+  """`scripts/{script}.py` in a subprocess; with `kill_at`, train.py through
+  tests/run/sigkill_at_step.py, which SIGKILLs itself once it has logged that step."""
   env = dict(
     os.environ,
     JAX_COMPILATION_CACHE_DIR=os.environ.get('JAX_COMPILATION_CACHE_DIR')
@@ -95,7 +104,10 @@ def _start(base: pathlib.Path, workdir: pathlib.Path, name: str, *extra: str, sc
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
   )
   args = FLAGS if script == 'train' else []
-  cmd = [sys.executable, str(ROOT / 'scripts' / f'{script}.py'), *args, f'--workdir={workdir}']
+  runner = [str(ROOT / 'scripts' / f'{script}.py')]
+  if kill_at is not None:
+    runner = [str(ROOT / 'tests' / 'run' / 'sigkill_at_step.py'), str(kill_at), *runner[1:]]
+  cmd = [sys.executable, *runner, *args, f'--workdir={workdir}']
   logs = [open(base / f'{name}.{kind}', 'w') for kind in ('out', 'err')]  # noqa: SIM115
   proc = subprocess.Popen([*cmd, *extra], cwd=ROOT, env=env, stdout=logs[0], stderr=logs[1])
   proc.logs = logs
@@ -156,10 +168,7 @@ def _orchestrate(base: pathlib.Path) -> dict:
   out['term_steps'], out['term_checkpoints'] = _steps(resumed), _checkpoints(resumed)
   # The rerun, killed between two checkpoints.
   out['kill_target'] = random.Random(0).randint(EVERY + 1, 2 * EVERY - 1)
-  proc = _start(base, resumed, 'kill')
-  _wait_for_step(proc, resumed, out['kill_target'])
-  proc.send_signal(signal.SIGKILL)
-  out['kill'] = _finish(proc)
+  out['kill'] = _finish(_start(base, resumed, 'kill', kill_at=out['kill_target']))
   out['kill_steps'], out['kill_checkpoints'] = _steps(resumed), _checkpoints(resumed)
   out['summary_after_kill'] = (resumed / 'summary.json').exists()
   out['straight'] = _finish(straight_proc)  # its evaluation is compiled (and cached) once
@@ -526,7 +535,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(done):
   base, out = done
   assert out['kill'].rc == -signal.SIGKILL
   killed_at, saved = out['kill_steps'][-1], out['kill_checkpoints'][-1]
-  assert out['kill_target'] <= killed_at < NUM_STEPS
+  assert killed_at == out['kill_target'] < NUM_STEPS  # it logged that step, and no later one
   assert saved < killed_at  # steps saved+1 .. killed_at were logged and lost
   assert f'at step {saved}' in out['final'].out
   assert not out['summary_after_kill']  # summary.json is written at the end only
