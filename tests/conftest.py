@@ -141,20 +141,19 @@ _BACKGROUND = {'eight_device_sharding': Background('sharding'), 'micro_runs': Ba
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-  """For pytest-xdist's --dist loadgroup: each test file runs in one worker (its module
-  fixtures are made once), and the files that read a background part run in the same
-  worker, in a group named after that part's fixture."""
+  """For pytest-xdist's --dist loadgroup: each test file is one group, run by one worker (its
+  module fixtures are made once). A file that reads a background part says so in its
+  group's name ('path|micro_runs'), for the controller to start that part."""
   if getattr(config.option, 'dist', 'no') != 'loadgroup':
     return
-  file_group = {}
+  parts = {}
   for item in items:
     path = item.nodeid.split('::')[0]
-    for name in _BACKGROUND:
-      if name in getattr(item, 'fixturenames', ()):
-        file_group[path] = name
+    used = [name for name in _BACKGROUND if name in getattr(item, 'fixturenames', ())]
+    parts.setdefault(path, set()).update(used)
   for item in items:
     path = item.nodeid.split('::')[0]
-    item.add_marker(pytest.mark.xdist_group(file_group.get(path, path)))
+    item.add_marker(pytest.mark.xdist_group('|'.join([path, *sorted(parts[path])])))
 
 
 def pytest_collection_finish(session):
@@ -171,9 +170,9 @@ def pytest_collection_finish(session):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_node_collection_finished(node, ids):
   """The pytest-xdist controller, once a worker has collected: start the background parts
-  whose group (see pytest_collection_modifyitems) is among the tests."""
+  that a test's group names (see pytest_collection_modifyitems)."""
   for name, background in _BACKGROUND.items():
-    if any(i.endswith(f'@{name}') for i in ids):
+    if any(f'|{name}' in i.rpartition('@')[2] for i in ids):
       background.start()
 
 
