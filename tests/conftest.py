@@ -144,8 +144,8 @@ def pytest_collection_modifyitems(config, items):
   """For pytest-xdist's --dist loadgroup: each test file is one group, run by one worker (its
   module fixtures are made once). A file that reads a background part says so in its
   group's name ('path|micro_runs'), for the controller to start that part."""
-  if getattr(config.option, 'dist', 'no') != 'loadgroup':
-    return
+  if not getattr(config.option, 'loadgroup', False):
+    return  # pytest-xdist's workers collect, and it sets this there for --dist loadgroup
   parts = {}
   for item in items:
     path = item.nodeid.split('::')[0]
