@@ -235,7 +235,12 @@ def test_periodic_anchor_is_a_copy_every_period(tiny_cfg, tiny_params, copy_task
   s1, _ = step(state, prompt, valid)
   jax.tree.map(np.testing.assert_array_equal, s1.anchor_params, anchor0)  # not yet
   s2, _ = step(s1, prompt, valid)
-  jax.tree.map(np.testing.assert_array_equal, s2.anchor_params, s2.params)  # anchor <- policy
+  # anchor <- policy. The compiled step may compute the new parameters once for each of its
+  # two outputs, and at the suite's LLVM level 0 (tests/conftest.py) the two round apart by
+  # up to 6e-8 here; a missed copy is off by Adam steps (lr 1e-2 here).
+  check = functools.partial(np.testing.assert_allclose, rtol=0, atol=1e-6)
+  jax.tree.map(check, s2.anchor_params, s2.params)
+  assert not np.allclose(s2.anchor_params['final_norm']['scale'], anchor0['final_norm']['scale'])
 
 
 def test_no_gradient_reaches_anchor_or_reference(jbond):

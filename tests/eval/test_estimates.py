@@ -59,7 +59,7 @@ def test_rewards_win_rate_and_quantile_by_counting(scores):
   _, policy, ref = scores
   metrics = jax.device_get(estimates.policy_metrics(policy, ref))
   table = jax.device_get(estimates.reference_metrics(ref, (1, 2, 4)))
-  assert float(metrics['reward']) == pytest.approx(float(np.mean(policy.reward_BxS)), rel=1e-6)
+  assert float(metrics['reward']) == pytest.approx(float(np.mean(policy.reward_BxS)), rel=1e-5)
   per_prompt = policy.reward_BxS.mean(axis=1)
   assert float(metrics['reward_stderr']) == pytest.approx(
     per_prompt.std() / np.sqrt(len(per_prompt)), rel=1e-5
