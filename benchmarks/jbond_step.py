@@ -3,6 +3,10 @@
   pip install -r requirements-bench.txt   # trl==1.16.0 (not needed by anything else)
   python benchmarks/jbond_step.py [--prompts 32] [--new 64] [--steps 5] [--threads N]
 
+`--phases` also times our step's phases apart after the timed steps (sample, score,
+logprobs, targets, update: `run.profiling.PhaseTimes`, as `log.phase_times_every` does in a
+run), to show where our step's time goes; their sum is not the fused step's time.
+
 What is compared, per optimizer step, at the same sample budget (32 prompts x 3 generations
 of 64 tokens, fp32, temperature 1, no truncation, fixed length: no EOS on either side):
 
@@ -89,6 +93,21 @@ def word_tokenizer(vocab_size: int) -> Any:
 def count_reward_ids(ids: list[int], vocab_size: int) -> float:
   """The programmatic reward: how many completion tokens have an id below vocab/2."""
   return float(sum(t < vocab_size // 2 for t in ids))
+
+
+def ours_phases(step_cfg: Any, tx: Any, state: Any, prompt: Any, valid: Any) -> dict[str, float]:
+  """Median seconds of each phase of our step (`run.profiling.PhaseTimes`: sample, score,
+  logprobs, targets, update, each jitted apart) over 3 measurements on one batch."""
+  import types
+
+  from bond_jax.models import sharding
+  from bond_jax.run import profiling
+
+  mesh = sharding.make_mesh(1)  # this process's one CPU device
+  # PhaseTimes reads only these two fields of a run's setup.
+  phases = profiling.PhaseTimes(types.SimpleNamespace(step_cfg=step_cfg, tx=tx), mesh)
+  runs = [phases.measure(state, prompt, valid, None) for _ in range(4)][1:]  # 1st compiles
+  return {name.split('/')[1][:-2]: statistics.median(r[name] for r in runs) for name in runs[0]}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -248,6 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   want_tokens = rows * args.new
   assert lengths == [args.new] * (rows * steps), 'TRL completions are not all full length'
   assert box['tokens'] == [want_tokens] * steps, f'ours generated {box["tokens"]} tokens'
+  phase_s = ours_phases(step_cfg, tx, box['state'], prompts[0], valid) if args.phases else {}
   ours_s = statistics.median(interleave.ours_s[1:])
   trl_s = statistics.median(interleave.trl_s[1:])
   result = {
@@ -274,6 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     'ours_tokens_per_s': want_tokens / ours_s,
     'trl_tokens_per_s': want_tokens / trl_s,
     'speedup': trl_s / ours_s,
+    'ours_phase_s_median': phase_s,
     'versions': {
       'jax': jax.__version__,
       'torch': torch.__version__,
@@ -294,6 +315,7 @@ def main() -> None:
   ap.add_argument('--beta', type=float, default=0.04, help="TRL's KL weight (> 0 loads pi_ref)")
   ap.add_argument('--order', choices=('interleaved', 'sequential'), default='interleaved')
   ap.add_argument('--out', default='', help='also write the JSON here')
+  ap.add_argument('--phases', action='store_true', help='also time our phases apart, after')
   args = ap.parse_args()
   result = run(args)
   table = [
@@ -313,6 +335,8 @@ def main() -> None:
   )
   for row in table:
     print(f'{row[0]:<20}{row[1]:>16}{row[2]:>12}{row[3]:>8}')
+  if result['ours_phase_s_median']:
+    print('ours, phases apart (s):', result['ours_phase_s_median'])
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
   print(json.dumps(result))
