@@ -27,7 +27,7 @@ from bond_jax.algo.algorithms import REGISTRY, BondConfig, Targets
 from bond_jax.algo.rollout import Rollout
 from bond_jax.algo.state import TrainState, check_state
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import sampling
+from bond_jax.models import sampling, xla_options
 from bond_jax.types import PyTree, RewardFn
 
 Metrics = dict[str, jax.Array]
@@ -275,4 +275,4 @@ def make_train_step(
 ) -> Callable[..., tuple[TrainState, Metrics]]:
   """The jitted step(state, prompt_BxP, prompt_valid_BxP[, reward_params]), state donated."""
   step = functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule)
-  return jax.jit(step, donate_argnames='state')
+  return jax.jit(step, donate_argnames='state', compiler_options=xla_options.compiler_options())

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from bond_jax.models import decode_layout
+from bond_jax.models import decode_layout, xla_options
 from bond_jax.models import decoder as model_lib
 from bond_jax.types import PyTree
 
@@ -336,7 +336,7 @@ def decode_params(params: PyTree, dtype: str | None) -> PyTree:
 
 # One compiled sampler per (model, sampling settings, shapes), shared by every
 # set of parameters: policy, anchor and reference.
-sample_jit = jax.jit(sample, static_argnames=('cfg', 'sp', 'num_samples'))
+sample_jit = xla_options.DefaultBackendJit(sample, static_argnames=('cfg', 'sp', 'num_samples'))
 
 
 def sequence_logprobs(

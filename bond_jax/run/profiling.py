@@ -20,6 +20,7 @@ import optax
 
 from bond_jax.algo import rollout as rollout_lib
 from bond_jax.algo import step as step_lib
+from bond_jax.models import xla_options
 from bond_jax.run import setup as run_setup
 from bond_jax.run.setup import log
 from bond_jax.types import ConfigError
@@ -108,7 +109,10 @@ class PhaseTimes:
       'targets': functools.partial(step_lib.targets, cfg),
       'update': update,
     }
-    self._jitted = {k: run_setup.OnMesh(jax.jit(f), mesh) for k, f in functions.items()}
+    options = xla_options.compiler_options(xla_options.mesh_platform(mesh))  # as the step's
+    self._jitted = {
+      k: run_setup.OnMesh(jax.jit(f, compiler_options=options), mesh) for k, f in functions.items()
+    }
     self._compiled: dict[tuple[str, tuple[int, ...]], Any] = {}
 
   def _run(self, name: str, width: tuple[int, ...], times: dict[str, float], *args: Any) -> Any:

@@ -35,7 +35,7 @@ from bond_jax.data import prompts as data
 from bond_jax.data import rewards, tasks
 from bond_jax.data import tokenizer as tokenizer_lib
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import hf, sharding
+from bond_jax.models import hf, sharding, xla_options
 from bond_jax.models import sampling as sampling_lib
 from bond_jax.run import config as config_lib
 from bond_jax.run import sft
@@ -210,6 +210,7 @@ def jit_train_step(
     in_shardings=(state_sharding, batch_sharding, batch_sharding, None),
     out_shardings=(state_sharding, None),
     donate_argnames='state',
+    compiler_options=xla_options.compiler_options(xla_options.mesh_platform(batch_sharding.mesh)),
   )
   return OnMesh(jitted, batch_sharding.mesh)
 
