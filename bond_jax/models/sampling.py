@@ -355,7 +355,7 @@ def sequence_logprobs(
   positions at a time, recomputing them in the backward pass, so the float32 logits are
   held as [B, chunk, V] rather than [B, G, V]; the values are the same.
   """
-  p, g = prompt_BxP.shape[1], response_BxG.shape[1]
+  p = prompt_BxP.shape[1]
   tokens_BxL, valid_BxL = model_lib.concat_prompt_response(
     prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG
   )
@@ -364,7 +364,16 @@ def sequence_logprobs(
     {'params': params}, tokens_BxL, positions_BxL, mask_BxLxL, method=model_lib.Decoder.hidden
   )
   # Position p - 1 + t predicts response token t; the prompt's own logits are never built.
-  h_BxGxD = h_BxLxD[:, p - 1 : -1]
+  logp_BxG = _token_logprobs(cfg, params, h_BxLxD[:, p - 1 : -1], response_BxG, chunk)
+  return jnp.where(response_mask_BxG, logp_BxG, 0.0)
+
+
+def _token_logprobs(
+  cfg: model_lib.ModelConfig, params: PyTree, h_BxGxD: jax.Array, tokens_BxG: jax.Array, chunk: int
+) -> jax.Array:
+  """log softmax(logits)[token] at each position [B, G], from the hidden states that predict
+  the tokens; `chunk` positions at a time when 0 < chunk < G (recomputed in the backward)."""
+  g = tokens_BxG.shape[1]
 
   def token_logp(h_BxCxD: jax.Array, tokens_BxC: jax.Array) -> jax.Array:
     logits_BxCxV = model_lib.output_logits(cfg, params, h_BxCxD)
@@ -372,14 +381,71 @@ def sequence_logprobs(
     return jnp.take_along_axis(logp_BxCxV, tokens_BxC[..., None], axis=-1)[..., 0]
 
   if chunk <= 0 or chunk >= g:
-    logp_BxG = token_logp(h_BxGxD, response_BxG)
-  else:
-    if g % chunk:
-      raise ValueError(f'the log-prob chunk ({chunk}) must divide the response length ({g}).')
-    b, n = h_BxGxD.shape[0], g // chunk
-    by_chunk = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
-    logp_NxBxC = jax.lax.map(
-      lambda xs: jax.checkpoint(token_logp)(*xs), (by_chunk(h_BxGxD), by_chunk(response_BxG))
-    )
-    logp_BxG = jnp.moveaxis(logp_NxBxC, 0, 1).reshape(b, g)
-  return jnp.where(response_mask_BxG, logp_BxG, 0.0)
+    return token_logp(h_BxGxD, tokens_BxG)
+  if g % chunk:
+    raise ValueError(f'the log-prob chunk ({chunk}) must divide the response length ({g}).')
+  b, n = h_BxGxD.shape[0], g // chunk
+  by_chunk = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+  logp_NxBxC = jax.lax.map(
+    lambda xs: jax.checkpoint(token_logp)(*xs), (by_chunk(h_BxGxD), by_chunk(tokens_BxG))
+  )
+  return jnp.moveaxis(logp_NxBxC, 0, 1).reshape(b, g)
+
+
+def grouped_sequence_logprobs(
+  cfg: model_lib.ModelConfig,
+  params: PyTree,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxRxG: jax.Array,
+  response_mask_BxRxG: jax.Array,
+  chunk: int = 0,
+) -> jax.Array:
+  """`sequence_logprobs` of R responses to each of B prompts [B, R, G], the prompts read once:
+  a prefill of the B prompts fills a KV cache, which is repeated for the R responses of each,
+  and the B * R responses are read against it (their keys and values written after the
+  prompt's). The same values as `sequence_logprobs` on the prompts repeated (to float32
+  rounding; gradients flow through the cache into the prompt's pass). A forward and backward
+  pass costs (B * P + B * R * G) tokens instead of B * R * (P + G)."""
+  b, p = prompt_BxP.shape
+  r, g = response_BxRxG.shape[1:]
+  prompt_valid_BxP = prompt_valid_BxP.astype(bool)
+  decoder = model_lib.Decoder(cfg)
+  rows = lambda x: x.reshape(b * r, *x.shape[2:])  # prompt-major: row b * R + j
+  response_YxG, response_mask_YxG = rows(response_BxRxG), rows(response_mask_BxRxG).astype(bool)
+  # Slots and positions as `sequence_logprobs` reads the concatenated sequence. (Only
+  # reshapes and repeats along the batch axis: with rows split over devices, each device
+  # keeps its own prompts and their responses, and nothing moves between devices.)
+  key_valid_YxL = jnp.concatenate(
+    [jnp.repeat(prompt_valid_BxP, r, axis=0), response_mask_YxG], axis=1
+  )
+  positions_YxL = model_lib.positions_from_mask(key_valid_YxL)
+
+  cache = model_lib.init_cache(cfg, b, p + g)
+  # The prompt's queries see only its own slots: the response slots' validity is moot there.
+  key_valid_BxL = jnp.concatenate([prompt_valid_BxP, jnp.ones((b, g), bool)], axis=1)
+  h_BxPxD, cache = decoder.apply(
+    {'params': params},
+    prompt_BxP,
+    model_lib.positions_from_mask(prompt_valid_BxP),
+    model_lib.attention_mask(jnp.arange(p), key_valid_BxL),
+    cache,
+    0,
+    method=model_lib.Decoder.hidden,
+  )
+  batch_axis = 1 if cfg.scan_layers else 0  # a stacked cache is [L, B, S, K, H]
+  cache = jax.tree.map(lambda x: jnp.repeat(x, r, axis=batch_axis), cache)
+  h_YxGxD, _ = decoder.apply(
+    {'params': params},
+    response_YxG,
+    positions_YxL[:, p:],
+    model_lib.attention_mask(p + jnp.arange(g), key_valid_YxL),
+    cache,
+    p,
+    method=model_lib.Decoder.hidden,
+  )
+  # The prompt's last position predicts response token 0; response position t, token t + 1.
+  last_YxD = jnp.repeat(h_BxPxD[:, -1], r, axis=0)
+  h_YxGxD = jnp.concatenate([last_YxD[:, None], h_YxGxD[:, :-1]], axis=1)
+  logp_YxG = _token_logprobs(cfg, params, h_YxGxD, response_YxG, chunk)
+  return jnp.where(response_mask_YxG, logp_YxG, 0.0).reshape(b, r, g)
