@@ -156,6 +156,62 @@ def sequence_logp(
   return join_micro_batches(jax.lax.map(one, split_micro_batches(rows, n)))
 
 
+@struct.dataclass
+class PromptGroups:
+  """Rows that share their prompts: R responses to each of B prompts, read with the prompt
+  once (`sampling.grouped_sequence_logprobs`)."""
+
+  prompt_BxP: jax.Array
+  prompt_valid_BxP: jax.Array
+  tokens_BxRxG: jax.Array
+  mask_BxRxG: jax.Array
+
+
+def group_by_prompt(rows: Rows, per_prompt: int, extra: Rows | None = None) -> PromptGroups:
+  """`rows` (prompt-major, `per_prompt` to a prompt) and, when given, `extra` (one row per
+  prompt, in prompt order) as groups of R = per_prompt (+ 1) responses; response j < per_prompt
+  of prompt b is row b * per_prompt + j, response per_prompt is extra's row b."""
+  grid = lambda x: x.reshape(-1, per_prompt, *x.shape[1:])
+  tokens_BxRxG, mask_BxRxG = grid(rows.tokens_BxG), grid(rows.mask_BxG)
+  if extra is not None:
+    tokens_BxRxG = jnp.concatenate([tokens_BxRxG, extra.tokens_BxG[:, None]], axis=1)
+    mask_BxRxG = jnp.concatenate([mask_BxRxG, extra.mask_BxG[:, None]], axis=1)
+  first = lambda x: grid(x)[:, 0]  # each prompt from its first row (a reshape, not a gather)
+  return PromptGroups(
+    first(rows.prompt_BxP), first(rows.prompt_valid_BxP), tokens_BxRxG, mask_BxRxG
+  )
+
+
+def split_groups(x_BxR: jax.Array, per_prompt: int) -> tuple[jax.Array, jax.Array | None]:
+  """Values of `group_by_prompt`'s responses [B, R] as (`rows`' [B * per_prompt] in row
+  order, `extra`'s [B] or None)."""
+  extra = x_BxR[:, per_prompt] if x_BxR.shape[1] > per_prompt else None
+  return x_BxR[:, :per_prompt].reshape(-1), extra
+
+
+def grouped_logp(
+  model: model_lib.ModelConfig,
+  params: PyTree,
+  groups: PromptGroups,
+  micro_batch: int = 0,
+  chunk: int = 0,
+  field: str = 'train.micro_batch_size',
+) -> jax.Array:
+  """log pi(y | x) of each response [B, R], summed over its generated tokens only, each
+  prompt read once; `micro_batch` prompts (with all their responses) at a time when > 0, and
+  log-probs `chunk` positions at a time when > 0 (same values as `sequence_logp` of the rows)."""
+
+  def one(g: PromptGroups) -> jax.Array:
+    return sampling.grouped_sequence_logprobs(
+      model, params, g.prompt_BxP, g.prompt_valid_BxP, g.tokens_BxRxG, g.mask_BxRxG, chunk=chunk
+    ).sum(-1)
+
+  n = num_micro_batches(groups.prompt_BxP.shape[0], micro_batch, field)
+  if n == 1:
+    return one(groups)
+  return join_micro_batches(jax.lax.map(one, split_micro_batches(groups, n)))
+
+
 def best_of(rows: Rows, rewards_BxA: jax.Array, n: int) -> Rows:
   """The best of the first n samples of each prompt (ties: the lowest index), one row each."""
   num_prompts, per_prompt = rewards_BxA.shape

@@ -47,6 +47,10 @@ class StepConfig:
   logprob_chunk: int = 0  # response positions projected to logits at a time (0: all G)
   # Speed: decode with the weight matrices cast once per step to this dtype (None: as stored).
   decode_dtype: str | None = None
+  # Speed: read a prompt once for all of its rows in the update (its policy samples and its
+  # Best-of-n row; `sampling.grouped_sequence_logprobs`); False reads each row whole. The
+  # same values either way, to float32 rounding.
+  share_prompts: bool = True
 
 
 def _anchor_params(bond: BondConfig, state: TrainState) -> PyTree:
@@ -118,41 +122,56 @@ def loss_and_grad(
   """The algorithm's loss and its gradient w.r.t. the policy, over the rows
   [policy samples; Best-of-n samples]. Returns ((loss, terms, logp_B), grads).
 
+  When a prompt has two or more of those rows (J-BOND: its policy sample and its Best-of-2
+  row), they are read as a group with the prompt once (`cfg.share_prompts`; same values).
   With `cfg.micro_batch` rows at a time: a forward pass gives every row's log pi(y); the
   loss, a function of those, gives its derivative c_i in each one; then the gradient is
   accumulated over micro-batches as sum_i c_i grad log pi(y_i), the chain rule term by term,
   so it is the whole batch's gradient (to float32 rounding) with one micro-batch's
   activations held at a time."""
-  rows = rollout.policy if targets.bon_rows is None else rollout.policy.concat(targets.bon_rows)
   num_policy_rows = rollout.policy.tokens_BxG.shape[0]
+  num_rows = num_policy_rows + (0 if targets.bon_rows is None else rollout.num_prompts)
   loss_fn = REGISTRY[cfg.bond.algorithm].loss
+  # What one log-likelihood pass reads (`data`, split into micro-batches along its first
+  # axis), and how its values split into (policy rows', Best-of-n rows' or None).
+  per_prompt = rollout.policy_per_prompt
+  group = per_prompt + (targets.bon_rows is not None)
+  micro = cfg.micro_batch
+  if cfg.share_prompts and group > 1 and (micro <= 0 or micro % group == 0):
+    data = rollout_lib.group_by_prompt(rollout.policy, per_prompt, targets.bon_rows)
+    logp_of = functools.partial(rollout_lib.grouped_logp, cfg.model, chunk=cfg.logprob_chunk)
+    micro = micro // group if micro > 0 else 0
+    by_kind = lambda logp_BxR: rollout_lib.split_groups(logp_BxR, per_prompt)
+  else:
+    data = rollout.policy if targets.bon_rows is None else rollout.policy.concat(targets.bon_rows)
+    logp_of = functools.partial(rollout_lib.sequence_logp, cfg.model, chunk=cfg.logprob_chunk)
+    by_kind = lambda logp_Y: (
+      logp_Y[:num_policy_rows],
+      None if targets.bon_rows is None else logp_Y[num_policy_rows:],
+    )
 
-  def loss_of_logps(logp_rows):
-    logp_B = logp_rows[:num_policy_rows]
-    logp_bon_B = None if targets.bon_rows is None else logp_rows[num_policy_rows:]
+  def loss_of_logps(logp_data):
+    logp_B, logp_bon_B = by_kind(logp_data)
     total, terms = loss_fn(cfg.bond, targets, logp_B, logp_bon_B)
     return total, (terms, logp_B)
 
-  logp = functools.partial(rollout_lib.sequence_logp, cfg.model, chunk=cfg.logprob_chunk)
-  n = rollout_lib.num_micro_batches(
-    rows.tokens_BxG.shape[0], cfg.micro_batch, 'train.micro_batch_size'
-  )
+  n = rollout_lib.num_micro_batches(num_rows, cfg.micro_batch, 'train.micro_batch_size')
   if n == 1:
-    objective = lambda params: loss_of_logps(logp(params, rows))
+    objective = lambda params: loss_of_logps(logp_of(params, data))
     (total, (terms, logp_B)), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return (total, terms, logp_B), grads
 
-  logp_rows = logp(jax.lax.stop_gradient(params), rows, cfg.micro_batch)
-  (total, (terms, logp_B)), dloss_dlogp = jax.value_and_grad(loss_of_logps, has_aux=True)(logp_rows)
+  logp_data = logp_of(jax.lax.stop_gradient(params), data, micro)
+  (total, (terms, logp_B)), dloss_dlogp = jax.value_and_grad(loss_of_logps, has_aux=True)(logp_data)
 
-  def accumulate(grads, micro):
-    rows_m, dloss_dlogp_m = micro
-    surrogate = lambda params: jnp.sum(dloss_dlogp_m * logp(params, rows_m))
+  def accumulate(grads, part):
+    data_m, dloss_dlogp_m = part
+    surrogate = lambda params: jnp.sum(dloss_dlogp_m * logp_of(params, data_m))
     return jax.tree.map(jnp.add, grads, jax.grad(surrogate)(params)), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   grads, _ = jax.lax.scan(
-    accumulate, zeros, rollout_lib.split_micro_batches((rows, dloss_dlogp), n)
+    accumulate, zeros, rollout_lib.split_micro_batches((data, dloss_dlogp), n)
   )
   return (total, terms, logp_B), grads
 
