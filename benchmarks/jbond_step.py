@@ -14,8 +14,8 @@ of 64 tokens, fp32, temperature 1, no truncation, fixed length: no EOS on either
   the state donated (`make_train_step`), Adam. It draws 1 policy sample and 2 anchor samples
   per prompt (the anchor is an EMA copy of the policy), scores all three, computes log
   pi_ref and log pi_anchor of the policy sample (no gradient), then one forward + backward
-  over 2 rows per prompt (the policy sample and the best of the two anchor samples) and the
-  EMA move.
+  over 2 rows per prompt (the policy sample and the best of the two anchor samples; with
+  `--share_prompts`, the default, the prompt is read once for both) and the EMA move.
 - TRL: `GRPOTrainer.train()` with `num_generations=3` and `per_device_train_batch_size=96`,
   so that one optimizer step generates 3 completions for each of 32 prompts. With
   `--beta > 0` (default 0.04) it loads a reference model and computes its log-probs of all
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampling=sampling.SamplingParams(max_new_tokens=args.new, eos_id=None),
     reward_fn=parameter_free(jnp_reward),
     bond=bond,
+    share_prompts=args.share_prompts,
   )
   tx, schedule = make_optimizer(LEARNING_RATE, warmup_steps=0)
   step_fn = make_train_step(step_cfg, tx, schedule)  # jitted, the state donated
@@ -283,6 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     'timed_steps': args.steps,
     'logits_max_rel_diff': rel,
     'trl_beta': args.beta,
+    'ours_share_prompts': args.share_prompts,
     'ours_compile_s': interleave.ours_s[0],
     'ours_step_s': interleave.ours_s[1:],
     'trl_step_s': interleave.trl_s[1:],
@@ -316,6 +318,12 @@ def main() -> None:
   ap.add_argument('--order', choices=('interleaved', 'sequential'), default='interleaved')
   ap.add_argument('--out', default='', help='also write the JSON here')
   ap.add_argument('--phases', action='store_true', help='also time our phases apart, after')
+  ap.add_argument(
+    '--share_prompts',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="our update reads each prompt once for its two rows (configs/jbond_tiny.py's setting)",
+  )
   args = ap.parse_args()
   result = run(args)
   table = [

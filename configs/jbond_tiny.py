@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 128  # prompts per update
   c.train.micro_batch_size = 0  # rows per log-prob pass and gradient micro-batch (0: all; same update either way)
   c.train.logprob_chunk = 0  # response positions turned into logits at a time (0: all G)
+  c.train.share_prompts = True  # the update reads each prompt once for its policy sample and Best-of-2 row (same update; faster)
   c.train.max_bad_steps = 5  # consecutive steps with a non-finite loss, gradient, reward or log-prob (each skipped) that stop the run
 
   c.mesh = ml_collections.ConfigDict()

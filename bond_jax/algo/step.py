@@ -49,8 +49,9 @@ class StepConfig:
   decode_dtype: str | None = None
   # Speed: read a prompt once for all of its rows in the update (its policy samples and its
   # Best-of-n row; `sampling.grouped_sequence_logprobs`); False reads each row whole. The
-  # same values either way, to float32 rounding.
-  share_prompts: bool = True
+  # same values either way, to float32 rounding; fewer FLOPs, but with scanned layers more
+  # memory (the KV caches of all layers are held at once).
+  share_prompts: bool = False
 
 
 def _anchor_params(bond: BondConfig, state: TrainState) -> PyTree:

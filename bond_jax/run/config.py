@@ -207,6 +207,7 @@ MEMORY_DEFAULTS = {
   'data.prompt_bucket': 0,  # 0: pad every batch to data.max_prompt_len
   'train.micro_batch_size': 0,
   'train.logprob_chunk': 0,
+  'train.share_prompts': False,
 }
 
 
@@ -229,8 +230,9 @@ def _validate_memory(c: ml_collections.ConfigDict) -> None:
     remat,
     f'one of {tuple(model_lib.REMAT_POLICIES)}',
   )
-  scan = memory(c, 'model.scan_layers')
-  _check(isinstance(scan, bool), 'model.scan_layers', scan, 'True or False')
+  for field in ('model.scan_layers', 'train.share_prompts'):
+    value = memory(c, field)
+    _check(isinstance(value, bool), field, value, 'True or False')
   for field in ('model.reference_dtype', 'optim.mu_dtype', 'sampling.decode_dtype'):
     value = memory(c, field)
     _check(value in ('', *DTYPES), field, value, f"'' (the parameters' dtype) or one of {DTYPES}")
@@ -338,6 +340,7 @@ def step_config(
     sample_micro_batch=memory(c, 'sampling.micro_batch_size'),
     micro_batch=memory(c, 'train.micro_batch_size'),
     logprob_chunk=memory(c, 'train.logprob_chunk'),
+    share_prompts=memory(c, 'train.share_prompts'),
     decode_dtype=memory_dtype(c, 'sampling.decode_dtype'),
   )
 

@@ -53,6 +53,7 @@ RESUMABLE_CHANGES = (
   'model.remat',
   'train.micro_batch_size',
   'train.logprob_chunk',
+  'train.share_prompts',
   'sampling.micro_batch_size',
 )
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from bond_jax.models import decoder as model_lib
+from bond_jax.models import sampling
 from bond_jax.run import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -62,6 +63,23 @@ def test_bad_value_is_rejected_with_its_name(field, value, message):
   c[section][key] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c)
+
+
+def test_a_flag_knob_must_be_a_bool():
+  """`train.share_prompts` written as 1 in a config file (overrides are type-checked by
+  ml_collections; a file's value is not): named, with what it takes."""
+  c = load_config()
+  with c.unlocked():
+    del c.train['share_prompts']
+    c.train.share_prompts = 1
+  with pytest.raises(config_lib.ConfigError, match=r'train\.share_prompts=1 .*True or False'):
+    config_lib.validate(c)
+  # The tiny config turns it on, and the step gets it.
+  c = load_config()
+  sp = sampling.SamplingParams(max_new_tokens=c.sampling.max_new_tokens)
+  cfg = model_lib.preset(c.model.preset)
+  assert c.train.share_prompts is True
+  assert config_lib.step_config(c, cfg, None, sp).share_prompts is True
 
 
 def test_batch_must_split_over_the_data_axes():
