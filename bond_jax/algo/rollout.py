@@ -6,6 +6,8 @@ Rows are prompt-major: row b * S + j is sample j of prompt b when a prompt has S
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -60,6 +62,17 @@ def num_micro_batches(rows: int, size: int, field: str) -> int:
       f'config.{field}={size} must divide the {rows} rows it splits; pick a divisor of {rows}.'
     )
   return rows // size
+
+
+def map_micro_batches(
+  fn: Callable[[PyTree], PyTree], tree: PyTree, size: int, field: str
+) -> PyTree:
+  """`fn` of `tree` ([R, ...] leaves), `size` rows at a time (0: all at once, one call) in
+  strided micro-batches, joined back in row order: the same result as one call."""
+  n = num_micro_batches(jax.tree.leaves(tree)[0].shape[0], size, field)
+  if n == 1:
+    return fn(tree)
+  return join_micro_batches(jax.lax.map(fn, split_micro_batches(tree, n)))
 
 
 def split_micro_batches(tree: PyTree, n: int) -> PyTree:
@@ -150,10 +163,7 @@ def sequence_logp(
       chunk=chunk,
     ).sum(-1)
 
-  n = num_micro_batches(rows.tokens_BxG.shape[0], micro_batch, field)
-  if n == 1:
-    return one(rows)
-  return join_micro_batches(jax.lax.map(one, split_micro_batches(rows, n)))
+  return map_micro_batches(one, rows, micro_batch, field)
 
 
 @struct.dataclass
@@ -206,10 +216,7 @@ def grouped_logp(
       model, params, g.prompt_BxP, g.prompt_valid_BxP, g.tokens_BxRxG, g.mask_BxRxG, chunk=chunk
     ).sum(-1)
 
-  n = num_micro_batches(groups.prompt_BxP.shape[0], micro_batch, field)
-  if n == 1:
-    return one(groups)
-  return join_micro_batches(jax.lax.map(one, split_micro_batches(groups, n)))
+  return map_micro_batches(one, groups, micro_batch, field)
 
 
 def best_of(rows: Rows, rewards_BxA: jax.Array, n: int) -> Rows:

@@ -198,6 +198,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   ]
 
 
+def repeat_cache(cfg: ModelConfig, cache: Cache, times: int) -> Cache:
+  """Each row of a cache `times` times in a row (row b * times + j is row b's copy j), for
+  several continuations of one prefill; a stacked cache's batch axis is its second."""
+  batch_axis = 1 if cfg.scan_layers else 0  # a stacked cache is [L, B, S, K, H]
+  return jax.tree.map(lambda x: jnp.repeat(x, times, axis=batch_axis), cache)
+
+
 # ---------------------------------------------------------------------------
 # Layers.
 

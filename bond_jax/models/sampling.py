@@ -262,8 +262,7 @@ def sample(
 
   if num_samples > 1:
     rep = lambda x: jnp.repeat(x, num_samples, axis=0)
-    batch_axis = 1 if cfg.scan_layers else 0  # a stacked cache is [L, B, S, K, H]
-    cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=batch_axis), cache)
+    cache = model_lib.repeat_cache(cfg, cache, num_samples)
     logits_BxV, key_valid_BxS, prompt_len_B = map(rep, (logits_BxV, key_valid_BxS, prompt_len_B))
     b = b * num_samples
   if prompt_ids_B is None:
@@ -433,8 +432,7 @@ def grouped_sequence_logprobs(
     0,
     method=model_lib.Decoder.hidden,
   )
-  batch_axis = 1 if cfg.scan_layers else 0  # a stacked cache is [L, B, S, K, H]
-  cache = jax.tree.map(lambda x: jnp.repeat(x, r, axis=batch_axis), cache)
+  cache = model_lib.repeat_cache(cfg, cache, r)
   h_YxGxD, _ = decoder.apply(
     {'params': params},
     response_YxG,
