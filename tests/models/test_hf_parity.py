@@ -311,6 +311,36 @@ HUB_CONFIGS = {
     sliding_window_pattern=6,
     vocab_size=262144,
   ),
+  # google/gemma-3-270m, as scripts/import_gguf.py writes it from the PyPI package's GGUF
+  # file (layer_types spelt out, rope_parameters per layer type).
+  'gemma3_270m': dict(
+    model_type='gemma3_text',
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
+    head_dim=256,
+    hidden_activation='gelu_pytorch_tanh',
+    hidden_size=640,
+    intermediate_size=2048,
+    layer_types=['sliding_attention'] * 5
+    + ['full_attention']
+    + ['sliding_attention'] * 5
+    + ['full_attention']
+    + ['sliding_attention'] * 5
+    + ['full_attention'],
+    max_position_embeddings=32768,
+    num_attention_heads=4,
+    num_hidden_layers=18,
+    num_key_value_heads=1,
+    query_pre_attn_scalar=256,
+    rms_norm_eps=1e-6,
+    rope_parameters={
+      'full_attention': {'rope_theta': 1000000.0, 'rope_type': 'default'},
+      'sliding_attention': {'rope_theta': 10000.0, 'rope_type': 'default'},
+    },
+    sliding_window=512,
+    tie_word_embeddings=True,
+    vocab_size=262144,
+  ),
   'gemma3_4b': dict(
     model_type='gemma3',
     mm_tokens_per_image=256,
