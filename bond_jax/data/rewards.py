@@ -30,12 +30,31 @@ scored by `reward_model.score`, its parameters sharded on the policy's mesh.
 
 'programmatic': a function of the ids (`PROGRAMMATIC`); it ignores reward_params
 (None).
+
+'python': a function of text, named by reward.function = 'module:function' (an importable
+module) or 'path/to/file.py:function'. It takes the batch's prompts and responses as two
+lists of strings (the user's text, template stripped, and the decoded response, special
+tokens dropped) and returns one finite float per response:
+
+    def my_reward(prompts: list[str], responses: list[str]) -> list[float]: ...
+
+It runs on the host like re-tokenization (a `jax.pure_callback`, under `shard_map` on a
+mesh, so each device scores its own rows). It is called once at start-up on a few held-out
+prompts with empty responses, so an import or signature error stops the run before
+anything compiles; a wrong length, a non-finite value or an exception later raises
+`RewardFunctionError`, whose message is one line naming the function (`failure_line`
+finds it in the error JAX raises around a callback). `text_rewards.py` has the shipped
+ones.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import importlib
+import importlib.util
+import logging
+import pathlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -101,6 +120,8 @@ def _terminated(
   return jnp.any((response_BxG == ids.eos_id) & response_mask_BxG, -1).astype(jnp.float32)
 
 
+SOURCES = ('model', 'programmatic', 'python')
+
 PROGRAMMATIC: dict[str, Callable[..., jax.Array]] = {
   'copy_accuracy': _copy_accuracy,
   'length_penalty': _length_penalty,
@@ -138,33 +159,55 @@ def retokenize(
   return tokens_BxT, valid_BxT
 
 
+def on_host(
+  host_fn: Callable[..., Any],
+  out_shapes: Callable[[int], Any],
+  mesh: jax.sharding.Mesh | None,
+  prompt_BxP: jax.Array,
+  prompt_valid_BxP: jax.Array,
+  response_BxG: jax.Array,
+  response_mask_BxG: jax.Array,
+) -> Any:
+  """`host_fn(prompt_BxP, valid_BxP, response_BxG, mask_BxG)` (numpy in, numpy out) run on
+  the host inside a traced function, its outputs shaped `out_shapes(rows)`: a
+  `jax.pure_callback`, under `shard_map` on a mesh so each device hands over its own rows
+  (devices along 'model' repeat the work)."""
+
+  def on_numpy(*rows: Any) -> Any:
+    # The callback is handed jax Arrays: indexing those row by row would dispatch device
+    # work from inside the running computation, which can deadlock it (it did on a 2-core
+    # CPU). host_fn reads numpy copies.
+    return host_fn(*(np.asarray(x) for x in rows))
+
+  def callback(*rows):
+    return jax.pure_callback(
+      on_numpy, out_shapes(rows[0].shape[0]), *rows, vmap_method='sequential'
+    )
+
+  if mesh is not None:
+    rows = P(sharding.BATCH_AXES)
+    out_specs = jax.tree.map(lambda _: rows, out_shapes(1))
+    callback = jax.shard_map(
+      callback, mesh=mesh, in_specs=(rows,) * 4, out_specs=out_specs, check_vma=False
+    )
+  return callback(
+    prompt_BxP, prompt_valid_BxP.astype(bool), response_BxG, response_mask_BxG.astype(bool)
+  )
+
+
 def _retokenized_reward(
   cfg: ModelConfig,
   host_fn: Callable,
   max_len: int,
   mesh: jax.sharding.Mesh | None,
   params: PyTree,
-  prompt_BxP: jax.Array,
-  prompt_valid_BxP: jax.Array,
-  response_BxG: jax.Array,
-  response_mask_BxG: jax.Array,
+  *batch: jax.Array,
 ) -> jax.Array:
-  def callback(*rows):
-    b = rows[0].shape[0]
-    shapes = (
-      jax.ShapeDtypeStruct((b, max_len), jnp.int32),
-      jax.ShapeDtypeStruct((b, max_len), jnp.bool_),
-    )
-    return jax.pure_callback(host_fn, shapes, *rows, vmap_method='sequential')
-
-  if mesh is not None:
-    rows = P(sharding.BATCH_AXES)
-    callback = jax.shard_map(
-      callback, mesh=mesh, in_specs=(rows,) * 4, out_specs=(rows, rows), check_vma=False
-    )
-  tokens_BxT, valid_BxT = callback(
-    prompt_BxP, prompt_valid_BxP.astype(bool), response_BxG, response_mask_BxG.astype(bool)
+  shapes = lambda b: (
+    jax.ShapeDtypeStruct((b, max_len), jnp.int32),
+    jax.ShapeDtypeStruct((b, max_len), jnp.bool_),
   )
+  tokens_BxT, valid_BxT = on_host(host_fn, shapes, mesh, *batch)
   return reward_model.score(cfg, params, tokens_BxT, valid_BxT)
 
 
@@ -211,12 +254,154 @@ def _model_reward(
   return functools.partial(_retokenized_reward, cfg, host_fn, r.max_len, mesh), params
 
 
+# ---------------------------------------------------------------------------
+# Python functions of text.
+
+
+class RewardFunctionError(RuntimeError):
+  """A reward.function failed or returned a bad value; the message is one line."""
+
+
+def load_function(spec: str, field: str = 'reward.function') -> Callable[..., Any]:
+  """The function named by 'module:function' or 'path/to/file.py:function'."""
+  module_name, sep, name = spec.rpartition(':')
+  if not (sep and module_name and name):
+    raise ConfigError(
+      f"config.{field}={spec!r} is invalid: name a function as 'module:function' or "
+      "'path/to/file.py:function'."
+    )
+  try:
+    if module_name.endswith('.py'):
+      path = pathlib.Path(module_name)
+      if not path.is_file():
+        raise ConfigError(f'config.{field}={spec!r} is invalid: no such file {module_name}.')
+      loader = importlib.util.spec_from_file_location(path.stem, path)
+      module = importlib.util.module_from_spec(loader)
+      loader.loader.exec_module(module)
+    else:
+      module = importlib.import_module(module_name)
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001 (whatever importing the user's module raised)
+    raise ConfigError(
+      f'config.{field}={spec!r} is invalid: importing {module_name} failed '
+      f'({type(e).__name__}: {_first_line(e)}).'
+    ) from e
+  fn = getattr(module, name, None)
+  if not callable(fn):
+    raise ConfigError(f'config.{field}={spec!r} is invalid: {module_name} has no function {name}.')
+  return fn
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+class TextReward:
+  """Host side of reward.source='python': ids -> strings -> the user's function -> float32,
+  checked (one value per response, all finite)."""
+
+  def __init__(self, fn: Callable[..., Any], name: str, tokenizer: tokenizer_lib.Tokenizer):
+    self.fn, self.name, self.tokenizer = fn, name, tokenizer
+
+  def fail(self, problem: str) -> RewardFunctionError:
+    return RewardFunctionError(f'reward.function={self.name!r} {problem}')
+
+  def score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """The user's function on strings, checked; float32[len(responses)]."""
+    try:
+      out = self.fn(list(prompts), list(responses))
+    except Exception as e:  # noqa: BLE001 (the user's code: name it and stop)
+      raise self.fail(f'raised {type(e).__name__}: {_first_line(e)}') from e
+    try:
+      values = np.asarray(out, dtype=np.float64)
+    except (TypeError, ValueError):
+      raise self.fail(
+        f'returned {type(out).__name__}, not a list of floats (one per response)'
+      ) from None
+    if values.shape != (len(responses),):
+      got = f'{values.size} values' if values.ndim == 1 else f'an array of shape {values.shape}'
+      raise self.fail(f'returned {got} for {len(responses)} responses; return one float each')
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+      i = int(bad[0])
+      raise self.fail(
+        f'returned {values[i]} for response {i} ({responses[i][:60]!r}); rewards must be finite'
+      )
+    return values.astype(np.float32)
+
+  def __call__(
+    self,
+    prompt_BxP: np.ndarray,
+    prompt_valid_BxP: np.ndarray,
+    response_BxG: np.ndarray,
+    response_mask_BxG: np.ndarray,
+  ) -> np.ndarray:
+    tok = self.tokenizer
+    rows = zip(prompt_BxP, prompt_valid_BxP, response_BxG, response_mask_BxG, strict=True)
+    texts = [(tok.prompt_text(p[pv].tolist()), tok.decode(r[rm].tolist())) for p, pv, r, rm in rows]
+    prompts, responses = zip(*texts, strict=True) if texts else ((), ())
+    return self.score_texts(prompts, responses)
+
+
+class _QuietCallbackErrors(logging.Filter):
+  """JAX logs a callback's exception with its traceback before re-raising it; ours carry a
+  one-line message that the run prints instead."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], RewardFunctionError))
+
+
+logging.getLogger('jax._src.callback').addFilter(_QuietCallbackErrors())
+
+
+def failure_line(e: BaseException) -> str | None:
+  """The one-line message of a `RewardFunctionError` inside the error JAX raised for a failed
+  callback (its text carries the callback's traceback), or None."""
+  marker = f'{RewardFunctionError.__name__}: '
+  for line in reversed(str(e).splitlines()):
+    if marker in line:
+      return line.split(marker, 1)[1].strip()
+  return None
+
+
+def _python_reward(
+  host_fn: TextReward, mesh: jax.sharding.Mesh | None, params: PyTree, *batch: jax.Array
+) -> jax.Array:
+  del params
+  return on_host(host_fn, lambda b: jax.ShapeDtypeStruct((b,), jnp.float32), mesh, *batch)
+
+
+def python_reward(
+  spec: str, tokenizer: tokenizer_lib.Tokenizer, mesh: jax.sharding.Mesh | None = None
+) -> RewardFn:
+  """reward.source='python': the traced reward of the text function named by `spec`."""
+  return functools.partial(_python_reward, TextReward(load_function(spec), spec, tokenizer), mesh)
+
+
+def probe(reward_fn: RewardFn, prompt_BxP: np.ndarray, prompt_valid_BxP: np.ndarray) -> None:
+  """For a python reward: call its function once on these prompts with empty responses, and
+  raise a one-line ConfigError if it fails or returns a bad value (before anything compiles).
+  Other rewards: nothing to do."""
+  if not (isinstance(reward_fn, functools.partial) and reward_fn.func is _python_reward):
+    return
+  b = prompt_BxP.shape[0]
+  empty = np.zeros((b, 1), np.int32), np.zeros((b, 1), bool)
+  try:
+    reward_fn.args[0](np.asarray(prompt_BxP), np.asarray(prompt_valid_BxP, bool), *empty)
+  except RewardFunctionError as e:
+    raise ConfigError(
+      f'{e} (called at start-up on {b} held-out prompts, empty responses).'
+    ) from None
+
+
 def make_reward(
   reward_cfg: ml_collections.ConfigDict,
   policy_tokenizer: tokenizer_lib.Tokenizer,
   mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[RewardFn, Any]:
-  """(reward_fn, reward_params) for config `reward`; reward_params is None for programmatic.
+  """(reward_fn, reward_params) for config `reward`; reward_params is None but for a model.
 
   mesh: the policy's ('data', 'model') mesh; the reward model's parameters are
   placed with `sharding.param_shardings` on it, and re-tokenization is split along
@@ -229,6 +414,6 @@ def make_reward(
     return functools.partial(PROGRAMMATIC[r.fn], policy_tokenizer.ids), None
   if r.source == 'model':
     return _model_reward(r, policy_tokenizer, mesh)
-  raise ConfigError(
-    f"config.reward.source={r.source!r} is invalid: one of ('model', 'programmatic')."
-  )
+  if r.source == 'python':
+    return python_reward(r.get('function', ''), policy_tokenizer, mesh), None
+  raise ConfigError(f'config.reward.source={r.source!r} is invalid: one of {SOURCES}.')

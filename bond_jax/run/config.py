@@ -31,7 +31,7 @@ from bond_jax.types import ConfigError, RewardFn
 TASKS = ('noisy_copy', 'hf')
 DTYPES = ('float32', 'bfloat16')
 SOURCES = ('tfds', 'jsonl')
-REWARD_SOURCES = ('model', 'programmatic')
+REWARD_SOURCES = rewards.SOURCES
 # What a preset and a checkpoint must agree on: the shapes of every parameter.
 SHAPE_FIELDS = (
   'vocab_size',
@@ -208,6 +208,8 @@ MEMORY_DEFAULTS = {
   'train.micro_batch_size': 0,
   'train.logprob_chunk': 0,
   'train.share_prompts': False,
+  'eval.micro_batch_size': 0,
+  'reward.function': '',  # reward.source='python' only
 }
 
 
@@ -462,5 +464,7 @@ def validate_real(c: ml_collections.ConfigDict) -> None:
       _positive_int(c, 'reward.max_len')
     if r.dtype not in DTYPES:
       _fail('reward.dtype', r.dtype, f'one of {DTYPES}')
-  elif r.fn not in rewards.PROGRAMMATIC:
+  elif r.source == 'programmatic' and r.fn not in rewards.PROGRAMMATIC:
     _fail('reward.fn', r.fn, f'one of {sorted(rewards.PROGRAMMATIC)}')
+  elif r.source == 'python':
+    rewards.load_function(r.get('function', ''))  # importable, and a function

@@ -195,20 +195,37 @@ def evaluate_workdir(
   out_dir.mkdir(exist_ok=True)
   results = []
   for state in states:
-    if which == 'policy' and step is None and not all_steps and num_prompts is None:
-      result = summary(c, setup, state, workdir)
-    else:
-      params = state.params if which == 'policy' else state.anchor_params
-      result = table(c, setup, params, state.ref_params)
-      result['step'] = int(state.step)
-      print(f'step {result["step"]}, {which}:', bon_table.format_table(result), sep='\n')
-    result.update(which=which, mesh=list(config_lib.mesh_shape(c, jax.device_count())))
-    (out_dir / f'step_{result["step"]}_{which}.json').write_text(json.dumps(result, indent=2))
-    results.append(result)
+    with guards.reward_failures():
+      results.append(_evaluate(c, setup, workdir, state, which, step, all_steps, num_prompts))
   if all_steps:
     lines = ''.join(json.dumps(r) + '\n' for r in results)
     (out_dir / f'all_steps_{which}.jsonl').write_text(lines)
   return results
+
+
+def _evaluate(
+  c: ml_collections.ConfigDict,
+  setup: run_setup.RunSetup,
+  workdir: pathlib.Path,
+  state: TrainState,
+  which: str,
+  step: int | None,
+  all_steps: bool,
+  num_prompts: int | None,
+) -> dict[str, Any]:
+  """One checkpoint's table (`evaluate_workdir`), printed and written to workdir/eval/."""
+  if which == 'policy' and step is None and not all_steps and num_prompts is None:
+    result = summary(c, setup, state, workdir)
+  else:
+    params = state.params if which == 'policy' else state.anchor_params
+    result = table(c, setup, params, state.ref_params)
+    result['step'] = int(state.step)
+    print(f'step {result["step"]}, {which}:', bon_table.format_table(result), sep='\n')
+  result.update(which=which, mesh=list(config_lib.mesh_shape(c, jax.device_count())))
+  (workdir / 'eval' / f'step_{result["step"]}_{which}.json').write_text(
+    json.dumps(result, indent=2)
+  )
+  return result
 
 
 def _states(ckpts: checkpoint.Checkpoints, target: PyTree, step: int | None, all_steps: bool):

@@ -18,10 +18,12 @@ less than loading them onto devices). A re-saved but equal checkpoint counts as 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -30,6 +32,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost as orbax_multihost
 
+from bond_jax.data import rewards
 from bond_jax.run import checkpoint
 from bond_jax.run import config as config_lib
 from bond_jax.run import setup as run_setup
@@ -294,11 +297,28 @@ def _reward_source(c: ml_collections.ConfigDict) -> str:
     return f"the {c.task.name} task's reward"
   if c.reward.source == 'model':
     return f"reward.source='model', reward.checkpoint={c.reward.checkpoint!r}"
+  if c.reward.source == 'python':
+    return f"reward.source='python', reward.function={c.reward.function!r}"
   return f"reward.source='programmatic', reward.fn={c.reward.fn!r}"
 
 
+@contextlib.contextmanager
+def reward_failures(after: str = '') -> Iterator[None]:
+  """Turn the error JAX raises around a failed python reward (`rewards.RewardFunctionError`
+  inside a callback, its traceback in the text) into a one-line RunError (+ `after`)."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    failed = rewards.failure_line(e)
+    if failed is None:
+      raise
+    raise RunError(failed + after) from None
+
+
 def check_reward(c: ml_collections.ConfigDict, setup: run_setup.RunSetup) -> None:
-  """The reward function returns one float32 per response (checked on shapes only)."""
+  """The reward function returns one float32 per response (checked on shapes; a python
+  reward's function is also called once on a few held-out prompts)."""
+  rewards.probe(setup.step_cfg.reward_fn, *(x[:4] for x in setup.eval_prompts))
   rows, prompt_len = c.train.batch_size, setup.eval_prompts[0].shape[1]
   gen_len = setup.step_cfg.sampling.max_new_tokens
   arg = jax.ShapeDtypeStruct

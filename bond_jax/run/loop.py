@@ -163,7 +163,8 @@ def run(
     setup = run_setup.build(c, mesh)
     guards.check_reward(c, setup)
     ckpts.reload = guards.reference_reloader(c, setup)
-    summary = _train(c, workdir, mesh, setup, ckpts, profile_steps, synchronous)
+    with guards.reward_failures('; the run stopped: rerun the command to resume it'):
+      summary = _train(c, workdir, mesh, setup, ckpts, profile_steps, synchronous)
     ckpts.wait()  # the last save, written while the final evaluation ran
     return summary
   except checkpoint.CheckpointError as e:

@@ -342,6 +342,8 @@ def _reward(
   if c.task.name != 'hf':
     return parameter_free(config_lib.task(c, policy).reward), None
   r = c.reward
+  if r.source == 'python':  # runs on the host: nothing on the devices but one float per row
+    return functools.partial(rewards.PROGRAMMATIC['length_penalty'], None), None
   if r.source == 'programmatic':
     if r.fn not in rewards.PROGRAMMATIC:
       raise ConfigError(

@@ -22,6 +22,7 @@ from bond_jax.run import config as config_lib
 from bond_jax.run.config import load_config_file
 from bond_jax.types import ConfigError
 from tests import hf_fixtures as hx
+from tests import text_rewards
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEMPLATE = 'Summarize:\n{text}\nSummary:'
@@ -61,6 +62,7 @@ def _reward_cfg(**overrides):
     max_len=96,
     dtype='float32',
     fn='',
+    function='',
   )
   return ml_collections.ConfigDict({**fields, **overrides})
 
@@ -198,12 +200,14 @@ _MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_reward_on_a_2x2x2_mesh_matches_one_device(dirs):
-  """Reward-model parameters split over 'fsdp' and 'model', rows over 'data' and 'fsdp'."""
+  """Reward-model parameters split over 'fsdp' and 'model', rows over 'data' and 'fsdp'; a
+  python reward's rows handed to the host by each device (`rewards.on_host`)."""
   policy = tokenizer_lib.load(dirs['tok_a'])
   batch = _batch(policy)
   cfgs = {
     'same': _reward_cfg(checkpoint=str(dirs['rm_a'])),
     'retok': _reward_cfg(checkpoint=str(dirs['rm_b']), tokenizer_path=str(dirs['tok_b'])),
+    'python': _reward_cfg(source='python', function='tests.text_rewards:letter_score'),
   }
   args = {
     'policy': str(dirs['tok_a']),
@@ -224,6 +228,8 @@ def test_sharded_reward_on_a_2x2x2_mesh_matches_one_device(dirs):
     np.testing.assert_allclose(
       sharded[name], fn(params, *batch), rtol=1e-5, atol=1e-5, err_msg=name
     )
+  # The text function, its rows handed over by 8 devices, equals its twin over ids exactly.
+  np.testing.assert_array_equal(sharded['python'], text_rewards.letter_twin(policy)(None, *batch))
 
 
 def test_programmatic_rewards(dirs):
