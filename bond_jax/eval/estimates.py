@@ -11,6 +11,7 @@ pure function of those arrays (jit-able):
   log quantile: mean log p_le of policy samples among the K pi_ref samples (the finite
     estimator of Eq. 10 that training uses, `bon.mc_log_quantile`)
   win rate: P[r(y) > r(y')] + P[r(y) = r(y')] / 2, y ~ pi, y' ~ pi_ref
+  NLL per token under pi_ref of the policy's samples (and of pi_ref's own, for scale)
   KL(pi || pi_BoN) and KL(pi_BoN || pi) for one N: Theorem 1 applied to the reward levels
     of the K samples (`log_bon_weight`), Best-of-N samples drawn without replacement from
     the K (weights C(j-1, N-1) / C(K, N) by rank).
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from bond_jax.algo import bon
+from bond_jax.algo import bon, rollout
 from bond_jax.models import decoder as model_lib
 from bond_jax.models import sampling
 from bond_jax.types import PyTree, RewardFn
@@ -37,6 +38,8 @@ class Scores:
   reward_BxS: jax.Array
   logp_policy_BxS: jax.Array  # log pi(y) of the policy being evaluated
   logp_ref_BxS: jax.Array  # log pi_ref(y)
+  tokens_BxSxG: jax.Array  # the samples themselves (pad after EOS)
+  mask_BxSxG: jax.Array  # True up to and including EOS
 
 
 def score_samples(
@@ -51,21 +54,53 @@ def score_samples(
   per_prompt: int,
   reward_fn: RewardFn,
   reward_params: PyTree,
+  sampled_by: str | None = None,
+  micro_batch: int = 0,
+  chunk: int = 0,
 ) -> Scores:
-  """`per_prompt` samples of `sample_params` per prompt, scored (traceable; no host sync)."""
-  out = sampling.sample(cfg, sample_params, prompt_BxP, prompt_valid_BxP, rng, sp, per_prompt)
-  prompt = jnp.repeat(prompt_BxP, per_prompt, axis=0)
-  valid = jnp.repeat(prompt_valid_BxP, per_prompt, axis=0)
-  grid = lambda x_B: x_B.reshape(-1, per_prompt)
-  logp = lambda params: grid(
-    sampling.sequence_logprobs(cfg, params, prompt, valid, out.tokens_BxG, out.mask_BxG).sum(-1)
-  )
-  reward_B = reward_fn(reward_params, prompt, valid, out.tokens_BxG, out.mask_BxG)
-  return Scores(
-    reward_BxS=grid(reward_B.astype(jnp.float32)),
-    logp_policy_BxS=logp(policy_params),
-    logp_ref_BxS=logp(ref_params),
-  )
+  """`per_prompt` samples of `sample_params` per prompt, scored (traceable; no host sync).
+
+  sampled_by: 'policy' or 'ref' when `sample_params` are that model's and `sp` draws from
+  its own distribution (temperature 1, untruncated): its log-likelihoods are then the
+  sampler's own, and only the other model reads the samples again (one pass, not two).
+  micro_batch: prompts sampled and scored at a time (0: all; each row's randomness is keyed
+  by its prompt's index, so the samples are the same); chunk: response positions turned
+  into logits at a time when the samples are read (0: all)."""
+  if sampled_by not in (None, 'policy', 'ref'):
+    raise ValueError(f"sampled_by={sampled_by!r}: None, 'policy' or 'ref'")
+  if sampled_by and not sp.is_exact:
+    raise ValueError(f'sampled_by={sampled_by!r} needs samples from the model itself: {sp}')
+
+  def one(batch: tuple[jax.Array, jax.Array, jax.Array]) -> Scores:
+    prompt_BxP, prompt_valid_BxP, prompt_ids_B = batch
+    out = sampling.sample(
+      cfg, sample_params, prompt_BxP, prompt_valid_BxP, rng, sp, per_prompt, prompt_ids_B
+    )
+    prompt = jnp.repeat(prompt_BxP, per_prompt, axis=0)
+    valid = jnp.repeat(prompt_valid_BxP, per_prompt, axis=0)
+    grid = lambda x_B: x_B.reshape(-1, per_prompt, *x_B.shape[1:])
+    # A model reading the samples reads each prompt once for its per_prompt responses.
+    read = lambda params: sampling.grouped_sequence_logprobs(
+      cfg, params, prompt_BxP, prompt_valid_BxP, grid(out.tokens_BxG), grid(out.mask_BxG), chunk
+    ).sum(-1)
+    logp = lambda params, who: grid(out.logprobs_BxG.sum(-1)) if who == sampled_by else read(params)
+    reward_B = reward_fn(reward_params, prompt, valid, out.tokens_BxG, out.mask_BxG)
+    return Scores(
+      reward_BxS=grid(reward_B.astype(jnp.float32)),
+      logp_policy_BxS=logp(policy_params, 'policy'),
+      logp_ref_BxS=logp(ref_params, 'ref'),
+      tokens_BxSxG=grid(out.tokens_BxG),
+      mask_BxSxG=grid(out.mask_BxG),
+    )
+
+  prompts = (prompt_BxP, prompt_valid_BxP, jnp.arange(prompt_BxP.shape[0]))
+  return rollout.map_micro_batches(one, prompts, micro_batch, 'eval.micro_batch_size')
+
+
+def nll_per_token(samples: Scores) -> jax.Array:
+  """-log pi_ref(y) per generated token, over all samples: how unlikely pi_ref finds the
+  text (degenerate text such as a repeated word scores high against pi_ref's own samples)."""
+  return -jnp.sum(samples.logp_ref_BxS) / jnp.maximum(jnp.sum(samples.mask_BxSxG), 1)
 
 
 def log_bon_weight(lt_count: jax.Array, le_count: jax.Array, total: int, n: int) -> jax.Array:
@@ -115,6 +150,7 @@ def policy_metrics(policy: Scores, ref: Scores, kl_n: int | None = None) -> dict
     'kl_ref': jnp.mean(policy.logp_policy_BxS - policy.logp_ref_BxS),
     'log_quantile': jnp.mean(bon.mc_log_quantile(policy.reward_BxS, ref.reward_BxS[:, None, :])),
     'win_rate': win_rate(policy.reward_BxS, ref.reward_BxS),
+    'nll_ref_per_token': nll_per_token(policy),
   }
   if kl_n is not None:
     out['kl_bwd'], out['kl_fwd'] = kl_to_bon(policy, ref, kl_n)
@@ -123,7 +159,7 @@ def policy_metrics(policy: Scores, ref: Scores, kl_n: int | None = None) -> dict
 
 def reference_metrics(ref: Scores, bon_ns: tuple[int, ...]) -> dict[str, jax.Array]:
   """Mean reward of pi_ref and of Best-of-N of pi_ref for each N (unbiased from K >= N)."""
-  out = {'reward_ref': jnp.mean(ref.reward_BxS)}
+  out = {'reward_ref': jnp.mean(ref.reward_BxS), 'nll_ref_per_token': nll_per_token(ref)}
   for n in bon_ns:
     out[f'reward_bon_{n}'] = jnp.mean(bon.bon_expected_max(ref.reward_BxS, n))
   return out

@@ -179,6 +179,14 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
     c.eval.every,
     'must be an integer >= 0 (0: evaluate only at the end)',
   )
+  examples = c.eval.get('show_examples', 0)
+  _check(
+    isinstance(examples, int) and not isinstance(examples, bool)
+    and 0 <= examples <= c.eval.num_prompts,
+    'eval.show_examples',
+    examples,
+    'an integer from 0 (none) to eval.num_prompts',
+  )  # fmt: skip
   _validate_memory(c)
   _check(c.task.name in TASKS, 'task.name', c.task.name, f'one of {TASKS}')
   if c.task.name == 'hf':
@@ -248,6 +256,18 @@ def _validate_memory(c: ml_collections.ConfigDict) -> None:
       isinstance(size, int) and not isinstance(size, bool) and size >= 0
       and (size == 0 or what % size == 0),
       field,
+      size,
+      f'must be 0 (off) or a divisor of {whole}={what}',
+    )  # fmt: skip
+  size = memory(c, 'eval.micro_batch_size')  # prompts at a time, of each evaluation's
+  evaluated = [('eval.num_prompts', c.eval.num_prompts)]
+  if c.eval.every:
+    evaluated.append(('eval.every_num_prompts', min(c.eval.every_num_prompts, c.eval.num_prompts)))
+  for whole, what in evaluated:
+    _check(
+      isinstance(size, int) and not isinstance(size, bool) and size >= 0
+      and (size == 0 or size >= what or what % size == 0),
+      'eval.micro_batch_size',
       size,
       f'must be 0 (off) or a divisor of {whole}={what}',
     )  # fmt: skip

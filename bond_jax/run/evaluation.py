@@ -36,13 +36,15 @@ def table(
   params: PyTree,
   ref_params: PyTree,
   num_prompts: int | None = None,
+  examples: int = 0,
 ) -> dict[str, Any]:
   """The evaluation table of `params` against pi_ref, on the first `num_prompts` held-out
-  prompts (all of `eval.num_prompts` by default)."""
+  prompts (all of `eval.num_prompts` by default); with `examples`, the first few prompts
+  and a sample of each model (as text for a Hugging Face run)."""
   prompt, valid = setup.eval_prompts
   if num_prompts is not None:
     prompt, valid = prompt[:num_prompts], valid[:num_prompts]
-  return bon_table.bon_table(
+  result = bon_table.bon_table(
     setup.cfg,
     ref_params,
     params,
@@ -56,7 +58,12 @@ def table(
     bon_ns=tuple(c.eval.bon_ns),
     policy_samples_per_prompt=c.eval.policy_samples_per_prompt,
     kl_n=c.eval.kl_n or None,
+    examples=examples,
+    micro_batch=config_lib.memory(c, 'eval.micro_batch_size'),
+    chunk=config_lib.memory(c, 'train.logprob_chunk'),
   )
+  tok = setup.tokenizer
+  return result if tok is None else bon_table.with_text(result, tok.prompt_text, tok.decode)
 
 
 # The table's scalars that the evaluation during training logs, as eval/<name>.
@@ -83,12 +90,17 @@ def during_training(
   }
 
 
+def show_examples(c: ml_collections.ConfigDict) -> int:
+  """eval.show_examples (0 for a config that predates it)."""
+  return c.eval.get('show_examples', 0)
+
+
 def summary(
   c: ml_collections.ConfigDict, setup: run_setup.RunSetup, state: TrainState, workdir: pathlib.Path
 ) -> dict[str, Any]:
   """The table of `state`'s policy on all held-out prompts, printed and written to
   workdir/summary.json (the end of a run, and scripts/evaluate.py's default)."""
-  result = table(c, setup, state.params, state.ref_params)
+  result = table(c, setup, state.params, state.ref_params, examples=show_examples(c))
   result['step'] = int(state.step)
   (pathlib.Path(workdir) / 'summary.json').write_text(json.dumps(result, indent=2))
   print(bon_table.format_table(result), flush=True)

@@ -365,7 +365,9 @@ def evaluate_state(
   prints it and writes summary.json."""
   if jax.process_index() == 0:
     return evaluation.summary(c, setup, state, workdir)
-  result = evaluation.table(c, setup, state.params, state.ref_params)  # what summary computes
+  result = evaluation.table(  # what summary computes
+    c, setup, state.params, state.ref_params, examples=evaluation.show_examples(c)
+  )
   return {**result, 'step': int(state.step)}
 
 

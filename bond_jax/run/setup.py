@@ -88,6 +88,7 @@ class RunSetup:
   eval_prompts: tuple[np.ndarray, np.ndarray]  # (prompt_BxP, valid_BxP), all processes
   reference: Callable[[Any], Any]  # shardings -> pi_ref's parameters, placed on them
   ref_dtype: str | None = None  # dtype pi_ref is kept in (None: the policy's)
+  tokenizer: tokenizer_lib.Tokenizer | None = None  # a Hugging Face run's policy tokenizer
 
 
 def optimizer(c: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -186,6 +187,7 @@ def _hugging_face(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunS
     prompts=stream,
     eval_prompts=data.eval_prompts(c.data, tok, c.eval.num_prompts),
     reference=reference,
+    tokenizer=tok,
   )
 
 

@@ -25,21 +25,40 @@ def scores():
   prompt, valid = TB.prompts(ROWS)
   reward_fn = parameter_free(TB.reward_fn)
   score = jax.jit(
-    lambda sample_params, rng, per_prompt: estimates.score_samples(
+    lambda sample_params, rng, per_prompt, sampled_by: estimates.score_samples(
       TB.cfg, sample_params, POLICY, REF, prompt, valid, rng, TB.sampling_params(), per_prompt,
-      reward_fn, None,
+      reward_fn, None, sampled_by,
     ),
-    static_argnums=2,
+    static_argnums=(2, 3),
   )  # fmt: skip
-  ref = score(REF, jax.random.PRNGKey(2), K)
-  policy = score(POLICY, jax.random.PRNGKey(3), M)
-  return np.asarray(prompt[:, 0]), jax.device_get(policy), jax.device_get(ref)
+  # As the evaluation scores them: each model's own samples read by the other model only.
+  ref = score(REF, jax.random.PRNGKey(2), K, 'ref')
+  policy = score(POLICY, jax.random.PRNGKey(3), M, 'policy')
+  reread = score(REF, jax.random.PRNGKey(2), K, None)  # both models read the samples
+  return np.asarray(prompt[:, 0]), jax.device_get(policy), jax.device_get(ref), reread
+
+
+def test_sampler_log_likelihoods_equal_a_second_read(scores):
+  """The sampler's log-likelihood of its own sample is the model's: reading the samples
+  again (teacher forcing) gives the same values; the samples are the same."""
+  _, _, ref, reread = scores
+  np.testing.assert_array_equal(ref.tokens_BxSxG, reread.tokens_BxSxG)
+  np.testing.assert_array_equal(ref.logp_policy_BxS, reread.logp_policy_BxS)
+  np.testing.assert_allclose(ref.logp_ref_BxS, reread.logp_ref_BxS, atol=1e-5)
+  assert np.ptp(ref.logp_ref_BxS) > 1.0  # not all equal: the check can fail
+
+
+def test_nll_per_token_under_pi_ref(scores):
+  _, policy, ref, _ = scores
+  for s in (policy, ref):
+    want = -np.sum(s.logp_ref_BxS) / np.sum(s.mask_BxSxG)
+    assert float(estimates.nll_per_token(s)) == pytest.approx(want, rel=1e-5)
 
 
 def test_log_likelihoods_and_kl_ref_are_exact_per_sample(scores):
   """Each sample's log pi and log pi_ref equal the testbed's exact table at its sequence;
   the KL estimate is their mean, and it is close to the exact KL."""
-  prompt_B, policy, ref = scores
+  prompt_B, policy, ref, _ = scores
   exact_pi, exact_ref = np.asarray(TB.log_probs(POLICY)), np.asarray(TB.log_probs(REF))
   # Recover each sample's sequence from its reward (the default table has distinct values).
   code_of = lambda p, r: np.flatnonzero(TB.reward_PxY[p] == r)[0]
@@ -56,7 +75,7 @@ def test_log_likelihoods_and_kl_ref_are_exact_per_sample(scores):
 
 
 def test_rewards_win_rate_and_quantile_by_counting(scores):
-  _, policy, ref = scores
+  _, policy, ref, _ = scores
   metrics = jax.device_get(estimates.policy_metrics(policy, ref))
   table = jax.device_get(estimates.reference_metrics(ref, (1, 2, 4)))
   assert float(metrics['reward']) == pytest.approx(float(np.mean(policy.reward_BxS)), rel=1e-5)
@@ -86,7 +105,7 @@ def test_kl_to_best_of_n_against_exact_values(scores):
   """The Monte-Carlo KLs to Best-of-4 of pi_ref land near the testbed's exact sums (3.0 and
   10.4 nats). Over 12 seeds (this test's shapes) their errors had means 0.014 and -0.014 and
   standard deviations 0.023 and 0.066, so the bounds are about 4 standard deviations."""
-  _, policy, ref = scores
+  _, policy, ref, _ = scores
   metrics = jax.device_get(estimates.policy_metrics(policy, ref, kl_n=N))
   exact = jax.device_get(TB.evaluate(POLICY, REF, N))
   assert float(metrics['kl_bwd']) == pytest.approx(float(exact['kl_bwd']), abs=0.1)
