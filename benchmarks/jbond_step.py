@@ -2,6 +2,13 @@
 
   pip install -r requirements-bench.txt   # trl==1.16.0 (not needed by anything else)
   python benchmarks/jbond_step.py [--prompts 32] [--new 64] [--steps 5] [--threads N]
+  python benchmarks/jbond_step.py --model=checkpoints/gemma3-270m --prompts 8 --new 16
+    --prompt_len 16
+
+By default both sides train the 5.9 M-parameter Gemma of sampler_vs_transformers.py with
+random weights; --model=DIR trains a local Hugging Face checkpoint instead (float32; prompts
+are random token ids). With a 262k vocabulary keep the batch small: TRL holds the logits of
+every completion position at once.
 
 `--phases` also times our step's phases apart after the timed steps (sample, score,
 logprobs, targets, update: `run.profiling.PhaseTimes`, as `log.phase_times_every` does in a
@@ -131,10 +138,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from bond_jax.types import parameter_free
 
   sys.path.insert(0, str(root / 'benchmarks'))
-  from sampler_vs_transformers import CFG as cfg  # the tiny Gemma both benchmarks time
+  from sampler_vs_transformers import CFG  # the tiny Gemma both benchmarks time by default
 
+  if args.model:
+    cfg, params = hf.load_params(args.model, dtype='float32')
+  else:
+    cfg, params = CFG, model_lib.init_params(CFG, jax.random.PRNGKey(0))
   vocab = cfg.vocab_size
-  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   steps = args.steps + 1  # the first step of each side compiles / warms up, untimed
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, vocab, (steps, args.prompts, args.prompt_len)).astype(np.int32)
@@ -186,10 +196,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       self.mark = time.perf_counter()
 
   with tempfile.TemporaryDirectory() as tmp:
-    model_dir = pathlib.Path(tmp) / 'model'
-    hf.export_hf(
-      cfg, params, model_dir, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID
-    )
+    model_dir = pathlib.Path(args.model or pathlib.Path(tmp) / 'model')
+    if not args.model:
+      hf.export_hf(
+        cfg, params, model_dir, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID
+      )
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
     # Same weights: logits agree before anything is timed.
@@ -273,6 +284,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   trl_s = statistics.median(interleave.trl_s[1:])
   result = {
     'device': jax.devices()[0].device_kind,
+    'model': args.model or 'random tiny Gemma (sampler_vs_transformers.CFG)',
+    'params': int(sum(x.size for x in jax.tree.leaves(params))),
     'threads': args.threads,
     'order': args.order,
     'load_avg_1m_before_after': [load_before[0], load_after[0]],
@@ -317,6 +330,7 @@ def main() -> None:
   ap.add_argument('--beta', type=float, default=0.04, help="TRL's KL weight (> 0 loads pi_ref)")
   ap.add_argument('--order', choices=('interleaved', 'sequential'), default='interleaved')
   ap.add_argument('--out', default='', help='also write the JSON here')
+  ap.add_argument('--model', default='', help='a local HF checkpoint dir (default: random tiny)')
   ap.add_argument('--phases', action='store_true', help='also time our phases apart, after')
   ap.add_argument(
     '--share_prompts',

@@ -10,6 +10,12 @@ the sampler's matmul FLOP/s over those of a loop doing only its matmuls, same we
 same batch).
 
   python benchmarks/sampler_vs_transformers.py [--batch 32] [--prompt 32] [--new 64]
+  python benchmarks/sampler_vs_transformers.py --model=checkpoints/gemma3-270m   # a real one
+
+By default both sides run a 5.9 M-parameter Gemma with random weights; --model=DIR runs a
+local Hugging Face checkpoint instead (its weights as stored, in float32; prompts are random
+token ids). The timed runs alternate (ours, theirs, ours, ...), so a change in the machine's
+load hits both alike; the 1-minute load average before and after is reported.
 """
 
 import argparse
@@ -105,6 +111,20 @@ def decode_shaped_matmul_gflops(
   return batch * steps * decode_matmul_flops(cfg) / seconds / 1e9
 
 
+def load_models(model_dir: str) -> tuple[model_lib.ModelConfig, dict, torch.nn.Module]:
+  """(cfg, our params, transformers' model) on the same float32 weights: the checkpoint in
+  `model_dir`, or CFG with random weights exported for transformers."""
+  if model_dir:
+    cfg, params = hf.load_params(model_dir, dtype='float32')
+    path = model_dir
+  else:
+    cfg, params = CFG, model_lib.init_params(CFG, jax.random.PRNGKey(0))
+    path = tempfile.mkdtemp()
+    hf.export_hf(CFG, params, path)
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+  return cfg, params, torch_model.eval()
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument('--batch', type=int, default=32)
@@ -112,36 +132,28 @@ def main() -> None:
   ap.add_argument('--new', type=int, default=64)
   ap.add_argument('--reps', type=int, default=5)
   ap.add_argument('--out', default='')
+  ap.add_argument('--model', default='', help='a local HF checkpoint dir (default: random tiny)')
   args = ap.parse_args()
   threads = os.cpu_count()
   torch.set_num_threads(threads)
 
-  params = model_lib.init_params(CFG, jax.random.PRNGKey(0))
+  cfg, params, torch_model = load_models(args.model)
   rng = np.random.default_rng(0)
-  prompt = rng.integers(3, CFG.vocab_size, (args.batch, args.prompt)).astype(np.int32)
+  prompt = rng.integers(3, cfg.vocab_size, (args.batch, args.prompt)).astype(np.int32)
   valid = np.ones_like(prompt, bool)
-  with tempfile.TemporaryDirectory() as d:
-    hf.export_hf(CFG, params, d)
-    torch_model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-  torch_model.eval()
 
   # Same weights: logits agree before anything is timed.
-  ours = np.asarray(model_lib.forward(CFG, params, jnp.asarray(prompt), jnp.asarray(valid)))
+  ours = np.asarray(model_lib.forward(cfg, params, jnp.asarray(prompt), jnp.asarray(valid)))
   with torch.no_grad():
     theirs = torch_model(torch.from_numpy(prompt).long()).logits.numpy()
   rel = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
   assert rel < 1e-4, f'logits differ: max rel {rel}'
 
   sp = sampling.SamplingParams(max_new_tokens=args.new, eos_id=None)
-  run = lambda key: sampling.sample_jit(CFG, params, prompt, valid, key, sp)
+  run = lambda key: sampling.sample_jit(cfg, params, prompt, valid, key, sp)
   t = time.perf_counter()
   jax.block_until_ready(run(jax.random.PRNGKey(0)))
   compile_s = time.perf_counter() - t
-  ours_s = []
-  for i in range(args.reps):
-    t = time.perf_counter()
-    jax.block_until_ready(run(jax.random.PRNGKey(i + 1)))
-    ours_s.append(time.perf_counter() - t)
 
   gen_kwargs = dict(
     do_sample=True,
@@ -154,18 +166,26 @@ def main() -> None:
     attention_mask=torch.ones(prompt.shape, dtype=torch.long),
   )
   ids = torch.from_numpy(prompt).long()
+  load_before = os.getloadavg()
+  ours_s, theirs_s = [], []
   with torch.no_grad():
     torch_model.generate(ids, **gen_kwargs)  # warm-up
-    theirs_s = []
-    for _ in range(args.reps):
+    for i in range(args.reps):  # interleaved: ours, theirs, ours, ...
+      t = time.perf_counter()
+      jax.block_until_ready(run(jax.random.PRNGKey(i + 1)))
+      ours_s.append(time.perf_counter() - t)
       t = time.perf_counter()
       torch_model.generate(ids, **gen_kwargs)
       theirs_s.append(time.perf_counter() - t)
+  load_after = os.getloadavg()
 
   tokens = args.batch * args.new
   result = {
     'device': jax.devices()[0].device_kind,
+    'model': args.model or 'random tiny Gemma (CFG)',
+    'params': int(sum(x.size for x in jax.tree.leaves(params))),
     'threads': threads,
+    'load_avg_1m_before_after': [load_before[0], load_after[0]],
     'batch': args.batch,
     'prompt': args.prompt,
     'new_tokens': args.new,
@@ -176,8 +196,8 @@ def main() -> None:
     'ours_tokens_per_s': tokens / statistics.median(ours_s),
     'transformers_tokens_per_s': tokens / statistics.median(theirs_s),
     'matmul_fp32_gflops': matmul_gflops(),
-    'decode_gflops': tokens / statistics.median(ours_s) * decode_matmul_flops(CFG) / 1e9,
-    'decode_shaped_matmul_gflops': decode_shaped_matmul_gflops(CFG, params, args.batch, args.new),
+    'decode_gflops': tokens / statistics.median(ours_s) * decode_matmul_flops(cfg) / 1e9,
+    'decode_shaped_matmul_gflops': decode_shaped_matmul_gflops(cfg, params, args.batch, args.new),
     'versions': {
       'jax': jax.__version__,
       'torch': torch.__version__,
