@@ -27,6 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.reference_dtype = ''  # dtype pi_ref is kept in ('' = param_dtype; it is frozen, so 'bfloat16' halves it safely)
   c.model.remat = 'none'  # recompute in the backward pass: 'none' | 'block' | 'save_dots' | 'save_attn' (memory, never values)
   c.model.scan_layers = False  # blocks as one lax.scan over stacked parameters ('layers/...'): compiles once for all layers (values unchanged); fixed for a run's life
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0  # LoRA adapters' rank (0: off, the policy is trained whole; configs/jbond_tiny_lora.py turns them on)
+  c.model.lora.alpha = 0.0  # the adapters' output is scaled by alpha / rank
+  c.model.lora.targets = ()  # projections with adapters: any of 'q', 'k', 'v', 'o', 'gate', 'up', 'down'
 
   c.task = ml_collections.ConfigDict()
   c.task.name = 'noisy_copy'  # prompts: random tokens; reward: positions copied (0..prompt_len)

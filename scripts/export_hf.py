@@ -2,6 +2,9 @@
 safetensors, tokenizer files for real-model runs), loadable by transformers. Usage:
 
   python scripts/export_hf.py --workdir=runs/jbond_tiny --out=runs/jbond_tiny/hf_policy
+
+A LoRA run's adapters are folded into the weights; --adapters_only writes them alone as a
+PEFT adapter directory instead (`peft.PeftModel.from_pretrained(base, out)`).
 """
 
 import pathlib
@@ -15,6 +18,9 @@ from bond_jax.run import loop as trainer  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir written by scripts/train.py.')
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the Hugging Face checkpoint to.')
+_ADAPTERS_ONLY = flags.DEFINE_bool(
+  'adapters_only', False, "A LoRA run's adapters alone, as a PEFT adapter directory."
+)
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
@@ -22,8 +28,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
-    out = trainer.export_policy(_WORKDIR.value, _OUT.value)
-  except FileNotFoundError as e:
+    out = trainer.export_policy(_WORKDIR.value, _OUT.value, adapters_only=_ADAPTERS_ONLY.value)
+  except (FileNotFoundError, trainer.ConfigError, trainer.RunError) as e:
     sys.exit(f'error: {e}')
   print(f'wrote {out}')
 

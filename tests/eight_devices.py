@@ -15,6 +15,8 @@ main process works through the other tests, and each part writes OUT/results.jso
               fsdp8          ... on (1, 8, 1)
               dp2_fsdp2_tp2  ... on (2, 2, 2)
               resumed        tests/run/test_loop.py's crash_then_resume
+              lora_one, lora_dp2_fsdp2_tp2, lora_resumed
+                             the same three with LoRA (micro_config(..., lora=True))
             or {'error': traceback}
 
 The runs share pi_ref: the embedded task's supervised pi_ref is a pure function of the
@@ -36,13 +38,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 
+from bond_jax.models import decoder as model_lib  # noqa: E402
 from bond_jax.run import loop as trainer  # noqa: E402
 from bond_jax.run import setup as run_setup  # noqa: E402
 from tests.run.test_loop import MICRO_STEPS, crash_then_resume, micro_config  # noqa: E402
 
 # name: (data, fsdp, model); 'one' first (the others are compared with it)
 MESHES = {'one': (1, 1, 1), 'dp8': (8, 1, 1), 'fsdp8': (1, 8, 1), 'dp2_fsdp2_tp2': (2, 2, 2)}
-FIELDS = ('seed', 'model', 'task', 'reference')  # the config fields pi_ref depends on
+LORA_MESHES = {'lora_one': (1, 1, 1), 'lora_dp2_fsdp2_tp2': (2, 2, 2)}
+FIELDS = ('seed', 'task', 'reference')  # with the model's base architecture, what pi_ref is made of
 
 
 def sharding(out: pathlib.Path) -> dict:
@@ -62,7 +66,8 @@ def _share_reference() -> None:
 
   def shared(c, cfg, task, verbose=False):
     fields = [c[f].to_dict() if hasattr(c[f], 'to_dict') else c[f] for f in FIELDS]
-    key = (json.dumps(fields, sort_keys=True), cfg, repr(task))
+    base = model_lib.base_config(cfg)  # LoRA runs train adapters on the same pi_ref
+    key = (json.dumps(fields, sort_keys=True), base, repr(task))
     if key not in cache:
       cache[key] = train(c, cfg, task, verbose)
     return cache[key]
@@ -86,6 +91,14 @@ def runs(out: pathlib.Path) -> dict:
         c.ckpt.every = MICRO_STEPS
       results[name] = _read(out / name, trainer.run(c, out / name))
     results['resumed'] = _read(out / 'resumed', crash_then_resume(out / 'resumed'))
+    # LoRA: on one device, on the (2, 2, 2) mesh, and stopped and resumed on one device (the
+    # mesh of lora_one, which it must reproduce bit for bit).
+    for name, (data, fsdp, model) in LORA_MESHES.items():
+      c = micro_config(MICRO_STEPS, lora=True)  # checkpoints every 2 steps, as resumed does
+      c.mesh.data, c.mesh.fsdp, c.mesh.model = data, fsdp, model
+      results[name] = _read(out / name, trainer.run(c, out / name))
+    resumed = crash_then_resume(out / 'lora_resumed', lora=True, mesh=LORA_MESHES['lora_one'])
+    results['lora_resumed'] = _read(out / 'lora_resumed', resumed)
     return results
   except Exception:  # reported by the tests that read the runs, with this process's output
     return {'error': traceback.format_exc()}

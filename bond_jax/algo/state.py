@@ -21,6 +21,8 @@ from bond_jax.types import PyTree
 @struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: number of updates taken
+  # With LoRA (`ModelConfig.lora`), params and anchor_params hold adapters only, and the
+  # models are ref_params (the frozen base) with them attached (`step.model_params`).
   params: PyTree  # the policy pi, the only tree the optimizer sees
   anchor_params: PyTree | None  # pi_anchor, moved by EMA / period, never by gradients; or None
   ref_params: PyTree  # pi_ref, frozen (the fixed anchor, and the KL(pi || pi_ref) metric)
@@ -64,6 +66,8 @@ def init_state(
 ) -> TrainState:
   """Policy (and the anchor, when `bond` moves one) start as copies of `params` (pi_ref;
   Algorithm 2, line 1); the learned quantile model, when `bond` uses one, from pi_ref.
+  `params` may also be fresh LoRA adapters of `ref_params` (`run.setup.trained_params`):
+  the optimizer, the policy and the anchor then hold adapters only.
 
   `ref_dtype` ('bfloat16' halves it) stores the frozen pi_ref in that dtype. The anchor
   stays in the policy's dtype: an EMA step eta * (theta - anchor) is far below bfloat16's

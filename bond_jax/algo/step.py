@@ -27,7 +27,7 @@ from bond_jax.algo.algorithms import REGISTRY, BondConfig, Targets
 from bond_jax.algo.rollout import Rollout
 from bond_jax.algo.state import TrainState, check_state
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import sampling, xla_options
+from bond_jax.models import lora, sampling, xla_options
 from bond_jax.types import PyTree, RewardFn
 
 Metrics = dict[str, jax.Array]
@@ -54,9 +54,23 @@ class StepConfig:
   share_prompts: bool = False
 
 
-def _anchor_params(bond: BondConfig, state: TrainState) -> PyTree:
-  """The anchor's parameters: its own tree when it moves, pi_ref's when it is fixed."""
-  return state.anchor_params if bond.keeps_anchor_copy else state.ref_params
+def frozen_base(cfg: StepConfig, state: TrainState) -> PyTree | None:
+  """With LoRA (`cfg.model.lora`), the frozen base the trained trees are adapters of (pi_ref's
+  parameters); without, None (the trained trees are whole models)."""
+  return state.ref_params if cfg.model.lora.on else None
+
+
+def model_params(cfg: StepConfig, state: TrainState, trained: PyTree) -> PyTree:
+  """The parameters a model computes with: a trained tree (the policy's, the anchor's) as it
+  is, or with LoRA the frozen base with those adapters attached (no copy)."""
+  return trained if not cfg.model.lora.on else lora.attach(state.ref_params, trained)
+
+
+def _anchor_params(cfg: StepConfig, state: TrainState) -> PyTree:
+  """The anchor's parameters: its own (adapters) when it moves, pi_ref's when it is fixed."""
+  if cfg.bond.keeps_anchor_copy:
+    return model_params(cfg, state, state.anchor_params)
+  return state.ref_params
 
 
 def rollout(
@@ -76,7 +90,9 @@ def rollout(
     micro_batch=cfg.sample_micro_batch, decode_dtype=cfg.decode_dtype,
   )  # fmt: skip
   with jax.named_scope('sample_policy'):
-    policy, policy_reward_B = draw(state.params, rng=rng_policy, per_prompt=policy_per_prompt)
+    policy, policy_reward_B = draw(
+      model_params(cfg, state, state.params), rng=rng_policy, per_prompt=policy_per_prompt
+    )
   out = Rollout(
     policy=policy,
     policy_reward_B=policy_reward_B,
@@ -87,7 +103,7 @@ def rollout(
   if anchor_per_prompt:
     with jax.named_scope('sample_anchor'):
       anchor, anchor_reward_B = draw(
-        _anchor_params(cfg.bond, state), rng=rng_anchor, per_prompt=anchor_per_prompt
+        _anchor_params(cfg, state), rng=rng_anchor, per_prompt=anchor_per_prompt
       )
     out = out.replace(
       anchor=anchor, anchor_reward_BxA=anchor_reward_B.reshape(-1, anchor_per_prompt)
@@ -105,7 +121,7 @@ def reference(cfg: StepConfig, state: TrainState, rollout: Rollout) -> Rollout:
     if rollout.anchor is None:
       logp_anchor_B = None
     elif cfg.bond.keeps_anchor_copy:
-      logp_anchor_B = logp(state.anchor_params)
+      logp_anchor_B = logp(_anchor_params(cfg, state))
     else:  # a fixed anchor is pi_ref: one forward serves both
       logp_anchor_B = logp_ref_B
   return rollout.replace(logp_ref_B=logp_ref_B, logp_anchor_B=logp_anchor_B)
@@ -118,10 +134,18 @@ def targets(cfg: StepConfig, state: TrainState, rollout: Rollout) -> Targets:
 
 
 def loss_and_grad(
-  cfg: StepConfig, params: PyTree, rollout: Rollout, targets: Targets
+  cfg: StepConfig,
+  params: PyTree,
+  rollout: Rollout,
+  targets: Targets,
+  base: PyTree | None = None,
 ) -> tuple[tuple[jax.Array, Metrics, jax.Array], PyTree]:
   """The algorithm's loss and its gradient w.r.t. the policy, over the rows
   [policy samples; Best-of-n samples]. Returns ((loss, terms, logp_B), grads).
+
+  `params` are what the optimizer trains: the whole policy, or with `base` (the frozen base,
+  `frozen_base`) its LoRA adapters, attached to the base for every pass; the gradient is
+  w.r.t. `params` alone, so none of the base's is formed.
 
   When a prompt has two or more of those rows (J-BOND: its policy sample and its Best-of-2
   row), they are read as a group with the prompt once (`cfg.share_prompts`; same values).
@@ -140,16 +164,20 @@ def loss_and_grad(
   micro = cfg.micro_batch
   if cfg.share_prompts and group > 1 and (micro <= 0 or micro % group == 0):
     data = rollout_lib.group_by_prompt(rollout.policy, per_prompt, targets.bon_rows)
-    logp_of = functools.partial(rollout_lib.grouped_logp, cfg.model, chunk=cfg.logprob_chunk)
+    read = functools.partial(rollout_lib.grouped_logp, cfg.model, chunk=cfg.logprob_chunk)
     micro = micro // group if micro > 0 else 0
     by_kind = lambda logp_BxR: rollout_lib.split_groups(logp_BxR, per_prompt)
   else:
     data = rollout.policy if targets.bon_rows is None else rollout.policy.concat(targets.bon_rows)
-    logp_of = functools.partial(rollout_lib.sequence_logp, cfg.model, chunk=cfg.logprob_chunk)
+    read = functools.partial(rollout_lib.sequence_logp, cfg.model, chunk=cfg.logprob_chunk)
     by_kind = lambda logp_Y: (
       logp_Y[:num_policy_rows],
       None if targets.bon_rows is None else logp_Y[num_policy_rows:],
     )
+
+  def logp_of(trained, data, micro_batch=0):
+    model = trained if base is None else lora.attach(base, trained)
+    return read(model, data, micro_batch)
 
   def loss_of_logps(logp_data):
     logp_B, logp_bon_B = by_kind(logp_data)
@@ -264,7 +292,9 @@ def train_step(
   samples = reference(cfg, state, samples)
   returns = targets(cfg, state, samples)
   with jax.named_scope('update'):
-    (loss, terms, logp_B), grads = loss_and_grad(cfg, state.params, samples, returns)
+    (loss, terms, logp_B), grads = loss_and_grad(
+      cfg, state.params, samples, returns, frozen_base(cfg, state)
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     flags = nonfinite_flags(samples, logp_B, loss, grads)

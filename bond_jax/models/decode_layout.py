@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import sharding
+from bond_jax.models import lora, sharding
 from bond_jax.types import PyTree
 
 
@@ -70,6 +70,8 @@ def _layer(layer: PyTree, dtype: Any) -> PyTree:
 def to_decode_layout(params: PyTree, dtype: str | None = None) -> PyTree:
   """`params` (training layout, layers unrolled or stacked) in the decode layout, the weight
   matrices cast to `dtype` (None: as stored). Already in the decode layout: only the cast."""
+  if lora.has_adapters(params):  # the decode layout has no place for them
+    raise ValueError('fold LoRA adapters into the weights (lora.fold) before decoding')
   if is_decode_layout(params):
     return jax.tree.map(lambda x: _cast(x, dtype), params)
   if 'layers' in params:  # stacked layers stay stacked: only the cast

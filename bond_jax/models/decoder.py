@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from typing import Any
 
 import jax
@@ -53,6 +54,7 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from bond_jax.models import lora as lora_lib
 from bond_jax.models import sharding
 from bond_jax.types import PyTree
 
@@ -116,6 +118,9 @@ class ModelConfig:
   # compiler's temporaries, stop growing with depth. Mixed local / global layers scan too
   # (each layer's type is an input of the scan).
   scan_layers: bool = False
+  # LoRA adapters on the projections `lora.targets` names (rank 0: none). Not an
+  # architecture choice either: a model with fresh adapters computes its base exactly.
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -309,6 +314,25 @@ def rows_dot_general(
   return out_RxF.reshape(lhs.shape[: lhs.ndim - c] + rhs.shape[c:])
 
 
+def _with_adapter(
+  cfg: ModelConfig, name: str, y: jax.Array, x: jax.Array, in_shape: tuple[int, ...]
+) -> jax.Array:
+  """A projection's output `y` of input `x`, plus its LoRA adapter's where `cfg` targets the
+  projection and the parameter tree holds one (`lora.Adapter`; else `y` as it is)."""
+  if not cfg.lora.targets_projection(name):
+    return y
+  out_shape = y.shape[x.ndim - len(in_shape) :]
+  adapter = lora_lib.Adapter(
+    cfg.lora,
+    tuple(in_shape),
+    out_shape,
+    cfg.jnp_dtype,
+    cfg.jnp_param_dtype,
+    name=name + lora_lib.SUFFIX,
+  )(x)
+  return y if adapter is None else y + adapter.astype(y.dtype)
+
+
 class Attention(nn.Module):
   """`local`: whether this layer attends within `sliding_window`; None: the call's
   `local_flag` (a traced boolean, for a scan over layers of mixed types)."""
@@ -320,18 +344,23 @@ class Attention(nn.Module):
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index, local_flag=None):
     cfg = self.cfg
     local = self.local if self.local is not None else local_flag
-    dense = lambda feats, name, axis=-1, bias=False: nn.DenseGeneral(
-      feats,
-      axis=axis,
-      use_bias=bias,
-      dtype=cfg.jnp_dtype,
-      param_dtype=cfg.jnp_param_dtype,
-      dot_general=rows_dot_general,
-      name=name,
-    )
-    q_BxTxNxH = dense((cfg.num_heads, cfg.head_dim), 'q_proj', bias=cfg.qkv_bias)(x_BxTxD)
-    k_BxTxKxH = dense((cfg.num_kv_heads, cfg.head_dim), 'k_proj', bias=cfg.qkv_bias)(x_BxTxD)
-    v_BxTxKxH = dense((cfg.num_kv_heads, cfg.head_dim), 'v_proj', bias=cfg.qkv_bias)(x_BxTxD)
+
+    def project(x, feats, name, axis=-1, bias=False):
+      layer = nn.DenseGeneral(
+        feats,
+        axis=axis,
+        use_bias=bias,
+        dtype=cfg.jnp_dtype,
+        param_dtype=cfg.jnp_param_dtype,
+        dot_general=rows_dot_general,
+        name=name,
+      )
+      in_shape = x.shape[-len(axis) :] if isinstance(axis, tuple) else x.shape[-1:]
+      return _with_adapter(cfg, name, layer(x), x, in_shape)
+
+    q_BxTxNxH = project(x_BxTxD, (cfg.num_heads, cfg.head_dim), 'q_proj', bias=cfg.qkv_bias)
+    k_BxTxKxH = project(x_BxTxD, (cfg.num_kv_heads, cfg.head_dim), 'k_proj', bias=cfg.qkv_bias)
+    v_BxTxKxH = project(x_BxTxD, (cfg.num_kv_heads, cfg.head_dim), 'v_proj', bias=cfg.qkv_bias)
     if cfg.use_qk_norm:
       norm = lambda name: _norm(cfg, name)
       q_BxTxNxH = norm('q_norm')(q_BxTxNxH)
@@ -423,7 +452,7 @@ class Attention(nn.Module):
       probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
       out_BxTxKxGxH = jnp.einsum('bkgts,bskh->btkgh', probs, v_BxSxKxH)
       out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, n, h)
-    out_BxTxD = dense(cfg.embed_dim, 'o_proj', axis=(-2, -1))(out_BxTxNxH)
+    out_BxTxD = project(out_BxTxNxH, cfg.embed_dim, 'o_proj', axis=(-2, -1))
     return checkpoint_name(out_BxTxD, 'attn_out'), new_cache
 
 
@@ -443,18 +472,20 @@ class MLP(nn.Module):
       param_dtype=cfg.jnp_param_dtype,
       dot_general=rows_dot_general,
     )
-    dense = lambda feats, name: nn.Dense(feats, name=name, **kw)
-    if self.gate_up:
+    dense = lambda x, feats, name: _with_adapter(
+      cfg, name, nn.Dense(feats, name=name, **kw)(x), x, x.shape[-1:]
+    )
+    if self.gate_up:  # the decode layout, whose weights hold no adapters (`lora.fold`)
       h_BxTx2xF = nn.DenseGeneral((2, cfg.hidden_dim), name='gate_up_proj', **kw)(x_BxTxD)
       gate_BxTxF, up_BxTxF = h_BxTx2xF[..., 0, :], h_BxTx2xF[..., 1, :]
     else:
-      gate_BxTxF = dense(cfg.hidden_dim, 'gate_proj')(x_BxTxD)
-      up_BxTxF = dense(cfg.hidden_dim, 'up_proj')(x_BxTxD)
+      gate_BxTxF = dense(x_BxTxD, cfg.hidden_dim, 'gate_proj')
+      up_BxTxF = dense(x_BxTxD, cfg.hidden_dim, 'up_proj')
     if cfg.activation == 'gelu_tanh':
       act = jax.nn.gelu(gate_BxTxF, approximate=True)
     else:
       act = jax.nn.silu(gate_BxTxF)
-    return dense(cfg.embed_dim, 'down_proj')(act * up_BxTxF)
+    return dense(act * up_BxTxF, cfg.embed_dim, 'down_proj')
 
 
 class Block(nn.Module):
@@ -619,6 +650,30 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> PyTree:
   tokens = jnp.zeros((1, 1), jnp.int32)
   mask = jnp.ones((1, 1, 1), bool)
   return Decoder(cfg).init(rng, tokens, tokens, mask)['params']
+
+
+def base_config(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` without LoRA adapters: the model a checkpoint, pi_ref or a frozen base is."""
+  return dataclasses.replace(cfg, lora=lora_lib.LoraConfig()) if cfg.lora.on else cfg
+
+
+def init_adapters(cfg: ModelConfig, rng: jax.Array) -> PyTree:
+  """Fresh LoRA adapters for `cfg.lora` (a random, b zero), nested as in the model's
+  parameters (`lora.split`), without building the base: only the adapters are allocated."""
+  abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  _, adapters = lora_lib.split(abstract)
+
+  def make(path, leaf):
+    name = sharding.path_name(path)
+    if name.endswith('/b'):
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    key = jax.random.fold_in(rng, zlib.crc32(name.encode()))
+    if sharding.stacked(name):  # one draw per layer, each with its own fan-in
+      keys = jax.random.split(key, leaf.shape[0])
+      return jax.vmap(lambda k: lora_lib.init_a(k, leaf.shape[1:], leaf.dtype))(keys)
+    return lora_lib.init_a(key, leaf.shape, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(make, adapters)
 
 
 def forward(

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import reward_model
+from bond_jax.models import lora, reward_model
 from bond_jax.models import sharding as sharding_lib
 from bond_jax.models.decoder import ModelConfig
 from bond_jax.types import PyTree
@@ -440,8 +440,10 @@ def load_params(
   `sharding.param_shardings`) or a pytree of shardings like the params.
   """
   cfg = _resolve_cfg(path, cfg, dtype)
-  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-  return cfg, _load_tree(path, cfg, abstract, '', shardings)
+  # A checkpoint holds a base model: LoRA adapters, if cfg has them, are not in it.
+  base = model_lib.base_config(cfg)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(base, jax.random.key(0)))
+  return cfg, _load_tree(path, base, abstract, '', shardings)
 
 
 def load_reward_params(
@@ -459,6 +461,58 @@ def load_reward_params(
 
 # ---------------------------------------------------------------------------
 # Export.
+
+
+def export_peft(
+  cfg: ModelConfig,
+  adapters: PyTree,
+  out_dir: str | Path,
+  base_model: str | Path = '',
+) -> Path:
+  """LoRA adapters as a PEFT adapter directory (adapter_config.json and
+  adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base, out_dir)` applies
+  to the base checkpoint `base_model`: each adapter of ours, a [*in, r] and b [r, *out],
+  is lora_A.weight [r, in] and lora_B.weight [out, r] of the HF projection it sits on, with
+  PEFT's scaling lora_alpha / r equal to ours. Gathered and written like `export_hf`."""
+  out_dir = Path(out_dir)
+  writer = jax.process_index() == 0
+  arrays = {}
+  for p, x in jax.tree_util.tree_leaves_with_path(adapters):
+    name = sharding_lib.path_name(p)  # '.../q_proj_lora/a'
+    projection, factor = name.rsplit('/', 1)
+    kernel = projection.removesuffix(lora.SUFFIX) + '/kernel'
+    parts = _per_layer(kernel, tuple(x.shape))
+    for i, (part, _) in enumerate(parts):
+      module = _hf_tensor(part, (), cfg, 'model.', '').hf_name.removesuffix('.weight')
+      value = _to_host(x[i] if len(parts) > 1 else x).astype(np.float32)
+      r = cfg.lora.rank
+      if factor == 'a':  # [*in, r] -> [r, in]
+        key, value = 'lora_A', value.reshape(-1, r).T
+      else:  # [r, *out] -> [out, r]
+        key, value = 'lora_B', value.reshape(r, -1).T
+      arrays[f'base_model.model.{module}.{key}.weight'] = np.ascontiguousarray(value)
+  if not writer:
+    return out_dir
+  out_dir.mkdir(parents=True, exist_ok=True)
+  save_file(arrays, str(out_dir / 'adapter_model.safetensors'), metadata={'format': 'pt'})
+  config = {
+    'peft_type': 'LORA',
+    'task_type': 'CAUSAL_LM',
+    'base_model_name_or_path': str(base_model),
+    'r': cfg.lora.rank,
+    'lora_alpha': cfg.lora.alpha,
+    'lora_dropout': 0.0,
+    'bias': 'none',
+    'fan_in_fan_out': False,
+    'target_modules': sorted(lora.TARGETS[t][1] for t in cfg.lora.targets),
+    'inference_mode': True,
+    'init_lora_weights': True,
+    'use_rslora': False,
+    'use_dora': False,
+    'modules_to_save': None,
+  }
+  (out_dir / 'adapter_config.json').write_text(json.dumps(config, indent=2, sort_keys=True))
+  return out_dir
 
 
 def _to_host(x: Any) -> np.ndarray:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from bond_jax.models import decode_layout, xla_options
+from bond_jax.models import decode_layout, lora, xla_options
 from bond_jax.models import decoder as model_lib
 from bond_jax.types import PyTree
 
@@ -237,7 +237,8 @@ def sample(
   """
   # Prefill and decode run on the decode layout (unrolled layers: gate/up stacked; stacked
   # layers: as trained), made here unless the caller made it once already (`decode_params`).
-  params = decode_layout.to_decode_layout(params)
+  # LoRA adapters, if `params` has them, are folded into the weights first (`lora.fold`).
+  params = decode_layout.to_decode_layout(lora.fold(cfg.lora, params))
   cfg = decode_layout.decode_config(cfg)
   decoder = model_lib.Decoder(cfg, gate_up=decode_layout.is_decode_layout(params))
   b, p = prompt_BxP.shape

@@ -94,6 +94,10 @@ PARAM_RULES: tuple[tuple[str, tuple[P, ...]], ...] = (
   (r'lm_head/kernel$', _split(2, model_dim=1, fsdp_dim=0)),  # V / D
   (r'score/kernel$', (P(FSDP, None),)),  # reward / quantile model head [D, 1]: D over fsdp
   (r'norm/scale$', (P(),)),  # norms (and q/k norms) replicated
+  # LoRA adapters (`lora.py`), small: a [*in, r] split over 'fsdp' on its input dimension
+  # (D, or F for down_proj) where it divides, b [r, *out] on its first output dimension.
+  (r'_lora/a$', (P(FSDP), P())),
+  (r'_lora/b$', (P(None, FSDP), P())),
 )
 
 

@@ -26,6 +26,7 @@ from bond_jax.algo.step import StepConfig
 from bond_jax.data import prompts, rewards, tasks
 from bond_jax.models import decoder as model_lib
 from bond_jax.models import hf, sampling, sharding
+from bond_jax.models import lora as lora_lib
 from bond_jax.types import ConfigError, RewardFn
 
 TASKS = ('noisy_copy', 'hf')
@@ -188,6 +189,7 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
     'an integer from 0 (none) to eval.num_prompts',
   )  # fmt: skip
   _validate_memory(c)
+  lora_config(c)
   _check(c.task.name in TASKS, 'task.name', c.task.name, f'one of {TASKS}')
   if c.task.name == 'hf':
     validate_real(c)
@@ -218,6 +220,9 @@ MEMORY_DEFAULTS = {
   'train.share_prompts': False,
   'eval.micro_batch_size': 0,
   'reward.function': '',  # reward.source='python' only
+  'model.lora.rank': 0,  # no adapters (`lora_config`); the parameter layout, fixed for a run
+  'model.lora.alpha': 0.0,
+  'model.lora.targets': [],
 }
 
 
@@ -306,6 +311,7 @@ def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
     param_dtype=c.model.param_dtype,
     remat=memory(c, 'model.remat'),
     scan_layers=memory(c, 'model.scan_layers'),
+    lora=lora_config(c),
   )
   if c.task.name == 'hf' and c.model.hf_checkpoint:
     return dataclasses.replace(checkpoint_config(c.model.hf_checkpoint), **dtypes)
@@ -316,6 +322,19 @@ def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
       f'one of {sorted(model_lib.PRESETS)} (or set model.hf_checkpoint on a Hugging Face run)',
     )
   return model_lib.preset(c.model.preset, **dtypes)
+
+
+def lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
+  """The `model.lora` block (rank 0, or a config that predates it: no adapters), checked."""
+  block = c.model.get('lora')
+  if block is None:
+    return lora_lib.LoraConfig()
+  if isinstance(block.targets, str):
+    _fail('model.lora.targets', block.targets, "a tuple of names, e.g. ('q', 'v')")
+  try:
+    return lora_lib.LoraConfig(rank=block.rank, alpha=block.alpha, targets=tuple(block.targets))
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
 
 
 def task(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> tasks.NoisyCopy:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from bond_jax.algo import step as step_lib
 from bond_jax.algo.state import TrainState
 from bond_jax.eval import bon_table
 from bond_jax.models import sharding
@@ -84,10 +85,17 @@ def during_training(
 ) -> dict[str, float]:
   """The policy's metrics on the first `eval.every_num_prompts` held-out prompts (at most
   all of them), keyed eval/<name>."""
-  result = table(c, setup, state.params, state.ref_params, c.eval.every_num_prompts)
+  result = table(c, setup, model_of(setup, state), state.ref_params, c.eval.every_num_prompts)
   return {
     f'eval/{name}': float(result[key]) for key, name in _TRAINING_METRICS.items() if key in result
   }
+
+
+def model_of(setup: run_setup.RunSetup, state: TrainState, which: str = 'policy') -> PyTree:
+  """The parameters of the state's policy or anchor as a model computes with them (with
+  LoRA, the frozen base with those adapters attached)."""
+  trained = state.params if which == 'policy' else state.anchor_params
+  return step_lib.model_params(setup.step_cfg, state, trained)
 
 
 def show_examples(c: ml_collections.ConfigDict) -> int:
@@ -100,7 +108,7 @@ def summary(
 ) -> dict[str, Any]:
   """The table of `state`'s policy on all held-out prompts, printed and written to
   workdir/summary.json (the end of a run, and scripts/evaluate.py's default)."""
-  result = table(c, setup, state.params, state.ref_params, examples=show_examples(c))
+  result = table(c, setup, model_of(setup, state), state.ref_params, examples=show_examples(c))
   result['step'] = int(state.step)
   (pathlib.Path(workdir) / 'summary.json').write_text(json.dumps(result, indent=2))
   print(bon_table.format_table(result), flush=True)
@@ -229,8 +237,7 @@ def _evaluate(
   if which == 'policy' and step is None and not all_steps and num_prompts is None:
     result = summary(c, setup, state, workdir)
   else:
-    params = state.params if which == 'policy' else state.anchor_params
-    result = table(c, setup, params, state.ref_params)
+    result = table(c, setup, model_of(setup, state, which), state.ref_params)
     result['step'] = int(state.step)
     print(f'step {result["step"]}, {which}:', bon_table.format_table(result), sep='\n')
   result.update(which=which, mesh=list(config_lib.mesh_shape(c, jax.device_count())))

@@ -53,7 +53,6 @@ What can go wrong, and what happens:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import signal
 import threading
@@ -65,13 +64,15 @@ import jax
 import ml_collections
 
 from bond_jax.algo import state as state_lib
-from bond_jax.models import hf, sharding
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import hf, lora, sharding
 from bond_jax.run import checkpoint, evaluation, guards, memory_plan, metrics, profiling
 from bond_jax.run import config as config_lib
 from bond_jax.run import setup as run_setup
 from bond_jax.run.evaluation import load_workdir
 from bond_jax.run.guards import Preempted, RunError
 from bond_jax.run.setup import log
+from bond_jax.types import ConfigError
 
 _NONFINITE_FLAGS = ('nonfinite_rewards', 'nonfinite_logprobs', 'nonfinite_loss', 'nonfinite_grads')
 
@@ -210,12 +211,15 @@ def _train(
   if restored is None:
     ref_params = setup.reference(state_sharding.ref_params)
     reference = guards.reference_record(c)
-    state = jax.jit(
-      functools.partial(
-        state_lib.init_state, setup.step_cfg.bond, tx=setup.tx, ref_dtype=setup.ref_dtype
-      ),
-      out_shardings=state_sharding,
-    )(ref_params, ref_params, rng=run_setup.stream_key(c.seed, run_setup.STATE_STREAM))
+
+    def init(ref_params: Any) -> state_lib.TrainState:
+      trained = run_setup.trained_params(setup.cfg, ref_params, c.seed)
+      rng = run_setup.stream_key(c.seed, run_setup.STATE_STREAM)
+      return state_lib.init_state(
+        setup.step_cfg.bond, trained, ref_params, setup.tx, rng, setup.ref_dtype
+      )
+
+    state = jax.jit(init, out_shardings=state_sharding)(ref_params)
   else:
     state = restored.state
     log(f'resumed from {ckpts.directory} at step {int(state.step)}')
@@ -365,17 +369,33 @@ def evaluate_state(
   prints it and writes summary.json."""
   if jax.process_index() == 0:
     return evaluation.summary(c, setup, state, workdir)
+  policy = evaluation.model_of(setup, state)
   result = evaluation.table(  # what summary computes
-    c, setup, state.params, state.ref_params, examples=evaluation.show_examples(c)
+    c, setup, policy, state.ref_params, examples=evaluation.show_examples(c)
   )
   return {**result, 'step': int(state.step)}
 
 
-def export_policy(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
+def export_policy(
+  workdir: str | pathlib.Path, out_dir: str | pathlib.Path, adapters_only: bool = False
+) -> pathlib.Path:
   """The latest checkpoint's policy as a Hugging Face checkpoint directory (gathered to the
-  host one tensor at a time; written by process 0)."""
+  host one tensor at a time; written by process 0). A LoRA run's adapters are folded into
+  the weights (`lora.fold`); with `adapters_only`, they are written alone as a PEFT adapter
+  directory for the run's base checkpoint (`hf.export_peft`)."""
   c, setup, state = load_workdir(workdir)
+  cfg = setup.cfg
+  if adapters_only:
+    if not cfg.lora.on:
+      raise ConfigError(
+        '--adapters_only: this run trains the whole policy (model.lora.rank=0); export it '
+        'without the flag.'
+      )
+    base = c.model.hf_checkpoint if c.task.name == 'hf' else ''
+    return pathlib.Path(hf.export_peft(cfg, state.params, out_dir, base_model=base))
   tokenizer_dir = None
   if c.task.name == 'hf':
     tokenizer_dir = config_lib.tokenizer_path(c)
-  return pathlib.Path(hf.export_hf(setup.cfg, state.params, out_dir, tokenizer_dir=tokenizer_dir))
+  policy = lora.fold(cfg.lora, evaluation.model_of(setup, state))
+  out = hf.export_hf(model_lib.base_config(cfg), policy, out_dir, tokenizer_dir=tokenizer_dir)
+  return pathlib.Path(out)

@@ -96,7 +96,9 @@ class PhaseTimes:
       return out
 
     def update(state, samples, returns):
-      (loss, _, _), grads = step_lib.loss_and_grad(cfg, state.params, samples, returns)
+      (loss, _, _), grads = step_lib.loss_and_grad(
+        cfg, state.params, samples, returns, step_lib.frozen_base(cfg, state)
+      )
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       anchor = step_lib.move_anchor(cfg.bond, state.anchor_params, params, state.step + 1)

@@ -42,7 +42,7 @@ from bond_jax.run import sft
 from bond_jax.types import PyTree, parameter_free
 
 # Independent random streams derived from config.seed.
-SFT_STREAM, STATE_STREAM, DATA_STREAM, EVAL_STREAM = range(4)
+SFT_STREAM, STATE_STREAM, DATA_STREAM, EVAL_STREAM, LORA_STREAM = range(5)
 
 
 def stream_key(seed: int, stream: int) -> jax.Array:
@@ -112,6 +112,7 @@ def train_reference(
   """pi_ref of the embedded task: supervised learning on its noisy demonstrations, a pure
   function of the config's seed, model, task and reference fields."""
   t0 = time.time()
+  cfg = model_lib.base_config(cfg)  # pi_ref is a whole model: adapters are the policy's
   progress = lambda i, nll: log(
     f'pi_ref supervised step {i}/{c.reference.sft_steps}: nll {nll:.3f}'
   )
@@ -233,13 +234,23 @@ class OnMesh:
       return self.jitted.lower(*args, **kwargs)
 
 
+def trained_params(cfg: model_lib.ModelConfig, ref_params: PyTree, seed: int) -> PyTree:
+  """What the optimizer trains, from pi_ref's parameters: pi_ref's own (full fine-tuning;
+  `init_state` copies them), or with `cfg.lora` fresh adapters (b = 0: the policy starts as
+  pi_ref exactly), drawn from the config's seed."""
+  if not cfg.lora.on:
+    return ref_params
+  return model_lib.init_adapters(cfg, stream_key(seed, LORA_STREAM))
+
+
 def abstract_state(setup: RunSetup) -> state_lib.TrainState:
   """Shapes and dtypes of the TrainState (nothing allocated): what checkpoints restore into."""
 
   def shape():
-    params = model_lib.init_params(setup.cfg, jax.random.PRNGKey(0))
+    base = model_lib.init_params(model_lib.base_config(setup.cfg), jax.random.PRNGKey(0))
+    trained = trained_params(setup.cfg, base, 0)
     return state_lib.init_state(
-      setup.step_cfg.bond, params, params, setup.tx, jax.random.PRNGKey(0), setup.ref_dtype
+      setup.step_cfg.bond, trained, base, setup.tx, jax.random.PRNGKey(0), setup.ref_dtype
     )
 
   return jax.eval_shape(shape)

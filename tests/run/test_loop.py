@@ -23,8 +23,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 MICRO_STEPS = 4  # steps of the shared micro run
 
 
-def micro_config(num_steps: int):
-  c = config_lib.load_config_file(ROOT / 'configs' / 'jbond_tiny.py')
+def micro_config(num_steps: int, lora: bool = False):
+  """configs/jbond_tiny.py (or jbond_tiny_lora.py: LoRA adapters on every projection) for
+  `num_steps` steps of a small batch."""
+  c = config_lib.load_config_file(ROOT / 'configs' / f'jbond_tiny{"_lora" if lora else ""}.py')
   c.reference.sft_steps = 20
   c.reference.sft_batch_size = 16
   c.train.num_steps = num_steps
@@ -56,13 +58,23 @@ def _crash(*args, **kwargs):
   raise _Crash
 
 
-def crash_then_resume(workdir: pathlib.Path) -> dict:
+def crash_then_resume(
+  workdir: pathlib.Path, lora: bool = False, mesh: tuple[int, int, int] | None = None
+) -> dict:
   """micro_config(2) "crashing" after its last checkpoint (in its evaluation), then the same
-  command with MICRO_STEPS steps. Returns the second run's summary."""
+  command with MICRO_STEPS steps, on the config's mesh or `mesh` (data, fsdp, model).
+  Returns the second run's summary."""
+
+  def config(num_steps):
+    c = micro_config(num_steps, lora)
+    if mesh is not None:
+      c.mesh.data, c.mesh.fsdp, c.mesh.model = mesh
+    return c
+
   evaluate_state = trainer.evaluate_state
   trainer.evaluate_state = _crash
   try:
-    trainer.run(micro_config(2), workdir)
+    trainer.run(config(2), workdir)
   except _Crash:
     pass
   else:
@@ -70,7 +82,7 @@ def crash_then_resume(workdir: pathlib.Path) -> dict:
   finally:
     trainer.evaluate_state = evaluate_state
   assert not (workdir / 'summary.json').exists()
-  return trainer.run(micro_config(MICRO_STEPS), workdir)
+  return trainer.run(config(MICRO_STEPS), workdir)
 
 
 def test_resume_continues_at_the_right_step_with_the_same_anchor(micro_runs):
