@@ -84,13 +84,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle_seed = 0  # epoch e visits the prompts in the permutation of (shuffle_seed, e)
 
   c.reward = ml_collections.ConfigDict()
-  c.reward.source = 'model'  # r(x, y): 'model' (a reward model) | 'programmatic' (reward.fn)
+  c.reward.source = 'model'  # r(x, y): 'model' (a reward model) | 'programmatic' (reward.fn) | 'python' (reward.function)
   c.reward.checkpoint = ''  # local HF *ForSequenceClassification dir, num_labels=1
   c.reward.tokenizer_path = ''  # reward model's tokenizer; '' = the policy's (ids shared, no re-tokenization)
   c.reward.chat_template = False  # re-tokenized input as user + assistant turns (other tokenizer only)
   c.reward.max_len = 1024  # T: width of re-tokenized reward inputs (other tokenizer only)
   c.reward.dtype = 'bfloat16'  # reward model activations and weights (frozen)
   c.reward.fn = ''  # reward.source='programmatic': one of rewards.PROGRAMMATIC
+  c.reward.function = ''  # reward.source='python': 'module:function' of (prompts, responses) -> floats
 
   c.bond = ml_collections.ConfigDict()
   c.bond.algorithm = 'jbond'  # 'jbond' (Algorithm 2) | 'bond' | 'reinforce'
@@ -149,6 +150,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.kl_n = 4  # N of the KLs to Best-of-N of pi_ref (Section 8, Fig. 2); 0: off
   c.eval.every = 100  # also evaluate every K steps during training (metrics eval/...); 0: only at the end
   c.eval.every_num_prompts = 32  # the first held-out prompts (at most eval.num_prompts) of the evaluation during training
+  c.eval.micro_batch_size = 0  # prompts sampled and scored at a time by the evaluation (0: all; the same table either way)
+  c.eval.show_examples = 5  # held-out prompts printed with a sample of pi_ref and of the policy
 
   c.log = ml_collections.ConfigDict()
   c.log.tensorboard = True

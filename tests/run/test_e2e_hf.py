@@ -14,7 +14,7 @@ from bond_jax.models import hf
 from bond_jax.run import checkpoint, evaluation
 from bond_jax.run import config as config_lib
 from bond_jax.run import loop as trainer
-from tests import hf_fixtures
+from tests import hf_fixtures, text_rewards
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -113,3 +113,52 @@ def test_missing_paths_fail_before_loading(artefacts, tmp_path):
   c.reward.checkpoint = str(tmp_path / 'nope')
   with pytest.raises(config_lib.ConfigError, match=r'reward\.checkpoint'):
     trainer.run(c, tmp_path)
+
+
+def _sentiment_config(artefacts, arg=None):
+  """configs/jbond_gemma3_270m_sentiment.py on the tiny fixture, with a text reward that has
+  an exact twin over ids (tests/text_rewards.py)."""
+  c = config_lib.load_config_file(ROOT / 'configs' / 'jbond_gemma3_270m_sentiment.py', arg)
+  c.model.preset = ''
+  c.model.hf_checkpoint = artefacts['policy']
+  c.reward.function = 'tests.text_rewards:letter_score'
+  c.train.num_steps, c.train.batch_size = 2, 4
+  c.sampling.max_new_tokens, c.data.max_prompt_len = 6, 32
+  c.eval.num_prompts, c.eval.samples_per_prompt, c.eval.bon_ns = 4, 4, (2, 4)
+  c.eval.policy_samples_per_prompt, c.eval.kl_n = 2, 4
+  c.eval.every, c.eval.micro_batch_size, c.eval.show_examples = 0, 2, 2
+  c.log.tensorboard = c.log.progress = False
+  return c
+
+
+def test_text_reward_run_shows_examples_and_the_same_table_in_micro_batches(artefacts, tmp_path):
+  c = _sentiment_config(artefacts)
+  summary = trainer.run(c, tmp_path)
+  assert summary['step'] == 2
+  assert json.loads((tmp_path / 'summary.json').read_text())['examples'] == summary['examples']
+  (first, second) = summary['examples']
+  prompts = [json.loads(line)['prompt'] for line in open(c.data.eval_jsonl_path)][:2]
+  assert [first['prompt'], second['prompt']] == prompts  # the held-out prompts, as text
+  for row in summary['examples']:  # the text shown is the text the reward scored
+    want = text_rewards.letter_score([row['prompt']] * 2, [row['pi_ref'], row['policy']])
+    assert [row['pi_ref_reward'], row['policy_reward']] == want
+  assert summary['nll_ref_per_token_policy'] > 0 and summary['nll_ref_per_token_ref'] > 0
+  # Scored two prompts at a time or all at once: the same samples, the same table.
+  _, setup, state = evaluation.load_workdir(tmp_path)
+  c.eval.micro_batch_size = 0
+  whole = evaluation.table(c, setup, state.params, state.ref_params, examples=2)
+  for key in ('reward_ref', 'reward_policy', 'kl_policy_ref', 'win_rate', 'kl_bwd', 'kl_fwd'):
+    assert whole[key] == pytest.approx(summary[key], rel=1e-4, abs=1e-5), key
+  assert whole['examples'] == summary['examples']
+
+
+def test_failing_text_reward_stops_the_run_with_one_line(artefacts, tmp_path):
+  c = _sentiment_config(artefacts, 'reinforce:0.1')
+  assert (c.bond.algorithm, c.bond.beta_rl) == ('reinforce', 0.1)
+  c.reward.function = 'tests.text_rewards:fails_on_long_responses'
+  with pytest.raises(trainer.RunError) as e:
+    trainer.run(c, tmp_path)
+  assert str(e.value) == (
+    "reward.function='tests.text_rewards:fails_on_long_responses' raised ValueError: the "
+    'scorer lost its connection; the run stopped: rerun the command to resume it'
+  )
