@@ -10,6 +10,10 @@ Prints the table (rewards of pi_ref, Best-of-N of pi_ref and the policy; the pol
 pi_ref, log quantile, win rate and KLs to Best-of-eval.kl_n) and writes
 <workdir>/eval/step_<N>_<which>.json (all_steps_<which>.jsonl with --all_steps); the
 default, the latest policy with the run's settings, also rewrites summary.json.
+
+A run trained across hosts is evaluated across them: start the same command on every host
+with scripts/train.py's process flags (--coordinator_address, --num_processes,
+--process_id, or --distributed); process 0 prints and writes.
 """
 
 import pathlib
@@ -19,7 +23,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bond_jax.run import evaluation  # noqa: E402
+from bond_jax.run import evaluation, processes  # noqa: E402
 from bond_jax.run.guards import RunError  # noqa: E402
 from bond_jax.types import ConfigError  # noqa: E402
 
@@ -31,6 +35,7 @@ _DATA = flags.DEFINE_integer('mesh.data', None, 'Data-parallel devices (default:
 _FSDP = flags.DEFINE_integer('mesh.fsdp', None, 'FSDP devices, -1: the rest (default: the run).')
 _MODEL = flags.DEFINE_integer('mesh.model', None, 'Tensor-parallel devices (default: the run).')
 _PROMPTS = flags.DEFINE_integer('num_prompts', None, 'Held-out prompts (default: the run).')
+_PROCESSES = processes.define_flags()
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -42,6 +47,7 @@ def main(argv):
     sys.exit('error: give --mesh.data, --mesh.fsdp and --mesh.model together (or none of them).')
   mesh = None if _DATA.value is None else sizes
   try:
+    processes.join(_PROCESSES)
     evaluation.evaluate_workdir(
       _WORKDIR.value, step=_STEP.value, all_steps=_ALL.value, which=_WHICH.value,
       mesh_shape=mesh, num_prompts=_PROMPTS.value,

@@ -5,6 +5,10 @@ safetensors, tokenizer files for real-model runs), loadable by transformers. Usa
 
 A LoRA run's adapters are folded into the weights; --adapters_only writes them alone as a
 PEFT adapter directory instead (`peft.PeftModel.from_pretrained(base, out)`).
+
+A run trained across hosts is exported across them: start the same command on every host
+with scripts/train.py's process flags (--coordinator_address, --num_processes,
+--process_id, or --distributed); each tensor is gathered to process 0, which writes.
 """
 
 import pathlib
@@ -15,12 +19,14 @@ from absl import app, flags, logging
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bond_jax.run import loop as trainer  # noqa: E402
+from bond_jax.run import processes  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir written by scripts/train.py.')
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the Hugging Face checkpoint to.')
 _ADAPTERS_ONLY = flags.DEFINE_bool(
   'adapters_only', False, "A LoRA run's adapters alone, as a PEFT adapter directory."
 )
+_PROCESSES = processes.define_flags()
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
@@ -28,6 +34,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
+    processes.join(_PROCESSES)
     out = trainer.export_policy(_WORKDIR.value, _OUT.value, adapters_only=_ADAPTERS_ONLY.value)
   except (FileNotFoundError, trainer.ConfigError, trainer.RunError) as e:
     sys.exit(f'error: {e}')

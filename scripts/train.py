@@ -21,7 +21,6 @@ config.json, metrics, TensorBoard, the progress bar, summary.json and stdout.
 (numbered as in metrics.jsonl) into <workdir>/profile/steps_<first>-<last>/, on process 0.
 """
 
-import os
 import pathlib
 import re
 import sys
@@ -32,21 +31,12 @@ from ml_collections import config_flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bond_jax.run import config as config_lib  # noqa: E402
-from bond_jax.run import guards, profiling  # noqa: E402
 from bond_jax.run import loop as trainer  # noqa: E402
+from bond_jax.run import processes, profiling  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')
-_COORDINATOR = flags.DEFINE_string(
-  'coordinator_address', None, 'Multi-process runs: HOST:PORT of process 0 (same on every process).'
-)
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process runs: processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, "Multi-process runs: this one's index.")
-_DISTRIBUTED = flags.DEFINE_bool(
-  'distributed',
-  False,
-  'Join a multi-process run whose processes JAX detects (TPU pod slice, SLURM, Open MPI).',
-)
+_PROCESSES = processes.define_flags()
 _PROFILE_STEPS = flags.DEFINE_string(
   'profile_steps',
   '',
@@ -87,18 +77,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'error: {message or str(e).strip().splitlines()[0]}')
 
 
-def _start_processes() -> None:
-  """`jax.distributed.initialize` when flags or the environment ask for several processes
-  (before anything starts JAX's backend); then only process 0 prints to stdout."""
-  if guards.start_processes(
-    _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, detect=_DISTRIBUTED.value
-  ):
-    import jax  # noqa: PLC0415
-
-    if jax.process_index() != 0:  # process 0 speaks for the run; errors still go to stderr
-      sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 (for the life of the process)
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -107,7 +85,7 @@ def main(argv):
   except ValueError as e:
     sys.exit(f'error: --profile_steps: {e}')
   try:
-    _start_processes()
+    processes.join(_PROCESSES)
   except (config_lib.ConfigError, trainer.RunError) as e:
     sys.exit(f'error: {e}')
   try:

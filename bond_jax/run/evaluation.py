@@ -110,8 +110,9 @@ def summary(
   workdir/summary.json (the end of a run, and scripts/evaluate.py's default)."""
   result = table(c, setup, model_of(setup, state), state.ref_params, examples=show_examples(c))
   result['step'] = int(state.step)
-  (pathlib.Path(workdir) / 'summary.json').write_text(json.dumps(result, indent=2))
-  print(bon_table.format_table(result), flush=True)
+  if jax.process_index() == 0:  # every process computes the table (it is sharded); one writes
+    (pathlib.Path(workdir) / 'summary.json').write_text(json.dumps(result, indent=2))
+    print(bon_table.format_table(result), flush=True)
   return result
 
 
@@ -212,12 +213,13 @@ def evaluate_workdir(
   finally:
     ckpts.close()
   out_dir = workdir / 'eval'
-  out_dir.mkdir(exist_ok=True)
+  if jax.process_index() == 0:
+    out_dir.mkdir(exist_ok=True)
   results = []
   for state in states:
     with guards.reward_failures():
       results.append(_evaluate(c, setup, workdir, state, which, step, all_steps, num_prompts))
-  if all_steps:
+  if all_steps and jax.process_index() == 0:
     lines = ''.join(json.dumps(r) + '\n' for r in results)
     (out_dir / f'all_steps_{which}.jsonl').write_text(lines)
   return results
@@ -241,9 +243,10 @@ def _evaluate(
     result['step'] = int(state.step)
     print(f'step {result["step"]}, {which}:', bon_table.format_table(result), sep='\n')
   result.update(which=which, mesh=list(config_lib.mesh_shape(c, jax.device_count())))
-  (workdir / 'eval' / f'step_{result["step"]}_{which}.json').write_text(
-    json.dumps(result, indent=2)
-  )
+  if jax.process_index() == 0:
+    (workdir / 'eval' / f'step_{result["step"]}_{which}.json').write_text(
+      json.dumps(result, indent=2)
+    )
   return result
 
 

@@ -367,13 +367,7 @@ def evaluate_state(
   """The run's last phase: the table of `state`'s policy, printed and in summary.json.
   Every process computes it (the sampling is sharded over all devices); process 0 alone
   prints it and writes summary.json."""
-  if jax.process_index() == 0:
-    return evaluation.summary(c, setup, state, workdir)
-  policy = evaluation.model_of(setup, state)
-  result = evaluation.table(  # what summary computes
-    c, setup, policy, state.ref_params, examples=evaluation.show_examples(c)
-  )
-  return {**result, 'step': int(state.step)}
+  return evaluation.summary(c, setup, state, workdir)
 
 
 def export_policy(

@@ -3,6 +3,7 @@ path the process opens for writing, renames to or removes recorded by an audit h
 written to RECORD (a JSON list) when it exits.
 
   python tests/run/multihost_worker.py RECORD [scripts/train.py flags ...]
+  python tests/run/multihost_worker.py RECORD scripts/evaluate.py [its flags ...]
 
 With MULTIHOST_WORKER_NO_EVALUATION=1 the run ends after its last checkpoint, without the
 final evaluation (as if it crashed there; a resumed run evaluates).
@@ -58,6 +59,8 @@ def main() -> None:
     loop.evaluate_state = lambda *args: {}
   atexit.register(lambda: record.write_text(json.dumps(sorted(touched))))
   script = ROOT / 'scripts' / 'train.py'
+  if argv and argv[0].startswith('scripts/'):  # another script of the repository
+    script, argv = ROOT / argv[0], argv[1:]
   sys.argv = [str(script), *argv]
   runpy.run_path(str(script), run_name='__main__')
 

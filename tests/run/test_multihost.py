@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import pytest
 
+from bond_jax.models import hf
 from bond_jax.run import config as config_lib
 from bond_jax.run import guards
 from bond_jax.run import loop as trainer
@@ -209,6 +210,33 @@ def test_only_process_0_writes_the_run_files_and_log(runs):
     assert any(p.is_relative_to(two / 'checkpoints') for p in written[1]), launch
     out = [(base / f'{launch}{i}.out').read_text() for i in range(2)]
     assert '[bond_jax]' in out[0] and '[bond_jax]' not in out[1], launch
+
+
+def test_two_processes_evaluate_and_export_a_multi_process_run(runs):
+  """scripts/evaluate.py and scripts/export_hf.py join the processes as train.py does: the
+  two-process evaluation of the run repeats the table its training ended with, and the
+  export (each tensor gathered to process 0, which alone writes) holds the policy."""
+  base, _ = runs
+  two = base / 'two'
+  trained = json.loads((two / 'summary.json').read_text())
+  _two_processes(base, 'evaluate', ['scripts/evaluate.py', f'--workdir={two}'], True)
+  again = json.loads((two / 'summary.json').read_text())
+  for k in ('reward_ref', 'reward_policy', 'kl_policy_ref', 'win_rate'):
+    np.testing.assert_allclose(again[k], trained[k], **METRIC_TOL, err_msg=k)
+  assert 'trained policy' in (base / 'evaluate0.out').read_text()
+  assert 'trained policy' not in (base / 'evaluate1.out').read_text()
+
+  out = base / 'exported'
+  _two_processes(base, 'export', ['scripts/export_hf.py', f'--workdir={two}', f'--out={out}'], True)
+  written = [
+    {pathlib.Path(p) for p in json.loads((base / f'export{i}.written.json').read_text())}
+    for i in range(2)
+  ]
+  assert out / 'config.json' in written[0]  # (safetensors writes outside Python's audit hook)
+  assert not any(p.is_relative_to(out) for p in written[1])
+  state = trainer.load_workdir(two, mesh_shape=(1, 1, 1))[2]
+  _, exported = hf.load_params(out)
+  jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(state.params))
 
 
 def test_process_flags_must_come_together(monkeypatch):
