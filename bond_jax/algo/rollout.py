@@ -14,7 +14,7 @@ from flax import struct
 
 from bond_jax.algo import objectives
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import lora, sampling
+from bond_jax.models import sampling
 from bond_jax.types import PyTree, RewardFn
 
 
@@ -107,9 +107,9 @@ def draw(
   micro_batch > 0: sample and score that many prompts at a time (a prompt's samples stay
   together), so the KV cache and the reward model's activations are those of one
   micro-batch; the samples are the same (`sampling.sample` keys each row by its index).
-  decode_dtype: decode with the weight matrices cast to it once (`sampling.decode_params`),
-  LoRA adapters folded into them first (`lora.fold`)."""
-  params = sampling.decode_params(lora.fold(model.lora, params), decode_dtype)
+  decode_dtype: decode with the weight matrices cast to it once (`sampling.decode_params`;
+  LoRA adapters folded in for unrolled layers, kept for scanned ones)."""
+  params = sampling.decode_params(params, decode_dtype, model)
 
   def one(prompt_BxP, prompt_valid_BxP, prompt_ids_B):
     out = sampling.sample(

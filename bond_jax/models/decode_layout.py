@@ -20,7 +20,9 @@ with every layer's gathered weights kept at once. Configs that want the faster d
 have the memory can set `model.scan_layers=False`.
 
 The decode layout runs through the same `decoder.Decoder` (with `gate_up=True`) under
-`decode_config(cfg)`.
+`decode_config(cfg)`. LoRA adapters (`lora.py`) are folded into the weights for unrolled
+layers, whose stacked gate/up kernel has no place for them, and decoded as they are for
+scanned layers (`for_decoding`).
 """
 
 from __future__ import annotations
@@ -67,17 +69,26 @@ def _layer(layer: PyTree, dtype: Any) -> PyTree:
   return out
 
 
+def for_decoding(cfg: model_lib.ModelConfig, params: PyTree, dtype: str | None = None) -> PyTree:
+  """`to_decode_layout` of a model that may carry LoRA adapters: unrolled layers fold them
+  into the weights first (a copy of the targeted kernels, `lora.fold`); scanned layers
+  decode with them as they are (the decoder applies them; no copy)."""
+  if 'layers' not in params:
+    params = lora.fold(cfg.lora, params)
+  return to_decode_layout(params, dtype)
+
+
 def to_decode_layout(params: PyTree, dtype: str | None = None) -> PyTree:
   """`params` (training layout, layers unrolled or stacked) in the decode layout, the weight
   matrices cast to `dtype` (None: as stored). Already in the decode layout: only the cast."""
-  if lora.has_adapters(params):  # the decode layout has no place for them
-    raise ValueError('fold LoRA adapters into the weights (lora.fold) before decoding')
   if is_decode_layout(params):
     return jax.tree.map(lambda x: _cast(x, dtype), params)
-  if 'layers' in params:  # stacked layers stay stacked: only the cast
+  if 'layers' in params:  # stacked layers stay stacked (LoRA adapters too): only the cast
     return jax.tree_util.tree_map_with_path(
       lambda path, x: _cast(x, dtype, stacked=sharding.stacked(sharding.path_name(path))), params
     )
+  if lora.has_adapters(params):  # the stacked gate/up kernel has no place for them
+    raise ValueError('fold LoRA adapters into the weights (lora.fold) before decoding')
   out = {k: v for k, v in params.items() if not k.startswith('layer_')}
   out = jax.tree.map(lambda x: _cast(x, dtype), out)
   layers = [params[f'layer_{i}'] for i in range(sum(k.startswith('layer_') for k in params))]

@@ -8,10 +8,12 @@ stacked on a leading axis like every layer parameter, 'layers/attn/q_proj_lora/.
 
 The decoder applies an adapter only where the tree holds one (`Adapter`), so one module runs
 three models of a J-BOND run over one frozen base: pi_ref is the base alone, the policy is
-the base with the policy's adapters (`attach`), the anchor the base with the anchor's. The
-sampler decodes with the adapters folded into the weights (`fold`: a copy made per sampling
-call, as the decode layout is); log-likelihoods and gradients read them unfolded, so a
-gradient reaches the adapters only and no weight gradient of the base is ever formed.
+the base with the policy's adapters (`attach`), the anchor the base with the anchor's.
+Log-likelihoods and gradients read the adapters unfolded, so a gradient reaches the adapters
+only and no weight gradient of the base is ever formed. The sampler decodes scanned layers
+with the adapters as they are, and unrolled layers, whose decode layout stacks the gate and
+up kernels, with the adapters folded into the weights (`fold`: a copy made per sampling
+call, as the decode layout is; `decode_layout.for_decoding`).
 
 Targets name projections: 'q', 'k', 'v', 'o' (attention) and 'gate', 'up', 'down' (MLP).
 """

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from bond_jax.models import decode_layout, lora, xla_options
+from bond_jax.models import decode_layout, xla_options
 from bond_jax.models import decoder as model_lib
 from bond_jax.types import PyTree
 
@@ -237,8 +237,8 @@ def sample(
   """
   # Prefill and decode run on the decode layout (unrolled layers: gate/up stacked; stacked
   # layers: as trained), made here unless the caller made it once already (`decode_params`).
-  # LoRA adapters, if `params` has them, are folded into the weights first (`lora.fold`).
-  params = decode_layout.to_decode_layout(lora.fold(cfg.lora, params))
+  # LoRA adapters, if `params` has them: folded in, or kept with scanned layers.
+  params = decode_layout.for_decoding(cfg, params)
   cfg = decode_layout.decode_config(cfg)
   decoder = model_lib.Decoder(cfg, gate_up=decode_layout.is_decode_layout(params))
   b, p = prompt_BxP.shape
@@ -324,13 +324,18 @@ def sample(
   )
 
 
-def decode_params(params: PyTree, dtype: str | None) -> PyTree:
+def decode_params(
+  params: PyTree, dtype: str | None, cfg: model_lib.ModelConfig | None = None
+) -> PyTree:
   """The weights in the layout the sampler decodes with (`decode_layout`: for unrolled
   layers, each MLP's gate and up kernels stacked), the weight matrices (2 or more dimensions) cast
   to `dtype` (None: as stored); norm scales and biases keep theirs. One copy, made once per
   step; `sample` takes it as it is (given the training layout, it makes the copy itself, once
   per call). With `dtype` equal to the model's activation dtype the samples are unchanged:
-  the layers cast their weights to it before every matmul anyway."""
+  the layers cast their weights to it before every matmul anyway. With `cfg`, LoRA adapters
+  in `params` are handled as `decode_layout.for_decoding` says."""
+  if cfg is not None:
+    return decode_layout.for_decoding(cfg, params, dtype or None)
   return decode_layout.to_decode_layout(params, dtype or None)
 
 

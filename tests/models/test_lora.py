@@ -83,12 +83,17 @@ def test_folded_adapters_compute_the_same_model(scan):
   np.testing.assert_allclose(
     layer(folded)['mlp']['up_proj']['kernel'], w + ad['a'] @ ad['b'] * cfg.lora.scale, atol=1e-6
   )
-  # The sampler decodes with the adapters folded in: greedy tokens of either tree agree.
+  # The sampler decodes with the adapters (folded in for unrolled layers, as they are for
+  # scanned ones): greedy tokens of either tree agree.
   sp = sampling.SamplingParams(max_new_tokens=5, temperature=0.0)
   run = lambda p: sampling.sample(cfg, p, tokens, valid, jax.random.key(0), sp).tokens_BxG
   np.testing.assert_array_equal(run(policy), run(folded))
-  with pytest.raises(ValueError, match='fold LoRA adapters'):
-    sampling.decode_params(policy, None)
+  if scan:
+    assert lora.has_adapters(sampling.decode_params(policy, None, cfg))  # no folded copy
+  else:
+    with pytest.raises(ValueError, match='fold LoRA adapters'):
+      sampling.decode_params(policy, None)  # the unrolled decode layout cannot hold them
+    assert not lora.has_adapters(sampling.decode_params(policy, None, cfg))
 
 
 def test_only_targeted_projections_get_adapters():
