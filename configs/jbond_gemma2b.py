@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.reference_dtype = 'bfloat16'  # pi_ref is frozen, so bfloat16 loses nothing (Gemma checkpoints are bfloat16)
   c.model.remat = 'block'  # recompute each block in the backward pass: 'none' | 'block' | 'save_dots' | 'save_attn'
   c.model.scan_layers = True  # the blocks as one lax.scan over stacked parameters: the same values, a TPU compile several times faster, and the CPU compiler plans far less (README "Running at scale"); the parameter layout, so fixed for a run's life
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0  # LoRA adapters' rank (0: off, the policy is trained whole)
+  c.model.lora.alpha = 0.0  # the adapters' output is scaled by alpha / rank
+  c.model.lora.targets = ()  # projections with adapters: any of 'q', 'k', 'v', 'o', 'gate', 'up', 'down'
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # local tokenizer dir; '' = model.hf_checkpoint

@@ -21,8 +21,14 @@ scripts/make_sentiment_prompts.py writes both). Reward: VADER's compound score o
 response alone, in [-1, 1] (bond_jax/data/text_rewards.py). Responses are cut at
 sampling.max_new_tokens: the base model rarely ends a sentence with EOS.
 
-Sized for the 2-core CPU machine, float32 (XLA's CPU backend runs bfloat16 slower): the
-whole run, import excluded, within an hour; docs/REPRODUCTION.md has its table and time.
+Sized for the 2-core CPU machine, float32 (XLA's CPU backend runs bfloat16 slower), so that
+the whole run, import excluded, ends within an hour (docs/BENCHMARKS.md has its time): 60
+steps of 16 prompts, each prompt with 1 policy and 2 anchor samples of 16 tokens (the
+opinion comes in the first few), Adam at 2e-5 and an anchor EMA rate of 0.1 (the top of the
+paper's range: a short run needs the anchor to follow). The 262k-token vocabulary makes the
+output layer most of the work, so a step costs about as much as its samples' tokens; the
+final table (200 held-out prompts, 16 pi_ref and 4 policy samples each) costs about as
+much as the training. docs/REPRODUCTION.md has the table and the comparison with REINFORCE.
 The ending table is the tiny run's, on the 200 held-out prompts, followed by five of them
 continued by pi_ref and by the trained policy, and the policy samples' mean negative
 log-likelihood per token under pi_ref (reward hacking, e.g. "great great great", shows as
@@ -50,6 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.reference_dtype = 'float32'  # pi_ref's weights
   c.model.remat = 'none'  # recompute blocks in the backward pass: 'none' | 'block' | 'save_dots' | 'save_attn'
   c.model.scan_layers = True  # the blocks as one lax.scan over stacked parameters: the same values, and the step compiles in seconds instead of minutes on a CPU (fixed for a run's life)
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0  # LoRA adapters' rank (0: off, the policy is trained whole)
+  c.model.lora.alpha = 0.0  # the adapters' output is scaled by alpha / rank
+  c.model.lora.targets = ()  # projections with adapters: any of 'q', 'k', 'v', 'o', 'gate', 'up', 'down'
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # local tokenizer dir; '' = model.hf_checkpoint
@@ -89,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.bond.algorithm = 'jbond'  # 'jbond' (Algorithm 2) | 'bond' | 'reinforce'
   c.bond.beta = 0.5  # beta: Jeffreys weight (Eq. 11; paper: 0.5)
   c.bond.n = 2  # n: anchor samples per prompt (J-BOND: 2)
-  c.bond.eta = 0.05  # eta: EMA rate of the anchor (Eq. 18; the paper's Fig. 6 range is 0.01-0.1)
+  c.bond.eta = 0.1  # eta: EMA rate of the anchor (Eq. 18; the top of the paper's Fig. 6 range: a short run)
   c.bond.gamma = 0.0  # gamma: weight of the extra KL(pi || anchor) term (Eq. 19)
   c.bond.use_baseline = True  # leave-one-out baseline b in the backward-KL return
   c.bond.anchor = 'ema'  # 'ema' (J-BOND) | 'periodic' | 'fixed'
@@ -110,7 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampling.decode_dtype = ''  # decode with the weight matrices cast once per step ('' = as stored)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 1e-5  # Adam step size after warm-up
+  c.optim.learning_rate = 2e-5  # Adam step size after warm-up
   c.optim.warmup_steps = 10  # linear warm-up from 0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
@@ -118,7 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.mu_dtype = ''  # dtype of Adam's first moment ('' = the parameters')
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 100  # J-BOND updates
+  c.train.num_steps = 60  # J-BOND updates: 60 x 16 prompts x 3 samples
   c.train.batch_size = 16  # prompts per update
   c.train.micro_batch_size = 0  # rows per log-prob pass and gradient micro-batch (0: all)
   c.train.logprob_chunk = 0  # response positions turned into logits at a time (0: all G)
@@ -131,7 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.model = 1  # devices each parameter is split over (tensor parallel)
 
   c.ckpt = ml_collections.ConfigDict()
-  c.ckpt.every = 50  # save the TrainState (pi_ref is reloaded, not saved) every K steps and at the end
+  c.ckpt.every = 30  # save the TrainState (pi_ref is reloaded, not saved) every K steps and at the end
   c.ckpt.keep = 1  # checkpoints kept (each holds policy, anchor and Adam: about 4 GB)
 
   c.eval = ml_collections.ConfigDict()
@@ -140,7 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.bon_ns = (2, 4, 8, 16)  # N of the Best-of-N rows
   c.eval.policy_samples_per_prompt = 4  # policy samples per prompt
   c.eval.kl_n = 16  # N of the KLs to Best-of-N of pi_ref; 0: off
-  c.eval.every = 25  # also evaluate every K steps during training (metrics eval/...); 0: only at the end
+  c.eval.every = 0  # also evaluate every K steps during training (metrics eval/...); 0: only at the end (an evaluation of 32 prompts costs several steps here)
   c.eval.every_num_prompts = 32  # the first held-out prompts of the evaluation during training
   c.eval.micro_batch_size = 10  # prompts sampled and scored at a time (0: all; the same table either way)
   c.eval.show_examples = 5  # held-out prompts printed with pi_ref's and the policy's continuations
