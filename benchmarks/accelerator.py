@@ -527,7 +527,6 @@ def main() -> None:
   ap.add_argument('--part', default='', help=argparse.SUPPRESS)  # a child runs one part
   ap.add_argument('--child_out', default='', help=argparse.SUPPRESS)
   args = ap.parse_args()
-  sys.path.insert(0, str(ROOT))
   shape = SHAPES[args.shape]
 
   if args.part:  # child process: one part, its result to --child_out

@@ -53,7 +53,6 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
@@ -128,22 +127,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   import transformers
   import trl
 
-  root = pathlib.Path(__file__).resolve().parents[1]
-  sys.path.insert(0, str(root))
   from bond_jax.algo.algorithms import BondConfig
   from bond_jax.algo.state import init_state, make_optimizer
   from bond_jax.algo.step import StepConfig, make_train_step
   from bond_jax.models import decoder as model_lib
   from bond_jax.models import hf, sampling
+  from bond_jax.models.decoder import PRESETS
   from bond_jax.types import parameter_free
 
-  sys.path.insert(0, str(root / 'benchmarks'))
-  from sampler_vs_transformers import CFG  # the tiny Gemma both benchmarks time by default
+  cfg_default = PRESETS['bench_5m']  # the tiny Gemma both benchmarks time by default
 
   if args.model:
     cfg, params = hf.load_params(args.model, dtype='float32')
   else:
-    cfg, params = CFG, model_lib.init_params(CFG, jax.random.PRNGKey(0))
+    cfg, params = cfg_default, model_lib.init_params(cfg_default, jax.random.PRNGKey(0))
   vocab = cfg.vocab_size
   steps = args.steps + 1  # the first step of each side compiles / warms up, untimed
   rng = np.random.default_rng(0)
@@ -284,7 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   trl_s = statistics.median(interleave.trl_s[1:])
   result = {
     'device': jax.devices()[0].device_kind,
-    'model': args.model or 'random tiny Gemma (sampler_vs_transformers.CFG)',
+    'model': args.model or 'random tiny Gemma (preset bench_5m)',
     'params': int(sum(x.size for x in jax.tree.leaves(params))),
     'threads': args.threads,
     'order': args.order,

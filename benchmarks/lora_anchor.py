@@ -19,20 +19,17 @@ Prints one JSON line per report and a last JSON line with all of them.
 
 import argparse
 import json
-import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from bond_jax.algo import state as state_lib  # noqa: E402
-from bond_jax.algo import step as step_lib  # noqa: E402
-from bond_jax.models import decoder as model_lib  # noqa: E402
-from bond_jax.models import lora, sampling  # noqa: E402
-from bond_jax.run import config as config_lib  # noqa: E402
-from bond_jax.run import setup as run_setup  # noqa: E402
+from bond_jax.algo import state as state_lib
+from bond_jax.algo import step as step_lib
+from bond_jax.models import decoder as model_lib
+from bond_jax.models import lora, sampling
+from bond_jax.run import config as config_lib
+from bond_jax.run import setup as run_setup
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
@@ -33,23 +32,14 @@ import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bond_jax.models import decoder as model_lib  # noqa: E402
+from bond_jax.models import decoder as model_lib
 from bond_jax.models import (
   hf,
-  sampling,  # noqa: E402
+  sampling,
 )
 
 # The 5.9 M-parameter Gemma config of shared/guides/PERFORMANCE.md.
-CFG = model_lib.ModelConfig(
-  vocab_size=8192,
-  num_layers=4,
-  embed_dim=256,
-  hidden_dim=1024,
-  num_heads=4,
-  num_kv_heads=1,
-  head_dim=64,
-)
+CFG = model_lib.PRESETS['bench_5m']
 
 
 def median_seconds(fn, *args, reps: int = 5) -> float:

@@ -16,16 +16,13 @@ with scripts/train.py's process flags (--coordinator_address, --num_processes,
 --process_id, or --distributed); process 0 prints and writes.
 """
 
-import pathlib
 import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from bond_jax.run import evaluation, processes  # noqa: E402
-from bond_jax.run.guards import RunError  # noqa: E402
-from bond_jax.types import ConfigError  # noqa: E402
+from bond_jax.run import evaluation, processes
+from bond_jax.run.guards import RunError
+from bond_jax.types import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir written by scripts/train.py.')
 _STEP = flags.DEFINE_integer('step', None, 'Evaluate this checkpoint step (default: latest).')

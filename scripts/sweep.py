@@ -11,15 +11,12 @@ Every member config is validated first; the manifest (commands, overrides, git r
 goes to <root>/manifest.json.
 """
 
-import pathlib
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from bond_jax.run import sweep  # noqa: E402
-from bond_jax.types import ConfigError  # noqa: E402
+from bond_jax.run import sweep
+from bond_jax.types import ConfigError
 
 _CONFIG = flags.DEFINE_string('config', None, 'A config file with get_config() and get_sweep().')
 _ROOT = flags.DEFINE_string('root', None, 'Each run goes to <root>/<name from its overrides>.')

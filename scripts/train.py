@@ -21,18 +21,15 @@ config.json, metrics, TensorBoard, the progress bar, summary.json and stdout.
 (numbered as in metrics.jsonl) into <workdir>/profile/steps_<first>-<last>/, on process 0.
 """
 
-import pathlib
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from bond_jax.run import config as config_lib  # noqa: E402
-from bond_jax.run import loop as trainer  # noqa: E402
-from bond_jax.run import processes, profiling  # noqa: E402
+from bond_jax.run import config as config_lib
+from bond_jax.run import loop as trainer
+from bond_jax.run import processes, profiling
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')

@@ -42,6 +42,11 @@ TEST_XLA_FLAGS = ' '.join([
 ])  # fmt: skip
 if TEST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {TEST_XLA_FLAGS}'.strip()
+# The scripts the tests start import this checkout's bond_jax, whether or not it is installed.
+if str(ROOT) not in os.environ.get('PYTHONPATH', '').split(os.pathsep):
+  os.environ['PYTHONPATH'] = os.pathsep.join(
+    filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])
+  )
 _CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
 _cache_dir: str | None = None  # made by this process (not inherited): removed at its end
 _SESSION_ENV = 'BOND_JAX_TEST_SESSION_DIR'  # the background parts' directories

@@ -728,6 +728,16 @@ def _alternating(n: int, every: int) -> tuple[str, ...]:
 
 PRESETS: dict[str, ModelConfig] = {
   'tiny': TINY,
+  # The 5.9 M-parameter Gemma the CPU benchmarks time (benchmarks/sampler_vs_transformers.py).
+  'bench_5m': ModelConfig(
+    vocab_size=8192,
+    num_layers=4,
+    embed_dim=256,
+    hidden_dim=1024,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=64,
+  ),
   'gemma_2b': ModelConfig(
     vocab_size=256_000,
     num_layers=18,
