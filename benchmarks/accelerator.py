@@ -52,6 +52,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bond_jax.models import presets
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Peak HBM bandwidth (bytes/s) and dense bf16 FLOP/s (no sparsity), by a substring of
@@ -219,11 +221,10 @@ def part_decode(shape: Shape) -> dict[str, Any]:
   import jax
   import numpy as np
 
-  from bond_jax.models import decoder as model_lib
   from bond_jax.models import sampling
 
   info = device_info()
-  cfg = model_lib.preset(shape.preset, dtype='bfloat16', param_dtype='bfloat16')
+  cfg = presets.preset(shape.preset, dtype='bfloat16', param_dtype='bfloat16')
   params = _init_params(cfg, 0)
   n_params, weight_bytes = _param_bytes(params)
   p, g = shape.prompt_len, shape.new_tokens
@@ -285,11 +286,10 @@ def part_train(shape: Shape) -> dict[str, Any]:
   import optax
 
   from bond_jax.algo.state import make_optimizer
-  from bond_jax.models import decoder as model_lib
   from bond_jax.models import sampling
 
   info = device_info()
-  cfg = model_lib.preset(shape.preset, dtype='bfloat16', param_dtype='float32', remat=shape.remat)
+  cfg = presets.preset(shape.preset, dtype='bfloat16', param_dtype='float32', remat=shape.remat)
   params = _init_params(cfg, 0)
   n_params, _ = _param_bytes(params)
   tx, _ = make_optimizer(1e-5, warmup_steps=0, mu_dtype='bfloat16')
@@ -363,12 +363,11 @@ def part_jbond(shape: Shape) -> dict[str, Any]:
   from bond_jax.algo.algorithms import BondConfig
   from bond_jax.algo.state import init_state, make_optimizer
   from bond_jax.algo.step import StepConfig, make_train_step
-  from bond_jax.models import decoder as model_lib
   from bond_jax.models import sampling
   from bond_jax.types import parameter_free
 
   info = device_info()
-  cfg = model_lib.preset(shape.preset, dtype='bfloat16', param_dtype='float32', remat=shape.remat)
+  cfg = presets.preset(shape.preset, dtype='bfloat16', param_dtype='float32', remat=shape.remat)
   vocab = cfg.vocab_size
 
   def reward(prompt, valid, response, mask):

@@ -33,13 +33,10 @@ import torch
 import transformers
 
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import (
-  hf,
-  sampling,
-)
+from bond_jax.models import hf, presets, sampling
 
 # The 5.9 M-parameter Gemma config of shared/guides/PERFORMANCE.md.
-CFG = model_lib.PRESETS['bench_5m']
+CFG = presets.PRESETS['bench_5m']
 
 
 def median_seconds(fn, *args, reps: int = 5) -> float:

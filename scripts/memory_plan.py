@@ -35,10 +35,10 @@ from absl import app, flags, logging  # noqa: E402 (after the environment is set
 from ml_collections import config_flags  # noqa: E402 (after the environment is set)
 
 from bond_jax.run import config as config_lib  # noqa: E402 (after the environment is set)
-from bond_jax.run import memory_plan  # noqa: E402 (after the environment is set)
+from bond_jax.run import memory_plan, plan_report, plan_targets  # noqa: E402 (as above)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_TARGET = flags.DEFINE_string('target', None, f'What to plan for: {memory_plan.TARGET_FORMS}.')
+_TARGET = flags.DEFINE_string('target', None, f'What to plan for: {plan_targets.TARGET_FORMS}.')
 _GPU_MEMORY = flags.DEFINE_float(
   'gpu_memory_gib', None, 'Memory per GPU in GiB for gpu:N targets (default: the H100 80 GB).'
 )
@@ -88,10 +88,10 @@ def main(argv):
   try:
     compiler = _GPU_COMPILER.value
     if compiler == 'auto':
-      compiler = 'gpu' if memory_plan.has_cuda_plugin() else 'cpu'
+      compiler = 'gpu' if plan_targets.has_cuda_plugin() else 'cpu'
       if not _TARGET.value.lower().startswith('gpu:'):
         compiler = 'cpu'
-    target = memory_plan.parse_target(_TARGET.value, _GPU_MEMORY.value, compiler)
+    target = plan_targets.parse_target(_TARGET.value, _GPU_MEMORY.value, compiler)
     if target.kind == 'gpu' and target.compile_with == 'cpu':
       import jax  # noqa: PLC0415 (the device count is set before JAX's backend starts)
 
@@ -100,19 +100,19 @@ def main(argv):
     config.keys()  # a config file that failed to load raises on first use
   except OSError as e:
     sys.exit(f'error: --config: {str(e).strip().splitlines()[-1].strip()}')
-  except memory_plan.TargetError as e:
+  except plan_targets.TargetError as e:
     sys.exit(f'error: {e}')
   config_file, overrides = _config_label(sys.argv)
   label = ' '.join([config_file, *overrides])
   print(f'planning {label} on {target.name} with {target.compiler} ...', flush=True)
   try:
     result = memory_plan.plan(config, target)
-  except (config_lib.ConfigError, memory_plan.TargetError) as e:
+  except (config_lib.ConfigError, plan_targets.TargetError) as e:
     sys.exit(f'error: {e}')
   calibration = (
     memory_plan.calibration() if target.compile_with == 'cpu' and target.kind == 'gpu' else None
   )
-  for line in memory_plan.describe(result, label, calibration):
+  for line in plan_report.describe(result, label, calibration):
     print(line)
   summary = result.summary()
   if calibration is not None:

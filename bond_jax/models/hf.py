@@ -40,22 +40,15 @@ from bond_jax.models import decoder as model_lib
 from bond_jax.models import lora, reward_model
 from bond_jax.models import sharding as sharding_lib
 from bond_jax.models.decoder import ModelConfig
+from bond_jax.models.hf_config import (
+  CAUSAL_LM,
+  config_from_hf,
+  family,
+  hf_config_dict,
+  read_hf_config,
+)
 from bond_jax.types import PyTree
 
-SUPPORTED_MODEL_TYPES = ('gemma', 'gemma2', 'gemma3', 'gemma3_text', 'llama', 'qwen2')
-_CAUSAL_LM = {
-  'gemma': 'GemmaForCausalLM',
-  'gemma2': 'Gemma2ForCausalLM',
-  'gemma3_text': 'Gemma3ForCausalLM',
-  'llama': 'LlamaForCausalLM',
-  'qwen2': 'Qwen2ForCausalLM',
-}
-_ACTIVATIONS = {
-  'gelu_pytorch_tanh': 'gelu_tanh',
-  'gelu_new': 'gelu_tanh',
-  'silu': 'silu',
-  'swish': 'silu',
-}
 _TOKENIZER_FILES = (
   'tokenizer.json',
   'tokenizer_config.json',
@@ -67,196 +60,6 @@ _TOKENIZER_FILES = (
   'chat_template.jinja',
   'generation_config.json',
 )
-_LAYER_TYPES = {'sliding_attention': 'local', 'full_attention': 'global'}
-
-
-# ---------------------------------------------------------------------------
-# Configs.
-
-
-def _rope(params: dict[str, Any], where: str) -> dict[str, Any]:
-  """ModelConfig RoPE fields from one transformers `rope_parameters` dict."""
-  kind = params.get('rope_type', 'default')
-  out: dict[str, Any] = {'rope_base': float(params['rope_theta'])}
-  if kind == 'linear':
-    out['rope_scale'] = float(params['factor'])
-  elif kind == 'llama3':
-    out['rope_llama3'] = (
-      float(params['factor']),
-      float(params['low_freq_factor']),
-      float(params['high_freq_factor']),
-      int(params['original_max_position_embeddings']),
-    )
-  elif kind != 'default':
-    raise ValueError(
-      f"{where}: rope_type {kind!r} is not supported (supported: 'default', 'linear', 'llama3')."
-    )
-  return out
-
-
-def config_from_hf(hf_config: dict[str, Any], dtype: str = 'float32') -> ModelConfig:
-  """Our ModelConfig for a transformers config.json dict (activations and params in `dtype`)."""
-  import transformers  # configs only; no torch needed
-
-  model_type = hf_config.get('model_type')
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(
-      f'Unsupported architecture: model_type {model_type!r}; supported: '
-      f'{", ".join(SUPPORTED_MODEL_TYPES)}.'
-    )
-  fields = {k: v for k, v in hf_config.items() if k != 'model_type'}
-  c = transformers.AutoConfig.for_model(model_type, **fields)
-  if model_type == 'gemma3':
-    c = c.get_text_config()
-    model_type = c.model_type
-  where = f'model_type {model_type!r}'
-  act = getattr(c, 'hidden_activation', None) or c.hidden_act
-  if act not in _ACTIVATIONS:
-    raise ValueError(f'{where}: activation {act!r} is not supported ({sorted(_ACTIVATIONS)}).')
-  for flag in ('attention_bias', 'mlp_bias', 'use_bidirectional_attention'):
-    if getattr(c, flag, False):
-      raise ValueError(f'{where}: {flag}=True is not supported.')
-  layer_types = tuple(_LAYER_TYPES[t] for t in getattr(c, 'layer_types', None) or ())
-  if 'local' not in layer_types:
-    layer_types = ()
-  kw: dict[str, Any] = dict(
-    vocab_size=c.vocab_size,
-    num_layers=c.num_hidden_layers,
-    embed_dim=c.hidden_size,
-    hidden_dim=c.intermediate_size,
-    num_heads=c.num_attention_heads,
-    num_kv_heads=c.num_key_value_heads,
-    head_dim=getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads,
-    norm_eps=c.rms_norm_eps,
-    tie_embeddings=bool(c.tie_word_embeddings),
-    activation=_ACTIVATIONS[act],
-    layer_types=layer_types,
-    sliding_window=c.sliding_window if layer_types else None,
-    dtype=dtype,
-    param_dtype=dtype,
-  )
-  if model_type.startswith('gemma'):
-    kw.update(norm_plus_one=True, scale_embeddings=True)
-  else:
-    kw.update(norm_plus_one=False, scale_embeddings=False, qkv_bias=model_type == 'qwen2')
-  if model_type in ('gemma2', 'gemma3_text'):
-    kw.update(
-      query_pre_attn_scalar=c.query_pre_attn_scalar,
-      use_post_norms=True,
-      attn_logit_softcap=c.attn_logit_softcapping,
-      final_logit_softcap=c.final_logit_softcapping,
-    )
-  if model_type == 'gemma3_text':
-    rope = c.rope_parameters
-    kw.update(use_qk_norm=True, **_rope(rope['full_attention'], where))
-    local = rope.get('sliding_attention') or {'rope_theta': kw['rope_base']}
-    if _rope(local, where).keys() != {'rope_base'}:
-      raise ValueError(f'{where}: scaled RoPE on sliding layers is not supported.')
-    kw['rope_local_base'] = float(local['rope_theta'])
-  else:
-    kw.update(_rope(c.rope_parameters, where))
-  return ModelConfig(**kw)
-
-
-def _canonical(cfg: ModelConfig) -> ModelConfig:
-  """`cfg` with fields that do not change the function written one way (how it is
-  computed, rematerialised or scanned, is not the checkpoint's business)."""
-  local = 'local' in cfg.layer_types
-  qpas = cfg.query_pre_attn_scalar
-  return dataclasses.replace(
-    cfg,
-    remat='none',
-    scan_layers=False,
-    layer_types=cfg.layer_types if local else (),
-    sliding_window=cfg.sliding_window if local else None,
-    query_pre_attn_scalar=None if qpas in (None, cfg.head_dim) else float(qpas),
-    rope_local_base=None
-    if not local
-    or (
-      cfg.rope_local_base in (None, cfg.rope_base) and cfg.rope_scale == 1 and not cfg.rope_llama3
-    )
-    else float(cfg.rope_local_base),
-  )
-
-
-def _family(cfg: ModelConfig) -> str:
-  if cfg.use_qk_norm:
-    return 'gemma3_text'
-  if cfg.use_post_norms:
-    return 'gemma2'
-  if cfg.norm_plus_one:
-    return 'gemma'
-  return 'qwen2' if cfg.qkv_bias else 'llama'
-
-
-def hf_config_dict(
-  cfg: ModelConfig, architecture: str | None = None, **overrides: Any
-) -> dict[str, Any]:
-  """The transformers config.json for `cfg` (raises if no supported family expresses it)."""
-  import transformers
-
-  model_type = _family(cfg)
-  rope: dict[str, Any] = {'rope_type': 'default', 'rope_theta': cfg.rope_base}
-  if cfg.rope_llama3 is not None:
-    f, lo, hi, orig = cfg.rope_llama3
-    rope = {
-      'rope_type': 'llama3',
-      'rope_theta': cfg.rope_base,
-      'factor': f,
-      'low_freq_factor': lo,
-      'high_freq_factor': hi,
-      'original_max_position_embeddings': orig,
-    }
-  elif cfg.rope_scale != 1.0:
-    rope = {'rope_type': 'linear', 'rope_theta': cfg.rope_base, 'factor': cfg.rope_scale}
-  fields: dict[str, Any] = dict(
-    vocab_size=cfg.vocab_size,
-    hidden_size=cfg.embed_dim,
-    intermediate_size=cfg.hidden_dim,
-    num_hidden_layers=cfg.num_layers,
-    num_attention_heads=cfg.num_heads,
-    num_key_value_heads=cfg.num_kv_heads,
-    head_dim=cfg.head_dim,
-    rms_norm_eps=cfg.norm_eps,
-    tie_word_embeddings=cfg.tie_embeddings,
-    rope_parameters=rope,
-    dtype=cfg.param_dtype,
-  )
-  act = 'gelu_pytorch_tanh' if cfg.activation == 'gelu_tanh' else 'silu'
-  fields['hidden_activation' if model_type in ('gemma2', 'gemma3_text') else 'hidden_act'] = act
-  hf_types = {'global': 'full_attention', 'local': 'sliding_attention'}
-  layer_types = [hf_types[cfg.layer_type(i)] for i in range(cfg.num_layers)]
-  if model_type in ('gemma2', 'gemma3_text'):
-    fields.update(
-      query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
-      attn_logit_softcapping=cfg.attn_logit_softcap,
-      final_logit_softcapping=cfg.final_logit_softcap,
-      sliding_window=cfg.sliding_window,
-      layer_types=layer_types,
-    )
-  if model_type == 'gemma3_text':
-    local = {'rope_type': 'default', 'rope_theta': cfg.rope_local_base or cfg.rope_base}
-    fields['rope_parameters'] = {'full_attention': rope, 'sliding_attention': local}
-  if model_type == 'qwen2' and cfg.sliding_window:
-    fields.update(
-      use_sliding_window=True, sliding_window=cfg.sliding_window, layer_types=layer_types
-    )
-  fields.update(overrides)
-  c = transformers.AutoConfig.for_model(model_type, **fields)
-  c.architectures = [architecture or _CAUSAL_LM[model_type]]
-  out = c.to_dict()
-  want = _canonical(cfg)
-  back = _canonical(
-    dataclasses.replace(config_from_hf(out, cfg.dtype), param_dtype=cfg.param_dtype)
-  )
-  diff = [f.name for f in dataclasses.fields(cfg) if getattr(want, f.name) != getattr(back, f.name)]
-  if diff:
-    raise ValueError(
-      f'ModelConfig cannot be written as HF model_type {model_type!r}: fields '
-      f'{diff} would not survive (ours {[getattr(want, n) for n in diff]}, '
-      f'HF {[getattr(back, n) for n in diff]}).'
-    )
-  return out
 
 
 # ---------------------------------------------------------------------------
@@ -339,15 +142,6 @@ def _per_layer(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, 
 
 # ---------------------------------------------------------------------------
 # Loading.
-
-
-def read_hf_config(path: str | Path) -> dict[str, Any]:
-  path = Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f'Checkpoint directory {str(path)!r} does not exist.')
-  if not (path / 'config.json').is_file():
-    raise FileNotFoundError(f'No config.json in checkpoint directory {str(path)!r}.')
-  return json.loads((path / 'config.json').read_text())
 
 
 def _weight_map(path: Path) -> dict[str, Path]:
@@ -547,7 +341,7 @@ def export_hf(
   reward = 'score' in params
   arch = None
   if reward:
-    arch = _CAUSAL_LM[_family(cfg)].replace('ForCausalLM', 'ForSequenceClassification')
+    arch = CAUSAL_LM[family(cfg)].replace('ForCausalLM', 'ForSequenceClassification')
     hf_overrides = {'num_labels': 1, **hf_overrides}
   hf_config = hf_config_dict(cfg, arch, **hf_overrides)
   if writer:

@@ -25,8 +25,9 @@ from bond_jax.algo.algorithms import BondConfig
 from bond_jax.algo.step import StepConfig
 from bond_jax.data import prompts, rewards, tasks
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import hf, sampling, sharding
+from bond_jax.models import hf_config, presets, sampling, sharding
 from bond_jax.models import lora as lora_lib
+from bond_jax.models.config import REMAT_POLICIES
 from bond_jax.types import ConfigError, RewardFn
 
 TASKS = ('noisy_copy', 'hf')
@@ -199,10 +200,10 @@ def validate(c: ml_collections.ConfigDict, check_devices: bool = True) -> None:
     _positive_int(c, field)
   _check(0.0 < c.task.keep_prob <= 1.0, 'task.keep_prob', c.task.keep_prob, 'must be in (0, 1]')
   _check(
-    c.model.preset in model_lib.PRESETS,
+    c.model.preset in presets.PRESETS,
     'model.preset',
     c.model.preset,
-    f'one of {sorted(model_lib.PRESETS)}',
+    f'one of {sorted(presets.PRESETS)}',
   )
 
 
@@ -240,10 +241,10 @@ def memory_dtype(c: ml_collections.ConfigDict, field: str) -> str | None:
 def _validate_memory(c: ml_collections.ConfigDict) -> None:
   remat = memory(c, 'model.remat')
   _check(
-    remat in model_lib.REMAT_POLICIES,
+    remat in REMAT_POLICIES,
     'model.remat',
     remat,
-    f'one of {tuple(model_lib.REMAT_POLICIES)}',
+    f'one of {tuple(REMAT_POLICIES)}',
   )
   for field in ('model.scan_layers', 'train.share_prompts'):
     value = memory(c, field)
@@ -315,13 +316,13 @@ def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   )
   if c.task.name == 'hf' and c.model.hf_checkpoint:
     return dataclasses.replace(checkpoint_config(c.model.hf_checkpoint), **dtypes)
-  if c.model.preset not in model_lib.PRESETS:
+  if c.model.preset not in presets.PRESETS:
     _fail(
       'model.preset',
       c.model.preset,
-      f'one of {sorted(model_lib.PRESETS)} (or set model.hf_checkpoint on a Hugging Face run)',
+      f'one of {sorted(presets.PRESETS)} (or set model.hf_checkpoint on a Hugging Face run)',
     )
-  return model_lib.preset(c.model.preset, **dtypes)
+  return presets.preset(c.model.preset, **dtypes)
 
 
 def lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
@@ -407,7 +408,7 @@ def tokenizer_path(c: ml_collections.ConfigDict) -> str:
 def checkpoint_config(path: str) -> model_lib.ModelConfig:
   """The architecture in a checkpoint's config.json (float32; no weights are read)."""
   try:
-    return hf.config_from_hf(hf.read_hf_config(path))
+    return hf_config.config_from_hf(hf_config.read_hf_config(path))
   except ValueError as e:  # an architecture the decoder does not implement
     raise ConfigError(f'config.model.hf_checkpoint={path!r} is invalid: {e}') from e
 
@@ -416,11 +417,11 @@ def _check_preset_matches_checkpoint(preset: str, path: str) -> None:
   """model.preset and the checkpoint's config.json agree on every parameter shape."""
   if not preset:
     return
-  want, have = model_lib.PRESETS[preset], checkpoint_config(path)
+  want, have = presets.PRESETS[preset], checkpoint_config(path)
   shapes = lambda cfg: tuple(getattr(cfg, f) for f in SHAPE_FIELDS)
   for field in SHAPE_FIELDS:
     if getattr(want, field) != getattr(have, field):
-      same = [name for name, p in model_lib.PRESETS.items() if shapes(p) == shapes(have)]
+      same = [name for name, p in presets.PRESETS.items() if shapes(p) == shapes(have)]
       fix = (
         f'set config.model.preset={same[0]!r}'
         if same
@@ -448,10 +449,10 @@ def validate_real(c: ml_collections.ConfigDict) -> None:
     if value not in DTYPES:
       _fail(field, value, f'one of {DTYPES}')
   _check(
-    c.model.preset == '' or c.model.preset in model_lib.PRESETS,
+    c.model.preset == '' or c.model.preset in presets.PRESETS,
     'model.preset',
     c.model.preset,
-    f"one of {sorted(model_lib.PRESETS)}, or '' to take the architecture from the checkpoint only",
+    f"one of {sorted(presets.PRESETS)}, or '' to take the architecture from the checkpoint only",
   )
   _check_preset_matches_checkpoint(c.model.preset, c.model.hf_checkpoint)
   if c.tokenizer.path:

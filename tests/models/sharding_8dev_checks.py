@@ -22,7 +22,11 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from bond_jax.models import decoder as model  # noqa: E402
-from bond_jax.models import hf, reward_model, sharding  # noqa: E402
+from bond_jax.models import (  # noqa: E402
+  hf,
+  reward_model,
+  sharding,
+)
 from bond_jax.run import config as config_lib  # noqa: E402
 from bond_jax.run import setup as run_setup  # noqa: E402
 
@@ -60,7 +64,7 @@ EXPECTED = {  # CFG's parameter -> spec on a (data, fsdp, model) = (2, 2, 2) mes
   'final_norm/scale': P(),
 }
 
-# The micro runs' model (decoder.TINY: V=32, D=64, N=4, K=1, H=16, F=256, tied embeddings):
+# The micro runs' model (presets.TINY: V=32, D=64, N=4, K=1, H=16, F=256, tied embeddings):
 # each parameter's spec on each mesh of tests/eight_devices.py.
 _TINY_FIRST_CHOICE = {
   'embedder/embedding': P('model', 'fsdp'),

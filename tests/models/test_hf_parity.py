@@ -24,7 +24,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from bond_jax.models import decoder as model
-from bond_jax.models import hf, reward_model
+from bond_jax.models import hf, hf_config, presets, reward_model
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -209,18 +209,20 @@ def _drop_biases(params):
 
 def test_config_mapping_switches_features(tmp_path):
   """The loaded configs really exercise the features the parity test claims to cover."""
-  cfg = hf.config_from_hf(_hf_config('gemma2').to_dict())
+  cfg = hf_config.config_from_hf(_hf_config('gemma2').to_dict())
   assert cfg.layer_types == ('local', 'global', 'local') and cfg.sliding_window == 4
   assert (cfg.attn_logit_softcap, cfg.final_logit_softcap) == (3.0, 2.0)
   assert cfg.query_pre_attn_scalar == 24 and cfg.use_post_norms
-  cfg = hf.config_from_hf(_hf_config('gemma3_text').to_dict())
+  cfg = hf_config.config_from_hf(_hf_config('gemma3_text').to_dict())
   assert cfg.use_qk_norm and (cfg.rope_base, cfg.rope_local_base, cfg.rope_scale) == (1e6, 1e4, 8.0)
-  cfg = hf.config_from_hf(_hf_config('llama').to_dict())
+  cfg = hf_config.config_from_hf(_hf_config('llama').to_dict())
   assert cfg.rope_llama3 == (4.0, 1.0, 4.0, 32) and not cfg.norm_plus_one
-  assert hf.config_from_hf(_hf_config('qwen2').to_dict()).qkv_bias
+  assert hf_config.config_from_hf(_hf_config('qwen2').to_dict()).qkv_bias
   # gemma3 (multimodal) configs: the nested text_config is used.
   nested = transformers.Gemma3Config(text_config=_hf_config('gemma3_text').to_dict()).to_dict()
-  assert hf.config_from_hf(nested) == hf.config_from_hf(_hf_config('gemma3_text').to_dict())
+  assert hf_config.config_from_hf(nested) == hf_config.config_from_hf(
+    _hf_config('gemma3_text').to_dict()
+  )
 
 
 # The Hub's config.json files (written from memory: no network here), legacy fields and all.
@@ -369,7 +371,7 @@ HUB_CONFIGS = {
 
 @pytest.mark.parametrize('name', sorted(HUB_CONFIGS))
 def test_presets_match_hub_configs(name):
-  assert hf.config_from_hf(HUB_CONFIGS[name]) == model.PRESETS[name]
+  assert hf_config.config_from_hf(HUB_CONFIGS[name]) == presets.PRESETS[name]
 
 
 @pytest.mark.parametrize(
@@ -503,7 +505,7 @@ def test_wrong_path_errors(tmp_path):
 
 def test_unsupported_architecture_error():
   with pytest.raises(ValueError, match=r"model_type 'mistral'.*supported: gemma"):
-    hf.config_from_hf(transformers.MistralConfig().to_dict())
+    hf_config.config_from_hf(transformers.MistralConfig().to_dict())
 
 
 def test_missing_and_misshapen_tensor_errors(tmp_path):

@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import hf, lora, sampling, sharding
+from bond_jax.models import hf, lora, presets, sampling, sharding
 from bond_jax.types import ConfigError
 
 ALL = tuple(lora.TARGETS)
 
 
 def _cfg(scan: bool = False, rank: int = 4, targets=ALL, **kw) -> model_lib.ModelConfig:
-  base = dataclasses.replace(model_lib.PRESETS['tiny'], scan_layers=scan, **kw)
+  base = dataclasses.replace(presets.PRESETS['tiny'], scan_layers=scan, **kw)
   return dataclasses.replace(base, lora=lora.LoraConfig(rank, 2.0 * rank, targets))
 
 
 def _tokens():
-  vocab = model_lib.PRESETS['tiny'].vocab_size
+  vocab = presets.PRESETS['tiny'].vocab_size
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, vocab, (3, 9)), jnp.int32)
   valid = jnp.ones(tokens.shape, bool).at[1, :3].set(False)  # a left-padded row
   return tokens, valid

@@ -1,4 +1,4 @@
-"""`decoder.rows_dot_general`, the Dense layers' product on merged rows, against
+"""`layers.rows_dot_general`, the Dense layers' product on merged rows, against
 `lax.dot_general` itself: the same values and the same gradients, for every contraction the
 decoder's layers use, and unchanged behaviour for the contractions it does not rewrite."""
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bond_jax.models import decoder as model_lib
+from bond_jax.models import layers
 
 # (lhs shape, rhs shape, contracted trailing axes of lhs): a Dense, q/k/v's DenseGeneral
 # to (N, H), o_proj's DenseGeneral from (N, H), and the decode layout's stacked gate/up.
@@ -30,8 +31,8 @@ def test_values_and_gradients_match_dot_general(lhs_shape, rhs_shape, c):
   probe = jax.random.normal(kg, out_shape)  # a random cotangent
   loss = lambda f: lambda x, w: jnp.sum(probe * f(x, w, dims))
   want, want_grads = jax.value_and_grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, w)
-  got, got_grads = jax.value_and_grad(loss(model_lib.rows_dot_general), argnums=(0, 1))(x, w)
-  assert model_lib.rows_dot_general(x, w, dims).shape == out_shape
+  got, got_grads = jax.value_and_grad(loss(layers.rows_dot_general), argnums=(0, 1))(x, w)
+  assert layers.rows_dot_general(x, w, dims).shape == out_shape
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, h in zip(got_grads, want_grads, strict=True):
     np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
@@ -43,12 +44,12 @@ def test_other_contractions_pass_through():
   y = jnp.arange(2 * 4 * 5, dtype=jnp.float32).reshape(2, 4, 5)
   batched = (((2,), (1,)), ((0,), (0,)))
   np.testing.assert_array_equal(
-    model_lib.rows_dot_general(x, y, batched), jax.lax.dot_general(x, y, batched)
+    layers.rows_dot_general(x, y, batched), jax.lax.dot_general(x, y, batched)
   )
   z = jnp.arange(2 * 6, dtype=jnp.float32).reshape(2, 6)
   leading = (((0,), (0,)), ((), ()))
   np.testing.assert_array_equal(
-    model_lib.rows_dot_general(x, z, leading), jax.lax.dot_general(x, z, leading)
+    layers.rows_dot_general(x, z, leading), jax.lax.dot_general(x, z, leading)
   )
 
 
@@ -74,7 +75,7 @@ def test_the_decoder_uses_it():
     return jax.lax.dot_general(*args, **kw)
 
   with pytest.MonkeyPatch.context() as mp:  # Flax's default product, counted
-    mp.setattr(model_lib, 'rows_dot_general', counting)
+    mp.setattr(layers, 'rows_dot_general', counting)
     want = jax.grad(loglik)(params)
   assert calls, 'no Dense layer of the decoder goes through rows_dot_general'
   got = jax.grad(loglik)(params)

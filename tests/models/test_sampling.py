@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import sampling
+from bond_jax.models import presets, sampling
 
 PAD, EOS = 0, 1
 
@@ -69,7 +69,7 @@ def _left_padded_prompts(vocab, lengths, width, seed=0):
 def test_cached_decoding_equals_full_forward(tiny_cfg, family):
   cfg = tiny_cfg
   if family == 'gemma2_local':  # soft-capping, post-norms, a 3-token window on layer 0
-    cfg = model_lib.preset(
+    cfg = presets.preset(
       'tiny',
       num_layers=2,
       embed_dim=32,
@@ -269,7 +269,7 @@ def test_scanned_layers_equal_unrolled_ones(remat):
   RoPE bases, so each layer's type is a traced input of the scan) give the unrolled model's
   logits, gradient, cached samples (several per prompt: the stacked cache is repeated along
   its batch axis) and teacher-forced log-likelihoods, to float32 rounding."""
-  cfg = model_lib.preset(
+  cfg = presets.preset(
     'tiny',
     num_layers=3,
     embed_dim=32,

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from bond_jax.models import decoder as model
-from bond_jax.models import sharding
+from bond_jax.models import presets, sharding
 
 FM = ('fsdp', 'model')
 
@@ -102,7 +102,7 @@ def test_any_mesh_gets_a_spec_that_divides():
 
 def test_single_device_mesh_replicates_nothing_to_check():
   mesh = sharding.make_mesh(data=1, fsdp=1, model=1)
-  params = jax.eval_shape(lambda: model.init_params(model.TINY, jax.random.key(0)))
+  params = jax.eval_shape(lambda: model.init_params(presets.TINY, jax.random.key(0)))
   specs = jax.tree_util.tree_leaves(sharding.param_shardings(params, mesh))
   assert specs[0].spec == P('model', 'fsdp')  # divisible by 1: the rule still applies
   sharding.assert_big_tensors_sharded(params, mesh, min_size=1)  # both axes 1: no-op

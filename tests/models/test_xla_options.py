@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from bond_jax.models import decoder as model_lib
-from bond_jax.models import sampling, sharding, xla_options
+from bond_jax.models import presets, sampling, sharding, xla_options
 
 
 def test_only_cpu_compiles_get_the_cpu_options():
@@ -29,7 +29,7 @@ def test_the_decode_loop_updates_its_cache_in_place(num_kv_heads):
   `sampling.sample_jit` compiles (the CPU options), the loop copies none of them. The same
   program without the options copies them (XLA:CPU at the jax of requirements.txt), so
   this checks that the options reach the sampler's compile."""
-  cfg = model_lib.preset(
+  cfg = presets.preset(
     'tiny', num_layers=2, embed_dim=32, hidden_dim=64, num_heads=4, num_kv_heads=num_kv_heads,
     head_dim=8,
   )  # fmt: skip

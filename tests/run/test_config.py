@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from bond_jax.models import decoder as model_lib
-from bond_jax.models import sampling
+from bond_jax.models import presets, sampling
 from bond_jax.run import config as config_lib
+from bond_jax.run import evaluation
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def test_a_flag_knob_must_be_a_bool():
   # The tiny config turns it on, and the step gets it.
   c = load_config()
   sp = sampling.SamplingParams(max_new_tokens=c.sampling.max_new_tokens)
-  cfg = model_lib.preset(c.model.preset)
+  cfg = presets.preset(c.model.preset)
   assert c.train.share_prompts is True
   assert config_lib.step_config(c, cfg, None, sp).share_prompts is True
 
@@ -167,7 +167,7 @@ def test_hf_config_without_checkpoint_has_its_presets_shapes(name, preset):
   c = load_config(name)
   assert c.model.hf_checkpoint == '' and c.model.preset == preset
   assert config_lib.model_config(c) == dataclasses.replace(
-    model_lib.PRESETS[preset],
+    presets.PRESETS[preset],
     dtype='bfloat16',
     param_dtype='float32',
     remat=c.model.remat,
@@ -208,7 +208,7 @@ def test_hf_preset_must_match_the_checkpoint(tmp_path):
   c.model.preset = 'gemma_7b'
   config_lib.validate(c)
   assert config_lib.model_config(c) == dataclasses.replace(
-    model_lib.PRESETS['gemma_7b'],
+    presets.PRESETS['gemma_7b'],
     dtype='bfloat16',
     param_dtype='float32',
     remat='block',

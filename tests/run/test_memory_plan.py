@@ -17,9 +17,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from bond_jax.models import decoder as model_lib
+from bond_jax.models import presets
 from bond_jax.run import config as config_lib
-from bond_jax.run import memory_plan
+from bond_jax.run import memory_plan, plan_report, plan_targets
 from bond_jax.run.guards import RunError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 def tiny_parameter_count() -> int:
   """Gemma 1 layout: tied embedding, q/k/v/o, GeGLU (gate, up, down), two norms per layer
   and a final norm."""
-  c = model_lib.preset('tiny')
+  c = presets.preset('tiny')
   v, d, f, n, k, h = (
     c.vocab_size,
     c.embed_dim,
@@ -97,7 +97,7 @@ def one_device(background_plans):
   c = config_lib.load_config_file(ROOT / 'configs' / 'jbond_tiny.py')
   c.train.batch_size = 4
   c.sampling.max_new_tokens = 4
-  return memory_plan.plan(c, memory_plan.parse_target('gpu:1'))
+  return memory_plan.plan(c, plan_targets.parse_target('gpu:1'))
 
 
 def test_one_device_trees_equal_parameter_count(one_device):
@@ -124,7 +124,7 @@ def test_script_json_on_two_fake_devices(background_plans):
   assert summary['mesh'] == {'data': 1, 'fsdp': 2, 'model': 1}  # fsdp=-1 took both devices
   assert summary['device_memory_gib'] == pytest.approx(81_559 / 1024, abs=1e-3)  # H100 80 GB
   trees = summary['trees_bytes_per_device']
-  n, d = tiny_parameter_count(), model_lib.preset('tiny').embed_dim
+  n, d = tiny_parameter_count(), presets.preset('tiny').embed_dim
   # Each device holds between half and all of each tree (sharded over 2, or replicated).
   assert 4 * n / 2 <= trees['params'] <= 4 * n
   assert trees['params'] == trees['anchor_params']
@@ -148,7 +148,7 @@ def test_tpu_target_compiles(background_plans):
   summary = _last_json(out)
   assert summary['compiler'] == 'tpu' and summary['num_devices'] == 4
   assert summary['device_memory_gib'] == 16 and summary['fits'] is True
-  n, d = tiny_parameter_count(), model_lib.preset('tiny').embed_dim
+  n, d = tiny_parameter_count(), presets.preset('tiny').embed_dim
   assert 4 * n / 4 <= summary['trees_bytes_per_device']['params'] <= 4 * n
   assert 2 * (n + d) / 4 <= summary['trees_bytes_per_device']['reward_model'] <= 2 * (n + d)
   # The TPU pads small dimensions to its tiles: XLA counts at least what the shardings say.
@@ -170,21 +170,21 @@ def test_bad_target_is_one_line():
   [('v5e:2x4', 8, 16), ('v5e:4x8', 32, 16), ('v5p:2x2x2', 8, 95), ('gpu:8', 8, 81_559 / 1024)],
 )
 def test_parse_target(text, devices, gib):
-  target = memory_plan.parse_target(text)
+  target = plan_targets.parse_target(text)
   assert target.num_devices == devices
   assert target.device_memory_bytes / GIB == pytest.approx(gib)
 
 
 @pytest.mark.parametrize('text', ['v5e-8', 'gpu:0', 'gpu', 'tpu:8', 'v9z:2x2', 'gpu:2:a100', ''])
 def test_parse_target_rejects(text):
-  with pytest.raises(memory_plan.TargetError, match='--target'):
-    memory_plan.parse_target(text)
+  with pytest.raises(plan_targets.TargetError, match='--target'):
+    plan_targets.parse_target(text)
 
 
 def test_gpu_memory_override():
-  target = memory_plan.parse_target('gpu:2', gpu_memory_gib=141)
+  target = plan_targets.parse_target('gpu:2', gpu_memory_gib=141)
   assert target.device_memory_bytes == 141 * GIB
-  assert memory_plan.parse_target('gpu:1:h200').device_memory_bytes == 143_771 * 2**20
+  assert plan_targets.parse_target('gpu:1:h200').device_memory_bytes == 143_771 * 2**20
 
 
 def test_check_fits(one_device):
@@ -210,7 +210,7 @@ def test_hbm_oom_message():
 
 def test_refused_plan_reports_what_the_compiler_needed():
   refused = memory_plan.Plan(
-    target=memory_plan.parse_target('v5e:4x4'),
+    target=plan_targets.parse_target('v5e:4x4'),
     mesh_shape=(1, 16, 1),
     trees={'params': GIB, 'opt_state': 2 * GIB},
     memory=None,
@@ -224,7 +224,7 @@ def test_refused_plan_reports_what_the_compiler_needed():
   summary = refused.summary()
   assert summary['fits'] is False and summary['peak_gib_per_device'] == 17.43
   assert summary['device_memory_gib'] == 16 and 'CompileTimeHbmOom' in summary['error']
-  text = '\n'.join(memory_plan.describe(refused, 'configs/jbond_gemma7b.py'))
+  text = '\n'.join(plan_report.describe(refused, 'configs/jbond_gemma7b.py'))
   assert 'DOES NOT FIT' in text and 'the compiler allows 15.75' in text
 
 
@@ -234,9 +234,9 @@ def test_local_target_of_a_tpu_slice():
     for x in range(2)
     for y in range(4)
   ]
-  assert memory_plan.local_target(devices) == 'v5e:2x4'
+  assert plan_targets.local_target(devices) == 'v5e:2x4'
   gpus = [types.SimpleNamespace(platform='gpu', device_kind='NVIDIA H100')] * 8
-  assert memory_plan.local_target(gpus) == 'gpu:8'
+  assert plan_targets.local_target(gpus) == 'gpu:8'
 
 
 def test_fit_or_stop_is_a_no_op_on_cpu():

@@ -16,10 +16,11 @@ import jax
 import pytest
 
 from bond_jax.models import decoder as model_lib
-from bond_jax.run import memory_plan
+from bond_jax.models import presets
+from bond_jax.run import plan_targets
 
 ROOT = Path(__file__).resolve().parents[2]
-HAS_CUDA_PLUGIN = memory_plan.has_cuda_plugin()
+HAS_CUDA_PLUGIN = plan_targets.has_cuda_plugin()
 
 
 def _field(text: str, name: str) -> str:
@@ -37,30 +38,30 @@ def _field(text: str, name: str) -> str:
   ],
 )
 def test_the_described_gpu_is_the_targets(text, gib, chip, kind):
-  target = memory_plan.parse_target(text, gib, gpu_compiler='gpu')
+  target = plan_targets.parse_target(text, gib, gpu_compiler='gpu')
   assert (target.compile_with, target.gpu_model) == ('gpu', chip)
-  config = memory_plan.gpu_target_config(target)
+  config = plan_targets.gpu_target_config(target)
   # The compiler plans against the target's memory, not a GPU's default.
   assert int(_field(config, 'device_memory_size')) == target.device_memory_bytes
   if gib is not None:
     assert target.device_memory_bytes == int(gib * 2**30)
-  assert int(_field(config, 'memory_bandwidth')) == int(memory_plan.GPU_CHIPS[chip]['bandwidth'])
+  assert int(_field(config, 'memory_bandwidth')) == int(plan_targets.GPU_CHIPS[chip]['bandwidth'])
   assert f'device_description_str: "{kind}"' in config
   assert 'cuda_compute_capability { major: 9 minor: 0 }' in config
   assert 'described (deviceless' in target.compiler
 
 
 def test_gpu_counts_the_compiler_cannot_lay_out_are_one_line():
-  target = memory_plan.parse_target('gpu:12', gpu_compiler='gpu')
-  with pytest.raises(memory_plan.TargetError, match='a multiple of 8'):
-    memory_plan.described_gpus(target)
+  target = plan_targets.parse_target('gpu:12', gpu_compiler='gpu')
+  with pytest.raises(plan_targets.TargetError, match='a multiple of 8'):
+    plan_targets.described_gpus(target)
 
 
 @pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="JAX's CUDA plugin is installed")
 def test_without_the_cuda_plugin_the_error_names_the_requirements_file():
-  target = memory_plan.parse_target('gpu:2', gpu_compiler='gpu')
-  with pytest.raises(memory_plan.TargetError, match='requirements-gpu.txt'):
-    memory_plan.target_devices(target)
+  target = plan_targets.parse_target('gpu:2', gpu_compiler='gpu')
+  with pytest.raises(plan_targets.TargetError, match='requirements-gpu.txt'):
+    plan_targets.target_devices(target)
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="JAX's CUDA plugin is not installed")
@@ -106,7 +107,7 @@ def test_tiny_step_planned_for_two_gpus_by_the_gpu_compiler():
   summary = json.loads(done.stdout.strip().splitlines()[-1])
   assert summary['compiler'] == 'gpu' and summary['num_devices'] == 2
   assert 'cpu_calibration_mib' not in summary
-  cfg = model_lib.preset('tiny')
+  cfg = presets.preset('tiny')
   shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
   n = sum(x.size for x in jax.tree.leaves(shapes))
   trees = summary['trees_bytes_per_device']

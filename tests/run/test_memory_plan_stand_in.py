@@ -15,7 +15,8 @@ import jax
 import pytest
 
 from bond_jax.models import decoder as model_lib
-from bond_jax.run import memory_plan
+from bond_jax.models import presets
+from bond_jax.run import plan_targets
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -23,11 +24,11 @@ HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 
 @pytest.mark.parametrize('n, topology', [(1, 'v5p:1x1x1'), (8, 'v5p:2x2x2'), (32, 'v5p:2x4x4')])
 def test_a_gpu_target_compiled_by_the_tpu_compiler(n, topology):
-  target = memory_plan.parse_target(f'gpu:{n}', gpu_compiler='tpu')
+  target = plan_targets.parse_target(f'gpu:{n}', gpu_compiler='tpu')
   assert (target.kind, target.compile_with, target.num_devices) == ('gpu', 'tpu', n)
-  assert target.device_memory_bytes == memory_plan.GPU_MEMORY_MIB['h100'] * 2**20
-  assert memory_plan.stand_in_topology(n) == topology and topology in target.compiler
-  assert memory_plan.parse_target(f'gpu:{n}').compile_with == 'cpu'
+  assert target.device_memory_bytes == plan_targets.GPU_MEMORY_MIB['h100'] * 2**20
+  assert plan_targets.stand_in_topology(n) == topology and topology in target.compiler
+  assert plan_targets.parse_target(f'gpu:{n}').compile_with == 'cpu'
 
 
 @pytest.mark.parametrize(
@@ -39,8 +40,8 @@ def test_a_gpu_target_compiled_by_the_tpu_compiler(n, topology):
   ],
 )
 def test_bad_gpu_compiler_requests_are_one_line(text, compiler, match):
-  with pytest.raises(memory_plan.TargetError, match=match):
-    memory_plan.parse_target(text, gpu_compiler=compiler)
+  with pytest.raises(plan_targets.TargetError, match=match):
+    plan_targets.parse_target(text, gpu_compiler=compiler)
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed (requirements-tpu.txt)')
@@ -73,7 +74,7 @@ def test_tiny_step_planned_for_one_gpu_by_the_tpu_compiler():
   assert 'cpu_calibration_mib' not in summary
   # jbond_tiny keeps policy, anchor and pi_ref in float32 on the one device: each tree is
   # exactly the preset's parameter count in 4-byte words, whatever the compiler.
-  cfg = model_lib.preset('tiny')
+  cfg = presets.preset('tiny')
   shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
   n = sum(x.size for x in jax.tree.leaves(shapes))
   trees = summary['trees_bytes_per_device']
