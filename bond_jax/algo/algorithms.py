@@ -127,6 +127,12 @@ class BondConfig:
     return REGISTRY[self.algorithm].samples(self)[1] > 0 and self.anchor != 'fixed'
 
   @property
+  def update_rows_per_prompt(self) -> int:
+    """Rows of a prompt in the update: its policy samples and, for the BOND family (which
+    imitates Best-of-n samples of the anchor), its Best-of-n row."""
+    return REGISTRY[self.algorithm].samples(self)[0] + (self.algorithm != 'reinforce')
+
+  @property
   def uses_learned_quantiles(self) -> bool:
     return self.algorithm == 'bond' and self.quantile == 'learned'
 
@@ -148,9 +154,9 @@ class Targets:
   logp_base_B: jax.Array  # log pi_base(y): the anchor (BOND family) or pi_ref (REINFORCE)
   bon_rows: Rows | None = None  # Best-of-n samples of the anchor that the forward KL imitates
   metrics: dict[str, jax.Array] = struct.field(default_factory=dict)
-  # The learned quantile model after its own update (App. B.1), when the algorithm has one.
-  quantile_params: PyTree | None = None
-  quantile_opt_state: PyTree | None = None
+  # With a learned quantile model (App. B.1): its BCE labels Z of the policy rows (Eq. 25),
+  # for its own update (`quantile_update`, the step's phase after the targets).
+  quantile_z_B: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -177,9 +183,8 @@ def bond_targets(
   """BOND (section 4): (N - 1) r_BOND in nats, r_BOND ~ log p_le of y among anchor samples.
 
   Monte-Carlo quantiles (Eq. 10) from the first k anchor samples, optionally with the
-  (B) correction of Eq. 8; or the learned quantile model (App. B.1), whose estimate
-  comes from its parameters *before* this step's BCE update, so it does not depend on
-  this step's targets Z (drawn from the same anchor samples as the Best-of-N sample).
+  (B) correction of Eq. 8; or the learned quantile model (App. B.1), read before its own
+  update (`quantile_update`), with the labels Z of that update.
   """
   rewards_BxK = rollout.anchor_reward_BxA[:, : bond.num_quantile_samples]
   targets = Targets(
@@ -196,30 +201,36 @@ def bond_targets(
       reward_B=(bond.n - 1) * mc_r_bond(bond, rollout.policy_reward_B, rewards_BxK)
     )
 
-  z_B = qm.targets(rollout.policy_reward_B, rollout.anchor_reward_BxA)
-  rows = rollout.policy
-
-  def bce(quantile_params):
-    logit_B = qm.logits(
-      model,
-      quantile_params,
-      rows.prompt_BxP,
-      rows.prompt_valid_BxP,
-      rows.tokens_BxG,
-      rows.mask_BxG,
-    )
-    return qm.bce_loss(logit_B, z_B), logit_B
-
-  (loss, logit_B), grads = jax.value_and_grad(bce, has_aux=True)(state.quantile_params)
-  tx = qm.optimizer(bond.quantile_learning_rate)
-  updates, opt_state = tx.update(grads, state.quantile_opt_state, state.quantile_params)
-  log_p_le_B = qm.log_quantile(objectives.sg(logit_B))
-  targets.metrics.update(quantile_bce=loss, log_quantile=jnp.mean(log_p_le_B))
+  logit_B = objectives.sg(qm.logits(model, state.quantile_params, *_rows_of(rollout.policy)))
+  log_p_le_B = qm.log_quantile(logit_B)
+  targets.metrics['log_quantile'] = jnp.mean(log_p_le_B)
   return targets.replace(
     reward_B=(bond.n - 1) * log_p_le_B,
-    quantile_params=optax.apply_updates(state.quantile_params, updates),
-    quantile_opt_state=opt_state,
+    quantile_z_B=qm.targets(rollout.policy_reward_B, rollout.anchor_reward_BxA),
   )
+
+
+def _rows_of(rows: Rows) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  return rows.prompt_BxP, rows.prompt_valid_BxP, rows.tokens_BxG, rows.mask_BxG
+
+
+def quantile_update(
+  bond: BondConfig, model: ModelConfig, state: StateView, rollout: Rollout, targets: Targets
+) -> tuple[PyTree, PyTree, jax.Array]:
+  """One Adam step of the learned quantile model on the BCE of Eq. 25 over this step's policy
+  rows and labels: (new params, new optimizer state, the BCE before the step). The returns
+  came from the parameters before it (`bond_targets`), so they do not depend on this step's
+  labels, which are drawn from the same anchor samples as the Best-of-N sample."""
+
+  def bce(quantile_params):
+    return qm.bce_loss(
+      qm.logits(model, quantile_params, *_rows_of(rollout.policy)), targets.quantile_z_B
+    )
+
+  loss, grads = jax.value_and_grad(bce)(state.quantile_params)
+  tx = qm.optimizer(bond.quantile_learning_rate)
+  updates, opt_state = tx.update(grads, state.quantile_opt_state, state.quantile_params)
+  return optax.apply_updates(state.quantile_params, updates), opt_state, loss
 
 
 def mc_r_bond(bond: BondConfig, reward_B: jax.Array, samples_BxK: jax.Array) -> jax.Array:

@@ -3,6 +3,7 @@
   rollout    sample the policy and (if the algorithm has one) the anchor; score them
   reference  log pi_ref and log pi_anchor of the policy samples (frozen models)
   targets    the chosen algorithm's returns (`algorithms.REGISTRY[bond.algorithm]`)
+  quantile   with a learned quantile model (App. B.1), its own BCE step
   update     the loss's gradient w.r.t. the policy only, one optax step; a step with a NaN
              or Inf in its rewards, log-probs, loss or gradients changes nothing
   anchor     move the anchor: EMA (Eq. 18), a hard copy every T steps, or never
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bond_jax.algo import algorithms
 from bond_jax.algo import rollout as rollout_lib
 from bond_jax.algo.algorithms import REGISTRY, BondConfig, Targets
 from bond_jax.algo.rollout import Rollout
@@ -131,6 +133,17 @@ def targets(cfg: StepConfig, state: TrainState, rollout: Rollout) -> Targets:
   """Phase 3: the returns of `bond.algorithm`, from the registry."""
   with jax.named_scope('targets'):
     return REGISTRY[cfg.bond.algorithm].targets(cfg.bond, cfg.model, state, rollout)
+
+
+def quantile_update(
+  cfg: StepConfig, state: TrainState, rollout: Rollout, targets: Targets
+) -> tuple[PyTree, PyTree, jax.Array] | None:
+  """Phase 3b, with a learned quantile model only: its own Adam step on the BCE of Eq. 25
+  (`algorithms.quantile_update`); (params, optimizer state, BCE), else None."""
+  if not cfg.bond.uses_learned_quantiles:
+    return None
+  with jax.named_scope('quantile_update'):
+    return algorithms.quantile_update(cfg.bond, cfg.model, state, rollout, targets)
 
 
 def loss_and_grad(
@@ -291,6 +304,7 @@ def train_step(
   samples = rollout(cfg, state, prompt_BxP, prompt_valid_BxP, reward_params, rng_policy, rng_anchor)
   samples = reference(cfg, state, samples)
   returns = targets(cfg, state, samples)
+  quantile = quantile_update(cfg, state, samples, returns)
   with jax.named_scope('update'):
     (loss, terms, logp_B), grads = loss_and_grad(
       cfg, state.params, samples, returns, frozen_base(cfg, state)
@@ -305,16 +319,16 @@ def train_step(
     anchor_params=move_anchor(cfg.bond, state.anchor_params, params, new_step),
     opt_state=opt_state,
   )
-  if cfg.bond.uses_learned_quantiles:
-    trained.update(
-      quantile_params=returns.quantile_params, quantile_opt_state=returns.quantile_opt_state
-    )
+  if quantile is not None:
+    trained.update(quantile_params=quantile[0], quantile_opt_state=quantile[1])
   untouched = {name: getattr(state, name) for name in trained}
   # The step counter and RNG advance either way: the next step draws a new batch.
   new_state = state.replace(step=new_step, rng=rng, **keep_if(finite, trained, untouched))
   step_metrics = metrics(
     cfg.bond, samples, returns, loss, terms, logp_B, grads, schedule(state.step)
   )
+  if quantile is not None:
+    step_metrics['quantile_bce'] = quantile[2]
   step_metrics.update({k: v.astype(jnp.float32) for k, v in flags.items()})
   step_metrics['skipped'] = (~finite).astype(jnp.float32)
   return new_state, step_metrics

@@ -55,7 +55,8 @@ class PhaseTimes:
     score     `step_cfg.reward_fn` of those samples, `sampling.micro_batch_size` prompts'
               samples at a time
     logprobs  `step.reference`: log pi_ref (and log pi_anchor) of the policy samples
-    targets   `step.targets` (with a learned quantile model, its update)
+    targets   `step.targets`
+    quantile  `step.quantile_update` (with a learned quantile model only)
     update    `step.loss_and_grad`, the optimizer step, `step.move_anchor`
 
   Their outputs are dropped: the run's update comes from the fused step. They are compiled
@@ -109,6 +110,7 @@ class PhaseTimes:
       'score': score,
       'logprobs': functools.partial(step_lib.reference, cfg),
       'targets': functools.partial(step_lib.targets, cfg),
+      'quantile': functools.partial(step_lib.quantile_update, cfg),
       'update': update,
     }
     options = xla_options.compiler_options(xla_options.mesh_platform(mesh))  # as the step's
@@ -116,6 +118,7 @@ class PhaseTimes:
       k: run_setup.OnMesh(jax.jit(f, compiler_options=options), mesh) for k, f in functions.items()
     }
     self._compiled: dict[tuple[str, tuple[int, ...]], Any] = {}
+    self._learned_quantiles = cfg.bond.uses_learned_quantiles
 
   def _run(self, name: str, width: tuple[int, ...], times: dict[str, float], *args: Any) -> Any:
     key = (name, width)
@@ -137,6 +140,8 @@ class PhaseTimes:
     samples = run('score', reward_params, samples)
     samples = run('logprobs', state, samples)
     returns = run('targets', state, samples)
+    if self._learned_quantiles:
+      run('quantile', state, samples, returns)
     run('update', state, samples, returns)
     return times
 
