@@ -175,7 +175,11 @@ def loss_and_grad(
   per_prompt = rollout.policy_per_prompt
   group = per_prompt + (targets.bon_rows is not None)
   micro = cfg.micro_batch
-  if cfg.share_prompts and group > 1 and (micro <= 0 or micro % group == 0):
+  if cfg.share_prompts and group > 1 and micro > 0 and micro % group:
+    raise ValueError(  # run.config.validate says so first, naming the config fields
+      f'micro_batch={micro} must hold whole prompts ({group} rows each) with share_prompts'
+    )
+  if cfg.share_prompts and group > 1:
     data = rollout_lib.group_by_prompt(rollout.policy, per_prompt, targets.bon_rows)
     read = functools.partial(rollout_lib.grouped_logp, cfg.model, chunk=cfg.logprob_chunk)
     micro = micro // group if micro > 0 else 0

@@ -265,6 +265,15 @@ def _validate_memory(c: ml_collections.ConfigDict) -> None:
       size,
       f'must be 0 (off) or a divisor of {whole}={what}',
     )  # fmt: skip
+  micro, group = memory(c, 'train.micro_batch_size'), bond_config(c).update_rows_per_prompt
+  if memory(c, 'train.share_prompts') and group > 1 and micro:
+    _check(
+      micro % group == 0,
+      'train.micro_batch_size',
+      micro,
+      f'with train.share_prompts=True a micro-batch holds whole prompts: a multiple of their '
+      f'{group} rows each (bond.algorithm={c.bond.algorithm!r}), or set train.share_prompts=False',
+    )
   size = memory(c, 'eval.micro_batch_size')  # prompts at a time, of each evaluation's
   evaluated = [('eval.num_prompts', c.eval.num_prompts)]
   if c.eval.every:

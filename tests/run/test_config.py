@@ -55,6 +55,10 @@ def test_default_config_is_valid():
     ('model.preset', '', r"model\.preset='' .*one of"),  # '' is for Hugging Face runs only
     ('eval.bon_ns', (2, 64), r'eval\.bon_ns=\(2, 64\) .*samples_per_prompt'),
     ('reference.sft_steps', 0, r'reference\.sft_steps=0 .*> 0'),
+    # With share_prompts (on in jbond_tiny.py), J-BOND's micro-batches hold a prompt's
+    # 2 rows (its sample and its Best-of-2 row): 8 divides the batch of 128 but 3 does not.
+    ('train.micro_batch_size', 3, r'train\.micro_batch_size=3 .*divisor of train\.batch_size'),
+    ('eval.micro_batch_size', 7, r'eval\.micro_batch_size=7 .*divisor of eval\.num_prompts'),
   ],
 )
 def test_bad_value_is_rejected_with_its_name(field, value, message):
@@ -62,6 +66,26 @@ def test_bad_value_is_rejected_with_its_name(field, value, message):
   section, key = field.split('.')
   c[section][key] = value
   with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_micro_batches_hold_whole_prompts_when_prompts_are_shared():
+  """A micro-batch that would split a prompt's rows is a config error (not a silent switch
+  to reading rows whole), naming the rows per prompt and the way out."""
+  c = load_config()
+  c.train.batch_size, c.train.micro_batch_size = 12, 3  # 3 divides 12 but splits pairs
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r'^config\.train\.micro_batch_size=3 is invalid: with train\.share_prompts=True a '
+    r"micro-batch holds whole prompts: a multiple of their 2 rows each \(bond\.algorithm='jbond'\)",
+  ):
+    config_lib.validate(c)
+  c.train.share_prompts = False
+  config_lib.validate(c)
+  c.train.share_prompts, c.train.micro_batch_size = True, 4
+  config_lib.validate(c)
+  c.bond.algorithm, c.bond.num_policy_samples = 'reinforce', 3  # 3 rows per prompt
+  with pytest.raises(config_lib.ConfigError, match=r'multiple of their 3 rows each'):
     config_lib.validate(c)
 
 
