@@ -9,6 +9,7 @@ Writes fig<N>.json (curves, settings, claim checks with numbers) and fig<N>.png.
 from absl import app, flags
 
 from bond_jax.repro import figures
+from bond_jax.run import processes
 
 _FIGURE = flags.DEFINE_enum(
   'figure', None, [name.removeprefix('fig') for name in figures.FIGURES], 'The paper figure.'
@@ -20,6 +21,7 @@ flags.mark_flags_as_required(['figure'])
 
 def main(argv):
   del argv
+  processes.cpu_unless_accelerators()
   figures.figure(f'fig{_FIGURE.value}', _OUT.value, tuple(_PARTS.value))
 
 

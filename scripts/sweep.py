@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from bond_jax.run import sweep
+from bond_jax.run import processes, sweep
 from bond_jax.types import ConfigError
 
 _CONFIG = flags.DEFINE_string('config', None, 'A config file with get_config() and get_sweep().')
@@ -29,6 +29,7 @@ flags.mark_flags_as_required(['config', 'root'])
 
 def main(argv):
   del argv
+  processes.cpu_unless_accelerators()
   try:
     sweep.main(_CONFIG.value, _ROOT.value, _MODE.value, _LAUNCHER.value)
   except ConfigError as e:

@@ -1,5 +1,5 @@
-"""Joining a multi-process run from a script: the flags scripts/train.py, evaluate.py and
-export_hf.py share, and what they do.
+"""What a script's process runs on: the platform (`cpu_unless_accelerators`), and joining a
+multi-process run (the flags scripts/train.py, evaluate.py and export_hf.py share).
 
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I   explicit (any cluster)
   --distributed                          JAX finds them itself (TPU pod slices, SLURM, Open MPI)
@@ -14,10 +14,34 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable, Mapping
 
 from absl import flags
 
 from bond_jax.run import guards
+
+# Device files of the accelerators JAX's plugins look for: NVIDIA GPUs, TPU VMs.
+ACCELERATOR_FILES = ('/dev/nvidiactl', '/dev/nvidia0', '/dev/accel0', '/dev/vfio')
+
+
+def pins_cpu(environ: Mapping[str, str], exists: Callable[[str], bool] = os.path.exists) -> bool:
+  """Whether a process should keep JAX to the CPU: no JAX_PLATFORMS of its own and none of
+  ACCELERATOR_FILES on the machine."""
+  return not environ.get('JAX_PLATFORMS') and not any(exists(f) for f in ACCELERATOR_FILES)
+
+
+def cpu_unless_accelerators() -> bool:
+  """On a machine without a GPU or TPU, keep JAX to the CPU (before its backends start).
+  With the optional CUDA plugin or libtpu installed (requirements-gpu.txt, -tpu.txt, which
+  the memory planner uses on any machine), JAX would otherwise try them first and print
+  their failures, tracebacks included, before it falls back to the CPU. JAX_PLATFORMS, when
+  set, decides instead. True when it chose the CPU."""
+  if not pins_cpu(os.environ):
+    return False
+  import jax  # noqa: PLC0415 (jax reads JAX_PLATFORMS when imported: set its config instead)
+
+  jax.config.update('jax_platforms', 'cpu')
+  return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +71,11 @@ def define_flags() -> ProcessFlags:
 
 
 def join(given: ProcessFlags) -> bool:
-  """`jax.distributed.initialize` when the flags or the environment ask for several
-  processes (before anything starts JAX's backend); then only process 0 prints to stdout.
-  True when it joined; ConfigError or RunError (one line) when it cannot."""
+  """The platform (`cpu_unless_accelerators`), then `jax.distributed.initialize` when the
+  flags or the environment ask for several processes (before anything starts JAX's backend);
+  then only process 0 prints to stdout. True when it joined; ConfigError or RunError (one
+  line) when it cannot."""
+  cpu_unless_accelerators()
   joined = guards.start_processes(
     given.coordinator_address.value,
     given.num_processes.value,

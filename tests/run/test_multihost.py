@@ -251,3 +251,16 @@ def test_process_flags_must_come_together(monkeypatch):
     guards.start_processes(None, 2, None)
   with pytest.raises(ConfigError, match=r'^--process_id=2 --num_processes=2: need 0 <= '):
     guards.start_processes('localhost:1234', 2, 2)
+
+
+def test_cpu_is_chosen_only_without_accelerators():
+  """With the optional CUDA plugin or libtpu installed, a CPU machine's scripts keep JAX to
+  the CPU (no plugin tracebacks); a machine with a GPU or TPU, or a JAX_PLATFORMS of the
+  user's, is left alone."""
+  from bond_jax.run import processes
+
+  nothing = lambda path: False
+  assert processes.pins_cpu({}, exists=nothing)
+  assert not processes.pins_cpu({'JAX_PLATFORMS': 'cuda'}, exists=nothing)
+  for device in processes.ACCELERATOR_FILES:
+    assert not processes.pins_cpu({}, exists=lambda path, d=device: path == d)
