@@ -99,8 +99,9 @@ def model_of(setup: run_setup.RunSetup, state: TrainState, which: str = 'policy'
 
 
 def show_examples(c: ml_collections.ConfigDict) -> int:
-  """eval.show_examples (0 for a config that predates it)."""
-  return c.eval.get('show_examples', 0)
+  """How many held-out prompts to show: eval.show_examples (0 for a config that predates it),
+  at most eval.num_prompts."""
+  return min(c.eval.get('show_examples', 0), c.eval.num_prompts)
 
 
 def summary(

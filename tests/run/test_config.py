@@ -59,6 +59,7 @@ def test_default_config_is_valid():
     # 2 rows (its sample and its Best-of-2 row): 8 divides the batch of 128 but 3 does not.
     ('train.micro_batch_size', 3, r'train\.micro_batch_size=3 .*divisor of train\.batch_size'),
     ('eval.micro_batch_size', 7, r'eval\.micro_batch_size=7 .*divisor of eval\.num_prompts'),
+    ('eval.show_examples', -1, r'eval\.show_examples=-1 .*>= 0'),
   ],
 )
 def test_bad_value_is_rejected_with_its_name(field, value, message):
@@ -278,3 +279,11 @@ def test_script_rejects_misspelt_override_and_bad_value(tmp_path):
   assert bad.returncode != 0
   assert 'config.bond.beta=1.5 is invalid' in bad.stderr
   assert not (tmp_path / 'checkpoints').exists()  # rejected before any work was done
+
+
+def test_more_examples_than_prompts_shows_every_prompt():
+  """A config that asks for 5 examples but evaluates 2 prompts is valid and shows both."""
+  c = load_config()
+  c.eval.num_prompts, c.eval.show_examples = 2, 5
+  config_lib.validate(c)
+  assert evaluation.show_examples(c) == 2

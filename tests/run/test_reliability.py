@@ -505,8 +505,15 @@ def test_weights_load_without_pickle_and_never_run_remote_code():
   tokenizer = (ROOT / 'bond_jax' / 'data' / 'tokenizer.py').read_text()
   calls = re.findall(r'from_pretrained\((.*?)\)', tokenizer, re.S)
   assert calls and all('trust_remote_code=False' in call for call in calls), calls
+  # The GGUF importer is the one other reader of Hugging Face files: local files only, no
+  # remote code, every call through the same keyword set.
+  importer = (ROOT / 'bond_jax' / 'models' / 'gguf_import.py').read_text()
+  (kw,) = re.findall(r'^  kw = dict\((.*?)\)$', importer, re.M)
+  assert 'trust_remote_code=False' in kw and 'local_files_only=True' in kw, kw
+  calls = re.findall(r'from_pretrained\(((?:[^()]|\([^()]*\))*)\)', re.sub(r'`.*?`', '', importer))
+  assert calls and all(call.rstrip().rstrip(',').endswith('**kw') for call in calls), calls
   for path in sorted((ROOT / 'bond_jax').rglob('*.py')):  # no other loader of HF models
-    if path.name != 'tokenizer.py':
+    if path.name not in ('tokenizer.py', 'gguf_import.py'):
       assert 'from_pretrained(' not in re.sub(r'""".*?"""', '', path.read_text(), flags=re.S)
 
 
