@@ -12,12 +12,9 @@ from all 16 (Eq. 10). beta = 0 is SFT on Best-of-8 samples, beta = 1 the
 policy gradient of Eq. 15, 0.5 the Jeffreys mix. Set bond.quantile='learned'
 for the learned quantile model of Appendix B.1 instead.
 
-Sized for a 2-core CPU: about 1.5 minutes in all (pi_ref by supervised
-learning, 300 BOND steps of 32 prompts, the evaluation table). Expected result
-(scripts/reproduce.py --figure=2, docs/REPRODUCTION.md): the reward rises from
-pi_ref's ~3.4 to ~5.3, just under Best-of-8 of pi_ref (5.35), at KL(pi || pi_ref) ~1.0
-nat, close to Best-of-8's log 8 - 7/8 = 1.2; all three betas end alike on this
-task (their KLs to pi_BoN, estimated from 32 pi_ref samples, ~0.3-0.5 nats).
+Sized for a 2-core CPU (pi_ref by supervised learning, 300 BOND steps of 32 prompts,
+the evaluation table). Expected: the reward rises to about Best-of-8 of pi_ref at a KL
+near Best-of-8's own (log 8 - 7/8); docs/REPRODUCTION.md (Fig. 2) has the measured figures.
 """
 
 import pathlib

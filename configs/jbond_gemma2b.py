@@ -27,14 +27,11 @@ Hardware: TPU v5e-8 (16 GiB per chip), FSDP over all 8 chips (mesh.fsdp=-1), or 
 80 GB GPU. Float32 master weights for policy and anchor (Adam steps of 3e-6, and EMA steps,
 vanish in bfloat16), pi_ref and the reward model in bfloat16, Adam's first moment in
 bfloat16; blocks rematerialised and scanned; sampling in micro-batches of 32 prompts,
-log-probs and gradients in micro-batches of 16 rows, logits 64 positions at a time.
-`python scripts/memory_plan.py --config=configs/jbond_gemma2b.py --target=v5e:2x4` (the TPU
-compiler, on a CPU machine): 11.65 GiB per chip of 16; `--target=gpu:1` (XLA's GPU
-compiler, deviceless, requirements-gpu.txt): 63.10 GiB of 79.6 (README "Running at scale").
-Each step samples 1 policy and 2 anchor responses of up to 256 tokens per prompt (384
-generations) and scores them: on one H200 the step at this size (random weights, no reward
-model, the sampler before its decode layout) took 22 s with a peak of 52.5 GiB
-(benchmarks/accelerator.py).
+log-probs and gradients in micro-batches of 16 rows, logits 64 positions at a time. Both
+fits are the memory planner's (`python scripts/memory_plan.py --config=configs/jbond_gemma2b.py
+--target=v5e:2x4`, or `--target=gpu:1`); docs/BENCHMARKS.md has its figures and a step's
+time on a GPU. Each step samples 1 policy and 2 anchor responses of up to 256 tokens per
+prompt (384 generations) and scores them.
 
 Expected result (the paper's Fig. 6-7 shapes; its reward model is private, so no
 absolute numbers): the policy's average reward rises steadily over training
@@ -51,13 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seeds sampling and the anchor/policy RNG streams
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = 'gemma_2b'  # architecture (bond_jax/models/decoder.py PRESETS): the shapes when no checkpoint is set; with one, its config.json is loaded and must agree on every shape (checked at start-up); '' = the checkpoint's only
+  c.model.preset = 'gemma_2b'  # architecture (bond_jax/models/presets.py): the shapes without a checkpoint; with one, checked against its config.json ('' = the checkpoint's)
   c.model.hf_checkpoint = ''  # pi_ref: local HF *ForCausalLM dir (config.json + safetensors); policy and anchor start from it
   c.model.dtype = 'bfloat16'  # activation dtype
   c.model.param_dtype = 'float32'  # master weights of policy and anchor: Adam updates of lr 3e-6, and EMA steps eta * (theta - anchor), are below bfloat16 resolution
   c.model.reference_dtype = 'bfloat16'  # pi_ref is frozen, so bfloat16 loses nothing (Gemma checkpoints are bfloat16)
   c.model.remat = 'block'  # recompute each block in the backward pass: 'none' | 'block' | 'save_dots' | 'save_attn'
-  c.model.scan_layers = True  # the blocks as one lax.scan over stacked parameters: the same values, a TPU compile several times faster, and the CPU compiler plans far less (README "Running at scale"); the parameter layout, so fixed for a run's life
+  c.model.scan_layers = True  # the blocks as one lax.scan over stacked parameters: the same values, a faster compile, less planned memory; the parameter layout, so fixed for a run's life
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.rank = 0  # LoRA adapters' rank (0: off, the policy is trained whole)
   c.model.lora.alpha = 0.0  # the adapters' output is scaled by alpha / rank
@@ -109,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.bond.quantile = 'mc'  # 'bond' only: how p_le is estimated: 'mc' (Eq. 10) | 'learned' (App. B.1)
   c.bond.quantile_learning_rate = 1e-4  # 'bond' + 'learned' only: Adam step size of p_theta
   c.bond.num_quantile_samples = 16  # k: 'bond' only, anchor samples for the MC quantile (Eq. 10)
-  c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8); with MC quantiles (B) = N unless a sample ties r(y) (bon.mc_log_quantiles), a constant shift of r_BOND by log(N)/(N-1) that the baseline removes
+  c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8; with MC quantiles it matters only where rewards tie, docs/ALGORITHMS.md section 2)
   c.bond.beta_rl = 0.01  # beta_RL: KL weight of the REINFORCE baseline (Eq. 1; Fig. 7 sweeps 1e-3..1)
   c.bond.num_policy_samples = 2  # REINFORCE: policy samples per prompt (leave-one-out)
 
@@ -134,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 128  # prompts per update, over all hosts (paper)
   c.train.micro_batch_size = 16  # rows per log-prob pass and gradient micro-batch (0: all; same update either way)
   c.train.logprob_chunk = 64  # response positions turned into logits at a time (0: all G)
-  c.train.share_prompts = False  # True reads each prompt once for its two update rows (same update, fewer FLOPs), but the v5e-8 plan grows from 11.49 to 13.07 GiB
+  c.train.share_prompts = False  # True reads each prompt once for its two update rows: fewer FLOPs, more memory with scanned layers (docs/BENCHMARKS.md)
   c.train.max_bad_steps = 5  # consecutive steps with a non-finite loss, gradient, reward or log-prob (each skipped) that stop the run
 
   c.mesh = ml_collections.ConfigDict()
@@ -160,5 +157,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.tensorboard = True
   c.log.progress = True  # progress bar with ETA on the console
-  c.log.phase_times_every = 0  # every k-th step also runs its phases (sample, score, logprobs, targets, update) as separately jitted functions and logs time/<phase>_s (0: off; the update still comes from the fused step; costs one compile per phase and, on those steps, memory for one more copy of params + optimizer state)
+  c.log.phase_times_every = 0  # every k-th step also times its phases apart (time/<phase>_s; costs a compile per phase); 0: off
   return c

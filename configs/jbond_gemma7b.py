@@ -25,12 +25,10 @@ the Fig. 7 baseline is --config.bond.algorithm=reinforce
 --config.bond.beta_rl=0.01 (swept over 0.001..1).
 
 Hardware (planned, not yet run at this scale): 8 x H100 80 GB with FSDP over all of them
-(mesh.fsdp=-1): `python scripts/memory_plan.py --config=configs/jbond_gemma7b.py
---target=gpu:8` (XLA's GPU compiler, deviceless, requirements-gpu.txt) gives 28.10 GiB per
-GPU; or TPU v5e-32 (`--target=v5e:4x8`, the TPU compiler): 13.63 GiB per chip of 16
-(v5e-16 needs 18.36 GiB and does not fit). The
-memory knobs are jbond_gemma2b.py's, with micro-batches of 4 rows and 16 prompts. Expect
-about a minute per step.
+(mesh.fsdp=-1), or a TPU v5e-32 (a v5e-16 does not fit): the memory planner's figures
+(`python scripts/memory_plan.py --config=configs/jbond_gemma7b.py --target=gpu:8`, or
+`--target=v5e:4x8`) are in docs/BENCHMARKS.md. The memory knobs are jbond_gemma2b.py's,
+with micro-batches of 4 rows and 16 prompts.
 
 Expected result (the paper's Fig. 5 and 7 shapes; its reward model is private,
 so no absolute numbers): the policy's average reward rises steadily while
@@ -50,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   """jbond_gemma2b.py with the fields below changed; every other field (and its comment) is there."""
   c = config_lib.load_config_file(pathlib.Path(__file__).with_name('jbond_gemma2b.py'))
   c.model.preset = 'gemma_7b'  # architecture: the shapes without a checkpoint; the checkpoint's config.json must agree (checked at start-up)
-  c.train.micro_batch_size = 4  # rows per log-prob pass and gradient micro-batch (7B activations are larger; see the README's planner table)
+  c.train.micro_batch_size = 4  # rows per log-prob pass and gradient micro-batch (7B activations are larger)
   c.sampling.micro_batch_size = 16  # prompts sampled and scored at a time
   c.mesh.data = 1  # devices the batch is split over, parameters replicated (data parallel)
   c.mesh.fsdp = -1  # devices the batch and every large parameter are split over (FSDP); -1: all remaining devices

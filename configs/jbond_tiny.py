@@ -4,13 +4,11 @@ Command (from the repository root):
 
   python scripts/train.py --config=configs/jbond_tiny.py --workdir=runs/jbond_tiny
 
-Sized for a 2-core CPU: under a minute in all, compile included (43 s measured
-from a fresh clone: about 12 s to train the reference policy pi_ref by supervised
-learning on noisy demonstrations, 200 J-BOND steps of 128 prompts, then the
-evaluation table). Expected result (measured with seed 0): the policy's reward
-rises from pi_ref's 3.37 of 8 to 6.43, above Best-of-16 of pi_ref (5.82;
-Best-of-4 is 4.80), at KL(pi || pi_ref) = 2.5 nats. Rerunning the same command
-resumes from the last checkpoint in the workdir.
+Sized for a 2-core CPU, a minute or so in all (docs/BENCHMARKS.md): the reference policy
+pi_ref trained by supervised learning on noisy demonstrations, 200 J-BOND steps of 128
+prompts, then the evaluation table, which the README shows. Expected: one sample of the
+trained policy beats Best-of-16 of pi_ref. Rerunning the same command resumes from the last
+checkpoint in the workdir.
 """
 
 import ml_collections
@@ -21,12 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seeds pi_ref's training, the data stream and sampling
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = 'tiny'  # architecture (bond_jax/models/decoder.py PRESETS): 2 layers, width 64
+  c.model.preset = 'tiny'  # architecture (bond_jax/models/presets.py): 2 layers, width 64
   c.model.dtype = 'float32'  # activation dtype
   c.model.param_dtype = 'float32'
   c.model.reference_dtype = ''  # dtype pi_ref is kept in ('' = param_dtype; it is frozen, so 'bfloat16' halves it safely)
   c.model.remat = 'none'  # recompute in the backward pass: 'none' | 'block' | 'save_dots' | 'save_attn' (memory, never values)
-  c.model.scan_layers = False  # blocks as one lax.scan over stacked parameters ('layers/...'): compiles once for all layers (values unchanged); fixed for a run's life
+  c.model.scan_layers = False  # the blocks as one lax.scan over stacked parameters (the same values, one compiled layer); fixed for a run's life
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.rank = 0  # LoRA adapters' rank (0: off, the policy is trained whole; configs/jbond_tiny_lora.py turns them on)
   c.model.lora.alpha = 0.0  # the adapters' output is scaled by alpha / rank
@@ -54,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.bond.quantile = 'mc'  # 'bond' only: how p_le is estimated: 'mc' (Eq. 10) | 'learned' (App. B.1)
   c.bond.quantile_learning_rate = 1e-4  # Adam step size of the learned quantile model
   c.bond.num_quantile_samples = 16  # k: anchor samples for the MC quantile (Eq. 10)
-  c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8); with MC quantiles (B) = N unless a sample ties r(y) (bon.mc_log_quantiles), a constant shift of r_BOND by log(N)/(N-1) that the baseline removes
+  c.bond.bon_correction = False  # 'bond' only: keep the (B) factor of r_BOND (Eq. 8; with MC quantiles it matters only where rewards tie, docs/ALGORITHMS.md section 2)
   c.bond.beta_rl = 0.01  # beta_RL: KL weight of the REINFORCE baseline (Eq. 1)
   c.bond.num_policy_samples = 2  # REINFORCE: policy samples per prompt
 
@@ -103,5 +101,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.tensorboard = True
   c.log.progress = True  # progress bar with ETA on the console
-  c.log.phase_times_every = 0  # every k-th step also runs its phases (sample, score, logprobs, targets, update) as separately jitted functions and logs time/<phase>_s (0: off; the update still comes from the fused step; costs one compile per phase and, on those steps, memory for one more copy of params + optimizer state)
+  c.log.phase_times_every = 0  # every k-th step also times its phases apart (time/<phase>_s; costs a compile per phase); 0: off
   return c

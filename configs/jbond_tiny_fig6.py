@@ -9,8 +9,8 @@ Commands (from the repository root):
 
 The paper's claims (Section 6, Fig. 6): a larger eta raises the reward faster; a larger
 gamma slows the growth of KL(pi || pi_ref). docs/REPRODUCTION.md has the measured table and
-what does and does not reproduce. Each run is the tiny default (about a minute on a 2-core
-CPU when the machine is quiet), so the sweep takes about 20 minutes there.
+what does and does not reproduce. Each run costs what the tiny default does
+(docs/BENCHMARKS.md), 16 times over.
 """
 
 import pathlib

@@ -11,13 +11,11 @@ tensor-parallel sharding.) Stacking on a new axis keeps F where it was, so a spl
 'model' and of D over 'fsdp' carries over.
 
 A model that scans over stacked layers ('layers/...', leading axis L) decodes as trained,
-scanned (only the cast). Unrolling it for decoding cut the bytes a gemma_2b decode step
-moves about threefold in XLA:GPU's program (21.9 against 7.0 GB per token at batch 64,
-compiled for an H100 without one: the scan copies each layer's weights and cache slice in
-and out), but under FSDP the unrolled decode loop held far more: the 7B J-BOND plan on 8
-GPUs grew from 28.1 to 41.2 GiB per device (XLA temporaries 10.2 to 23.3 GiB), consistent
-with every layer's gathered weights kept at once. Configs that want the faster decode and
-have the memory can set `model.scan_layers=False`.
+scanned (only the cast). Unrolling it for decoding cut the bytes a decode step moves in
+XLA:GPU's program (the scan copies each layer's weights and cache slice in and out), but
+under FSDP the unrolled decode loop held far more memory, consistent with every layer's
+gathered weights kept at once (docs/BENCHMARKS.md, "Why the code is shaped as it is").
+Configs that want the faster decode and have the memory can set `model.scan_layers=False`.
 
 The decode layout runs through the same `decoder.Decoder` (with `gate_up=True`) under
 `decode_config(cfg)`. LoRA adapters (`lora.py`) are folded into the weights for unrolled

@@ -16,9 +16,8 @@ import jax
 CPU_OPTIONS: dict[str, Any] = {
   # XLA:CPU's copy insertion, analysing a while loop's body as a region, proves that the
   # decode loop's carried KV cache can be updated in place (given that a decode step writes
-  # the cache after its reads: `decoder.Attention`). Without it every cache array was copied
-  # two or three times a step: 62 ms of the sampler's 446 ms (batch 32, 64 new tokens, the
-  # model of `benchmarks/sampler_vs_transformers.py`, one thread, a jax.profiler trace).
+  # the cache after its reads: `attention.Attention`). Without it every cache array is copied
+  # two or three times a step (docs/BENCHMARKS.md, "Why the code is shaped as it is").
   'xla_cpu_copy_insertion_use_region_analysis': True,
 }
 
