@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from bond_jax.algo.step import StepConfig, make_train_step
   from bond_jax.models import decoder as model_lib
   from bond_jax.models import hf, sampling
-  from bond_jax.models.decoder import PRESETS
+  from bond_jax.models.presets import PRESETS
   from bond_jax.types import parameter_free
 
   cfg_default = PRESETS['bench_5m']  # the tiny Gemma both benchmarks time by default
